@@ -1,0 +1,120 @@
+"""Defaults shared by every training mode. Each mode file imports ``get_config`` from here and
+overrides a few fields; nothing reads this file directly from the command line.
+
+Field groups:
+  data       where the nights come from, how they are derived, preprocessed, split and batched.
+  model      the network that learns from ear-EEG (the student, or the only model in supervised mode).
+  teacher    the network that sees scalp EEG (KD modes and the scalp supervised run).
+  optimizer  the original's Adam settings by default.
+  kd         distillation weights and temperature.
+"""
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    # "simulated" (the embedded default), "eesm17" (a BIDS directory) or "edf" (Sleep-EDF style).
+    d.source = "simulated"
+    d.path = ""  # directory of the cohort for "eesm17" / "edf"
+    d.cache_dir = "data/tfds"  # where built TFDS shards live, reused across runs
+    d.sampling_rate = 200.0  # the model rate; recordings are resampled to it
+    d.epoch_seconds = 30.0
+    d.sequence_length = 1  # L consecutive epochs per example (1 = single 30-s windows)
+    d.scalp_derivations = ("A1-A2", "C3-O1", "C4-O2")
+    d.ear_derivations = ("L-R", "L_E", "R_E")
+    # Per-subject electrodes to leave out of the ear averages, e.g. {"sub-003": ("ELK", "ERA")}.
+    d.ear_rejections = ml_collections.ConfigDict()
+    d.auto_reject_ear = True  # also reject flat or wildly noisy ear electrodes found in the signal
+
+    d.preprocess = ml_collections.ConfigDict()
+    d.preprocess.bandpass_hz = (0.3, 35.0)  # None to skip filtering
+    d.preprocess.scaling = "robust"  # per-night median / IQR per channel, as U-Sleep does
+    d.preprocess.clip_iqr = 20.0  # clip at +-20 IQR after scaling (None: no clipping)
+
+    d.simulated = ml_collections.ConfigDict()
+    d.simulated.subjects = 9
+    d.simulated.hours = 7.5
+    d.simulated.seed = 0
+
+    # Subject-level splits; subjects are ids such as "sub-001". Empty validation / test lists mean
+    # "take the last subjects in sorted order" (see pipeline.subject_splits).
+    d.test_subjects = ()
+    d.validation_subjects = ()
+    d.num_test_subjects = 1
+    d.num_validation_subjects = 1
+
+    d.shuffle_buffer = 4096
+    d.prefetch = 2
+    return d
+
+
+def usleep_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.name = "usleep"
+    m.depth = 12
+    m.kernel_size = 9
+    m.initial_filters = 5
+    m.complexity_factor = 1.67
+    m.num_classes = 5
+    m.dtype = "float32"  # compute dtype; parameters stay float32
+    return m
+
+
+def cmt_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.name = "cmt"
+    m.d_model = 256
+    m.num_heads = 8
+    m.d_ff = 1024
+    m.dropout = 0.1
+    m.num_classes = 5
+    m.dtype = "float32"
+    return m
+
+
+MODELS = {"usleep": usleep_config, "cmt": cmt_config}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mode = "supervised"  # supervised | offline_kd | online_kd | transfer
+    c.data = data_config()
+    c.model = usleep_config()  # the ear model (student / baseline)
+    c.teacher = usleep_config()  # the scalp model
+
+    c.batch_size = 32  # global, across all devices and hosts
+    c.num_epochs = 10  # passes over the training subjects
+    c.max_steps = -1  # >0 caps the run (tiny configs)
+    c.log_every_steps = 50
+    c.eval_every_steps = -1  # -1: once per epoch
+    c.checkpoint_every_steps = -1  # -1: once per epoch
+    c.keep_checkpoints = 2
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-9
+    c.optimizer.weight_decay = 1e-4  # L2 added to the gradient, as torch.optim.Adam does
+    c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.warmup_steps = 0
+    c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
+
+    c.class_weights = ()  # empty: unweighted cross-entropy; else 5 weights W N1 N2 N3 REM
+
+    c.kd = ml_collections.ConfigDict()
+    c.kd.feature_weight = 1.0  # MSE between student and teacher features (the original's KD)
+    c.kd.response_weight = 0.0  # T^2-scaled KL between softened teacher and student outputs
+    c.kd.temperature = 4.0
+    c.kd.variant = "original"  # online KD: "original" | "mutual"
+    c.kd.teacher_workdir = ""  # offline KD / transfer: workdir of the trained scalp model
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"  # auto | yes | no: call jax.distributed.initialize
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
