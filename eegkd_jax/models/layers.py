@@ -1,0 +1,118 @@
+"""Small pieces both models share: PyTorch-default initialisers, the dtype option, batch norm.
+
+The original project trains PyTorch modules with their default initialisation. Flax's defaults
+(LeCun-normal kernels, zero biases) are different, and with a fixed learning rate of 1e-3 the start
+point matters for how the first epochs go, so the models here reproduce the PyTorch defaults:
+
+* ``nn.Conv1d`` / ``nn.Linear`` weights: kaiming-uniform with a = sqrt(5), which works out to
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. ``variance_scaling(1/3, "fan_in", "uniform")``.
+* their biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the same fan_in; Flax bias initialisers see
+  only the bias shape, so the fan-in is bound when the layer is built (:func:`torch_bias_init`).
+* batch norm and layer norm: scale 1, bias 0 (the same in both frameworks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Kernel initialiser equal to PyTorch's default for Conv1d and Linear weights.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# PyTorch BatchNorm1d(momentum=0.1) updates running = 0.9 * running + 0.1 * batch; Flax's momentum
+# is the weight on the old value, so the same rule is momentum 0.9. eps is PyTorch's default.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+# PyTorch LayerNorm default epsilon (Flax's default is 1e-6).
+LN_EPSILON = 1e-5
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def uniform_init(limit: float) -> nn.initializers.Initializer:
+    """U(-limit, limit) initialiser (any shape)."""
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, minval=-limit, maxval=limit)
+
+    return init
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias initialiser for a layer whose weight has ``fan_in`` inputs."""
+    if fan_in <= 0:
+        raise ValueError(f"fan_in must be positive, got {fan_in}")
+    return uniform_init(1.0 / math.sqrt(fan_in))
+
+
+def compute_dtype(name: Any) -> jnp.dtype:
+    """Maps the config's ``model.dtype`` ("float32", "bfloat16", "float16" or a dtype) to a dtype."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"model dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+        return jnp.dtype(_DTYPES[name])
+    dtype = jnp.dtype(name)
+    if dtype not in [jnp.dtype(d) for d in _DTYPES.values()]:
+        raise ValueError(f"model dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+    return dtype
+
+
+def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
+    """Batch norm over every axis but the last, with PyTorch's BatchNorm1d defaults.
+
+    In training it normalises with the statistics of the batch (over batch and time; under jit with
+    a batch sharded across devices these are statistics of the global batch) and updates the running
+    averages in the "batch_stats" collection; in evaluation it uses the running averages.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def conv1d(
+    features: int,
+    kernel_size: int,
+    in_features: int,
+    dtype: Any,
+    *,
+    strides: int = 1,
+    padding: str = "SAME",
+    name: str | None = None,
+) -> nn.Conv:
+    """A 1-D convolution over (batch, time, channels) with PyTorch's default initialisation.
+
+    ``padding="SAME"`` pads ``k - 1`` samples in total with the smaller half on the left, which is
+    what PyTorch's ``padding="same"`` does (it matters for the even kernel of the decoder's k=2 conv).
+    """
+    return nn.Conv(
+        features=features,
+        kernel_size=(kernel_size,),
+        strides=(strides,),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(in_features * kernel_size),
+        name=name,
+    )
+
+
+def dense(features: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Dense:
+    """A linear layer (== a 1x1 convolution) with PyTorch's default initialisation."""
+    return nn.Dense(
+        features=features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(in_features),
+        name=name,
+    )
