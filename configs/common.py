@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "supervised"  # supervised | offline_kd | online_kd | transfer
+    # Supervised mode only: "scalp" trains the teacher network (config.teacher) on scalp EEG, "ear"
+    # the ear baseline (config.model) on ear EEG.
+    c.supervised_input = "ear"
     c.data = data_config()
     c.model = usleep_config()  # the ear model (student / baseline)
     c.teacher = usleep_config()  # the scalp model
@@ -111,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.temperature = 4.0
     c.kd.variant = "original"  # online KD: "original" | "mutual"
     c.kd.teacher_workdir = ""  # offline KD / transfer: workdir of the trained scalp model
+    c.kd.teacher_checkpoint = "best"  # which of its checkpoints: "best" (val kappa), "latest" or a step
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = "auto"  # auto | yes | no: call jax.distributed.initialize
