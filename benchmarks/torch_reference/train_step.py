@@ -1,0 +1,144 @@
+"""Times the original project's supervised PyTorch training step, for comparison with ours.
+
+One step is what the original's `supervised_training` loop does per batch: zero the gradients,
+forward, cross-entropy on the 5-way logits, backward, and torch.optim.Adam(lr 1e-3, betas
+(0.9, 0.999), eps 1e-9, weight_decay 1e-4). Metric bookkeeping that the original also does per
+batch is left out: it is not part of the step we compare against.
+
+Run from the repository root with the separate torch venv (see README.md beside this file):
+
+  .venv-torch/bin/python -m benchmarks.torch_reference.train_step --model all
+
+Prints one JSON line per model to stdout, e.g.
+  {"model": "usleep", "mode": "supervised", "framework": "torch", "batch": 32, "threads": 2,
+   "params": 3114391, "windows_per_s": ..., "steps": 20, "seconds": ..., "host": "...", ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from benchmarks.torch_reference.models import build, count_parameters
+
+NUM_CLASSES = 5
+CHANNELS = 3
+EPOCH_SAMPLES = 6000  # 30 s at 200 Hz
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
+def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
+                    seed: int = 0) -> dict:
+    """Builds `name`, runs `warmup` untimed then `steps` timed training steps on one fixed batch.
+
+    The batch is x (batch, 3, 6000) float32 standard normal and labels (batch,) in 0..4, made
+    once up front so that only the step itself is timed. Returns the JSON record (see module doc).
+    """
+    torch.manual_seed(seed)
+    model = build(name)
+    model.train()  # dropout and BatchNorm batch statistics on, as in training
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-9,
+                                 weight_decay=1e-4)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, CHANNELS, EPOCH_SAMPLES, generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+
+    def step() -> float:
+        optimizer.zero_grad()
+        logits, _ = model(x)
+        loss = criterion(logits, labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # forces the step to finish, as the original's logging does
+
+    for _ in range(warmup):
+        step()
+    load_before = _load()
+    step_seconds = []
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        step_seconds.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    if not all(math.isfinite(v) for v in losses):
+        raise RuntimeError(f"{name}: non-finite loss during the benchmark: {losses}")
+    return {
+        "model": name,
+        "mode": "supervised",
+        "framework": "torch",
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "params": count_parameters(model),
+        "windows_per_s": round(batch * steps / seconds, 2),
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "host": socket.gethostname(),
+        # Context for reading the number on a shared machine.
+        "median_step_s": round(statistics.median(step_seconds), 4),
+        "min_step_s": round(min(step_seconds), 4),
+        "warmup": warmup,
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu": f"{_cpu_name()} x{os.cpu_count()}",
+        "load_1min_before": load_before,
+        "load_1min_after": _load(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("usleep", "cmt", "all"), default="all")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads; 0 keeps torch's default for this machine")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    names = ("usleep", "cmt") if args.model == "all" else (args.model,)
+    for name in names:
+        record = time_train_step(name, batch=args.batch, steps=args.steps,
+                                 warmup=args.warmup, seed=args.seed)
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
