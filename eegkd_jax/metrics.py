@@ -303,3 +303,172 @@ def summary_line(summary: Mapping[str, Any]) -> str:
         f"acc {summary['accuracy']:.3f} kappa {summary['kappa']:.3f} "
         f"MF1 {summary['macro_f1']:.3f} G {summary['g_mean']:.3f} (n={summary['num_epochs']})"
     )
+
+
+class NightCollector:
+    """Puts evaluation batches of L-epoch sequences back together into whole nights.
+
+    ``pipeline.eval_batches`` yields every epoch of every subject exactly once, as sequences that
+    start at ``epoch`` and carry padding (label -1, ``valid`` False) at the end. The collector
+    writes each valid sequence into its subject's night, drops the padding past a night's end, and
+    insists that every epoch arrives exactly once, so a pipeline bug that repeats or loses epochs
+    fails loudly instead of quietly skewing the scores.
+
+    Usage::
+
+        collector = NightCollector(cohort.num_epochs, subjects)
+        for batch in batches:
+            collector.add(batch["labels"], predictions, batch["subject"], batch["epoch"],
+                          batch["valid"], probabilities=probs)
+        results = collector.results()          # evaluate_subjects on the whole nights
+        nights = collector.hypnograms()        # {subject: (true (n,), predicted (n,))}
+
+    In a multi-host run pass globally gathered arrays (each host sees only its share of a batch).
+    """
+
+    def __init__(
+        self,
+        num_epochs: Mapping[str, int],
+        subjects: Sequence[str] | None = None,
+        *,
+        num_classes: int = NUM_CLASSES,
+        source: str = "evaluation",
+    ):
+        """Args:
+        num_epochs: epochs per subject night (``Cohort.num_epochs``).
+        subjects: the names that integer ``subject`` indices in batches refer to (the list given
+          to ``eval_batches``); defaults to ``sorted(num_epochs)``.
+        num_classes: number of stages.
+        source: names the evaluation in error messages.
+        """
+        self.subjects = tuple(sorted(num_epochs) if subjects is None else subjects)
+        missing = [s for s in self.subjects if s not in num_epochs]
+        if missing:
+            raise DataError(source, f"no epoch count for subjects {missing}")
+        self.num_classes = num_classes
+        self.source = source
+        self._true = {s: np.full(int(num_epochs[s]), UNSCORED, np.int64) for s in self.subjects}
+        self._pred = {s: np.full(int(num_epochs[s]), UNSCORED, np.int64) for s in self.subjects}
+        self._seen = {s: np.zeros(int(num_epochs[s]), bool) for s in self.subjects}
+        self._probs: dict[str, np.ndarray] | None = None
+
+    def add(
+        self,
+        labels: Any,
+        predictions: Any,
+        subject: Any,
+        epoch: Any,
+        valid: Any,
+        probabilities: Any = None,
+    ) -> None:
+        """Adds one batch.
+
+        Args:
+          labels: (b, L) int, -1 = not scored or padding.
+          predictions: (b, L) int predicted stages.
+          subject: (b,) int index into ``subjects``.
+          epoch: (b,) int first epoch of each sequence within its night.
+          valid: (b,) bool, False for padding rows (ignored entirely).
+          probabilities: optional (b, L, num_classes) stage probabilities; give them on every
+            batch or on none.
+        """
+        labels = _as_labels(labels, "labels", self.source).reshape(np.shape(labels))
+        preds = _as_labels(predictions, "predictions", self.source).reshape(np.shape(predictions))
+        if labels.ndim != 2 or preds.shape != labels.shape:
+            raise DataError(
+                self.source,
+                f"labels {labels.shape} and predictions {preds.shape} must both be (batch, L)",
+            )
+        b, seq_len = labels.shape
+        subject = _as_labels(subject, "subject", self.source)
+        start = _as_labels(epoch, "epoch", self.source)
+        valid = np.asarray(valid).reshape(-1)
+        if subject.shape != (b,) or start.shape != (b,) or valid.shape != (b,):
+            raise DataError(
+                self.source,
+                f"subject {subject.shape}, epoch {start.shape} and valid {valid.shape} must be "
+                f"({b},) for a batch of {b}",
+            )
+        if valid.dtype != np.bool_:
+            raise DataError(self.source, f"valid must be bool, got dtype {valid.dtype}")
+        probs = None
+        if probabilities is not None:
+            probs = np.asarray(probabilities, dtype=np.float64)
+            if probs.shape != (b, seq_len, self.num_classes):
+                raise DataError(
+                    self.source,
+                    f"probabilities must be ({b}, {seq_len}, {self.num_classes}), "
+                    f"got {probs.shape}",
+                )
+        if self._probs is None and probs is not None:
+            if any(seen.any() for seen in self._seen.values()):
+                raise DataError(self.source, "probabilities given for some batches but not others")
+            self._probs = {
+                s: np.zeros((n.size, self.num_classes)) for s, n in self._true.items()
+            }
+        elif self._probs is not None and probs is None:
+            raise DataError(self.source, "probabilities given for some batches but not others")
+
+        # Bad labels / predictions on scored epochs raise here, with the batch named.
+        confusion_matrix(labels[valid], preds[valid], self.num_classes, source=self.source)
+        for row in np.flatnonzero(valid):
+            index = int(subject[row])
+            if not 0 <= index < len(self.subjects):
+                raise DataError(
+                    self.source, f"subject index {index} is outside 0..{len(self.subjects) - 1}"
+                )
+            name = self.subjects[index]
+            night = self._seen[name].size
+            first = int(start[row])
+            if first < 0 or first >= night:
+                raise DataError(
+                    self.source,
+                    f"{name}: sequence starts at epoch {first} of a {night}-epoch night",
+                )
+            stop = min(first + seq_len, night)
+            past_end = labels[row, stop - first :]
+            if (past_end != UNSCORED).any():
+                raise DataError(
+                    self.source,
+                    f"{name}: sequence at epoch {first} has scored labels past the night's "
+                    f"{night} epochs",
+                )
+            if self._seen[name][first:stop].any():
+                again = first + int(np.flatnonzero(self._seen[name][first:stop])[0])
+                raise DataError(self.source, f"{name}: epoch {again} was evaluated twice")
+            self._seen[name][first:stop] = True
+            self._true[name][first:stop] = labels[row, : stop - first]
+            self._pred[name][first:stop] = preds[row, : stop - first]
+            if probs is not None:
+                self._probs[name][first:stop] = probs[row, : stop - first]
+
+    def _check_complete(self) -> None:
+        gaps = {s: int((~seen).sum()) for s, seen in self._seen.items() if not seen.all()}
+        if gaps:
+            detail = ", ".join(f"{s}: {n} of {self._seen[s].size}" for s, n in gaps.items())
+            raise DataError(self.source, f"epochs never evaluated ({detail})")
+
+    def hypnograms(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{subject: (true (epochs,), predicted (epochs,))} int64; raises unless all epochs came."""
+        self._check_complete()
+        return {s: (self._true[s].copy(), self._pred[s].copy()) for s in self.subjects}
+
+    def probabilities(self) -> dict[str, np.ndarray] | None:
+        """{subject: (epochs, num_classes)} stage probabilities, or None if none were given."""
+        self._check_complete()
+        if self._probs is None:
+            return None
+        return {s: p.copy() for s, p in self._probs.items()}
+
+    def results(self) -> dict[str, Any]:
+        """``evaluate_subjects`` over the whole nights (every epoch, pooled and per subject)."""
+        nights = self.hypnograms()
+        names = list(nights)
+        return evaluate_subjects(
+            np.concatenate([nights[s][0] for s in names]) if names else np.zeros(0, np.int64),
+            np.concatenate([nights[s][1] for s in names]) if names else np.zeros(0, np.int64),
+            np.repeat(np.arange(len(names)), [nights[s][0].size for s in names]),
+            subject_names=names,
+            num_classes=self.num_classes,
+            source=self.source,
+        )

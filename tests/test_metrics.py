@@ -241,3 +241,90 @@ def test_summary_line():
     # By hand: p_o 3/4, p_e 4/16; F1 (1, 1, 2/3, 0, 0); sens mean 0.5, spec mean 0.95.
     s = metrics.summarize(metrics.confusion_matrix([0, 1, 2, 2], [0, 1, 2, 3]))
     assert metrics.summary_line(s) == "acc 0.750 kappa 0.667 MF1 0.533 G 0.689 (n=4)"
+
+
+def sequence_batches(nights, seq_len, batch_size, rng):
+    """What pipeline.eval_batches yields: every epoch once, in order, as L-epoch sequences; a
+    night's last partial sequence and the last batch padded (labels -1, valid False)."""
+    rows = []
+    for index, (true, pred) in enumerate(nights):
+        for start in range(0, true.size, seq_len):
+            t = np.full(seq_len, -1)
+            p = rng.integers(0, 5, size=seq_len)  # padding predictions are arbitrary
+            chunk = slice(start, min(start + seq_len, true.size))
+            t[: chunk.stop - start] = true[chunk]
+            p[: chunk.stop - start] = pred[chunk]
+            rows.append((t, p, index, start, True))
+    while len(rows) % batch_size:
+        rows.append((np.full(seq_len, -1), np.zeros(seq_len, int), 0, 0, False))
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        yield {
+            "labels": np.stack([r[0] for r in chunk]).astype(np.int32),
+            "prediction": np.stack([r[1] for r in chunk]).astype(np.int32),
+            "subject": np.array([r[2] for r in chunk], np.int32),
+            "epoch": np.array([r[3] for r in chunk], np.int32),
+            "valid": np.array([r[4] for r in chunk]),
+        }
+
+
+def add_all(collector, batches, with_probabilities=False):
+    for b in batches:
+        probs = None
+        if with_probabilities:
+            probs = np.eye(5)[b["prediction"]] * 0.9 + 0.02
+        collector.add(b["labels"], b["prediction"], b["subject"], b["epoch"], b["valid"], probs)
+
+
+@pytest.mark.parametrize("seq_len", [1, 4])
+def test_night_collector_rebuilds_nights_and_scores_them(seq_len):
+    rng = np.random.default_rng(seq_len)
+    names = ("sub-002", "sub-005")
+    nights = []
+    for n in (23, 10):
+        true = rng.integers(-1, 5, size=n)
+        guess = np.where(rng.random(n) < 0.7, np.clip(true, 0, 4), rng.integers(0, 5, n))
+        nights.append((true, guess))
+    collector = metrics.NightCollector({"sub-005": 10, "sub-002": 23}, names)
+    add_all(collector, sequence_batches(nights, seq_len, 3, rng), with_probabilities=True)
+
+    rebuilt = collector.hypnograms()
+    assert list(rebuilt) == list(names)
+    for name, (true, pred) in zip(names, nights):
+        np.testing.assert_array_equal(rebuilt[name][0], true)
+        np.testing.assert_array_equal(rebuilt[name][1], pred)
+        assert collector.probabilities()[name].shape == (true.size, 5)
+    direct = metrics.evaluate_subjects(
+        np.concatenate([t for t, _ in nights]), np.concatenate([p for _, p in nights]),
+        np.repeat(names, [t.size for t, _ in nights]),
+    )
+    assert collector.results() == direct
+
+
+def test_night_collector_catches_lost_and_repeated_epochs():
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 5, size=9)
+    batches = list(sequence_batches([(true, true)], 2, 2, rng))
+
+    lost = metrics.NightCollector({"s": 9}, source="val@step5")
+    add_all(lost, batches[:-1])
+    with pytest.raises(DataError, match=r"val@step5: epochs never evaluated \(s: 1 of 9\)"):
+        lost.results()
+
+    repeated = metrics.NightCollector({"s": 9})
+    add_all(repeated, batches)
+    with pytest.raises(DataError, match="epoch 0 was evaluated twice"):
+        add_all(repeated, batches[:1])
+
+    with pytest.raises(DataError, match="scored labels past the night"):
+        metrics.NightCollector({"s": 3}).add([[0, 1, 2, 3]], [[0, 1, 2, 3]], [0], [0], [True])
+    with pytest.raises(DataError, match="starts at epoch 5"):
+        metrics.NightCollector({"s": 3}).add([[0]], [[0]], [0], [5], [True])
+    with pytest.raises(DataError, match="subject index 1"):
+        metrics.NightCollector({"s": 3}).add([[0]], [[0]], [1], [0], [True])
+    with pytest.raises(DataError, match="prediction 6"):
+        metrics.NightCollector({"s": 3}).add([[0]], [[6]], [0], [0], [True])
+    with pytest.raises(DataError, match="some batches but not others"):
+        c = metrics.NightCollector({"s": 3})
+        c.add([[0]], [[0]], [0], [0], [True], np.full((1, 1, 5), 0.2))
+        c.add([[0]], [[0]], [0], [1], [True])
