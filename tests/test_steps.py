@@ -29,7 +29,9 @@ class TinyNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        h = nn.Conv(self.features, (3,))(x)
+        # No bias: a bias right before batch norm has a zero gradient, and Adam would turn its
+        # float noise into full-size steps that differ between device layouts.
+        h = nn.Conv(self.features, (3,), use_bias=False)(x)
         h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
         h = nn.relu(h)
         h = nn.Dropout(0.2, deterministic=not train)(h)

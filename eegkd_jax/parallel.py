@@ -1,0 +1,124 @@
+"""Data parallelism: one 1-D ``("data",)`` mesh over every device of every host.
+
+Parameters and optimiser state are replicated; the global batch is split along its first axis over
+``data``. The same code runs on 1 CPU, 8 fake CPU devices, one GPU host or several hosts: each host
+feeds its own share of the batch and ``jax.make_array_from_process_local_data`` stitches the shares
+into one global array. Under ``jax.jit`` with these shardings XLA inserts the gradient all-reduce
+(and the cross-device batch-norm statistics) itself, which is what ``pmap`` + ``pmean`` used to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+# Environment variables by which common launchers announce a multi-process job.
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _env_says_multiprocess() -> bool:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    for name in _MULTIPROCESS_ENV[1:]:
+        try:
+            if int(os.environ.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def maybe_initialize_distributed(dist_cfg: Any) -> bool:
+    """Calls ``jax.distributed.initialize`` when the config (or, for "auto", the environment) asks.
+
+    Must run before any other JAX call. ``dist_cfg`` is ``config.distributed``: ``initialize`` in
+    {"auto", "yes", "no"}; ``coordinator_address`` / ``num_processes`` / ``process_id`` are passed on
+    when set (empty / 0 / -1 mean "let JAX detect them from the cluster environment").
+
+    Returns:
+      True if the distributed runtime was initialised by this call.
+    """
+    mode = str(dist_cfg.initialize).lower()
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"config.distributed.initialize must be auto, yes or no, got {mode!r}")
+    if mode == "no":
+        return False
+    if mode == "auto" and not (dist_cfg.coordinator_address or _env_says_multiprocess()):
+        return False
+    if jax.distributed.is_initialized():
+        return False
+    kwargs = {}
+    if dist_cfg.coordinator_address:
+        kwargs["coordinator_address"] = dist_cfg.coordinator_address
+    if dist_cfg.num_processes > 0:
+        kwargs["num_processes"] = int(dist_cfg.num_processes)
+    if dist_cfg.process_id >= 0:
+        kwargs["process_id"] = int(dist_cfg.process_id)
+    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
+    return True
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimiser state, scalars)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis is split over the ``data`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """Raises unless the global batch splits evenly over devices and processes; returns the per-host
+    batch size."""
+    n_dev = mesh.devices.size
+    n_proc = len({d.process_index for d in mesh.devices.flat})
+    if global_batch_size <= 0 or global_batch_size % n_dev:
+        raise ValueError(
+            f"the global batch size {global_batch_size} must be a positive multiple of the number "
+            f"of devices ({n_dev}); set --config.batch_size to a multiple of {n_dev}"
+        )
+    return global_batch_size // n_proc
+
+
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's share of a batch (dict of (b, ...) numpy arrays) -> global arrays sharded on
+    ``data`` with leading size ``b * process_count``."""
+    sharding = batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+    }
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree of (host or device) arrays fully replicated on the mesh."""
+    return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def jit_train_step(step_fn, mesh: Mesh, *, donate: bool = True):
+    """``jax.jit`` of ``step(state, batch) -> (state, metrics)`` for this mesh: state replicated in
+    and out, batch sharded on ``data``, metrics replicated; the old state's buffers are donated so
+    the update happens in place."""
+    rep = replicated_sharding(mesh)
+    return jax.jit(step_fn, donate_argnums=0 if donate else (),
+                   in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep))
