@@ -70,7 +70,7 @@ TEN_TWENTY = frozenset(
 )
 
 # A stretch this long where every kept channel repeats the same value is a gap in the recording
-# (amplifier dropout or zero padding), not sleep; see ``_check_no_gap``.
+# (amplifier dropout or zero padding), not sleep; see ``check_no_gap``.
 GAP_SECONDS = 30.0
 _READ_CHUNK = 1 << 19  # samples per chunk when copying out of MNE (bounds the float64 temporary)
 
@@ -253,7 +253,7 @@ def read_microvolts(raw, names, start: int, stop: int, source) -> np.ndarray:
     return out
 
 
-def _check_no_gap(signal: np.ndarray, names, fs: float, offset_s: float, source) -> None:
+def check_no_gap(signal: np.ndarray, names, fs: float, offset_s: float, source) -> None:
     """Raise if every channel of ``signal`` is constant over one stretch of at least GAP_SECONDS."""
     if signal.shape[1] == 0 or signal.shape[0] < 2:
         return
@@ -288,7 +288,7 @@ def _open_eeglab(files: BidsFiles):
         raise DataError(eeg_set, "file is missing")
     try:
         raw = mne.io.read_raw_eeglab(eeg_set, preload=False, verbose="error")
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
+    except Exception as e:  # noqa: BLE001 - MNE raises all sorts on malformed files
         raise DataError(eeg_set, f"cannot read EEGLAB file ({type(e).__name__}: {e})")
     # With a separate .fdt, MNE reads samples lazily; check its size now so that a truncated copy
     # fails here with a clear message instead of deep inside a chunked read.
@@ -382,8 +382,8 @@ def read_recording(
     ear_signal = read_microvolts(raw, ear, start, stop, source)
     # Scalp and ear groups are checked separately: either group going flat as a whole means its
     # electrodes lost contact together, which no rejection of single electrodes can repair.
-    _check_no_gap(scalp_signal, scalp, fs, lights_off, source)
-    _check_no_gap(ear_signal, ear, fs, lights_off, source)
+    check_no_gap(scalp_signal, scalp, fs, lights_off, source)
+    check_no_gap(ear_signal, ear, fs, lights_off, source)
     raw.close()
 
     rejected = frozenset(rejected)
