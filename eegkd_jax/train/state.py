@@ -12,6 +12,7 @@ function of the config, rebuilt at start-up, so the state is plain arrays that o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -53,7 +54,10 @@ class TrainState:
 
     def to_dict(self) -> dict:
         """Checkpointable dict of the non-None fields."""
-        return {k: v for k, v in flax.serialization.to_state_dict(self).items() if v is not None}
+        # Shallow on purpose: the subtrees keep their types (optax states are named tuples), so a
+        # checkpoint restored into this dict's structure is again a valid optimiser state.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 def make_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
