@@ -129,3 +129,63 @@ def test_sleep_edf_style_night_with_no_ear_channels():
     night = preprocess.prepare_night(rec, d)
     assert night.scalp.shape == (12000, 2) and night.ear.shape == (12000, 0)
     assert isinstance(rec, Recording)
+
+
+# ----------------------------------------------------------------------------- sources -> prepare_night
+
+
+def test_unknown_source_and_missing_path():
+    from eegkd_jax.data import sources
+
+    d = cfg()
+    d.source = "physionet"
+    with pytest.raises(ValueError, match="unknown data.source 'physionet'"):
+        sources.list_subjects(d)
+    d.source = "eesm17"
+    with pytest.raises(ValueError, match="set data.path"):
+        sources.load_recording(d, "sub-001")
+
+
+def test_eesm17_source_end_to_end(tmp_path):
+    from eegkd_jax.data import sources
+    from test_bids import make_night
+
+    make_night(tmp_path, "sub-002", epochs=2)
+    make_night(tmp_path, "sub-001", epochs=3, seed=1)
+    d = data_config()
+    d.source, d.path = "eesm17", str(tmp_path)
+    assert sources.list_subjects(d) == ["sub-001", "sub-002"]
+    night = preprocess.prepare_night(sources.load_recording(d, "sub-001"), d)
+    assert night.subject == "sub-001" and night.scalp.shape == (18000, 3) and night.ear.shape == (18000, 3)
+    assert night.labels.tolist() == [1, 1, 2]
+    with pytest.raises(DataError, match="sub-003: subject directory does not exist"):
+        sources.load_recording(d, "sub-003")
+
+
+def test_edf_source_end_to_end(tmp_path):
+    from eegkd_jax.data import sources
+    from test_edf import write_hypnogram, write_psg
+
+    write_hypnogram(tmp_path / "SC4001EC-Hypnogram.edf", [(30, 60, "Sleep stage 2"), (90, 30, "Sleep stage R")])
+    write_psg(tmp_path / "SC4001E0-PSG.edf", 130.0)
+    d = data_config()
+    d.source, d.path = "edf", str(tmp_path)
+    d.scalp_derivations, d.ear_derivations = ("Fpz-Cz", "Pz-Oz"), ()
+    assert sources.list_subjects(d) == ["SC4001E0"]
+    night = preprocess.prepare_night(sources.load_recording(d, "SC4001E0"), d)  # 100 Hz -> 200 Hz
+    assert night.sampling_rate == 200.0 and night.scalp.shape == (18000, 2) and night.ear.shape == (18000, 0)
+    assert night.labels.tolist() == [2, 2, 4]
+
+
+def test_simulated_source_end_to_end():
+    from eegkd_jax.data import sources
+
+    d = data_config()
+    d.simulated.subjects, d.simulated.hours = 3, 0.05
+    assert sources.list_subjects(d) == ["sim-01", "sim-02", "sim-03"]
+    rec = sources.load_recording(d, "sim-03")
+    assert rec.subject == "sim-03" and rec.labels.shape == (6,)
+    night = preprocess.prepare_night(rec, d)
+    assert night.scalp.shape == (36000, 3) and night.ear.shape == (36000, 3)
+    with pytest.raises(DataError, match="sim-04: not in the simulated cohort of 3"):
+        sources.load_recording(d, "sim-04")

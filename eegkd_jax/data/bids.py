@@ -240,7 +240,7 @@ def read_microvolts(raw, names, start: int, stop: int, source) -> np.ndarray:
     picks = [raw.ch_names.index(n) for n in names]
     for a in range(start, stop, _READ_CHUNK):
         b = min(a + _READ_CHUNK, stop)
-        chunk = raw.get_data(picks=picks, start=a, stop=b, units="uV")
+        chunk = raw.get_data(picks=picks, start=a, stop=b, units="uV", verbose="error")
         bad = ~np.isfinite(chunk)
         if bad.any():
             ch, t = np.argwhere(bad)[0]
