@@ -122,3 +122,45 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     return c
+
+
+def parse_variant(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
+    """``"scalp,tiny"`` -> {"scalp", "tiny"}: the words after the colon of ``--config=file.py:...``
+    (comma-separated); raises on a word the mode does not know."""
+    words = {w for w in (arg or "").replace("+", ",").split(",") if w}
+    unknown = words - set(allowed) - {"tiny", "paper"}
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; "
+                         f"choose from {sorted(set(allowed) | {'tiny', 'paper'})}")
+    if {"tiny", "paper"} <= words:
+        raise ValueError("a config is either :tiny or :paper, not both")
+    return words
+
+
+def apply_size_variant(c: ml_collections.ConfigDict, words: set[str]) -> ml_collections.ConfigDict:
+    """``tiny``: a few steps of very small U-Sleeps on a very small simulated cohort (about a minute
+    on a 2-core CPU; what the tests run). ``paper``: the original's full-size models on whole
+    nights (for real hardware)."""
+    if "tiny" in words:
+        c.data.simulated.subjects = 4  # 2 train, 1 validation, 1 test
+        c.data.simulated.hours = 0.2  # 24 epochs per night
+        c.data.cache_dir = "data/tfds_tiny"
+        for m in (c.model, c.teacher):
+            m.name = "usleep"
+            m.depth = 3
+            m.initial_filters = 3
+            m.complexity_factor = 1.0
+        c.batch_size = 8  # a multiple of the 8 fake CPU devices of the tests
+        c.num_epochs = 1
+        c.max_steps = 4
+        c.log_every_steps = 2
+        c.eval_every_steps = 2
+        c.checkpoint_every_steps = 2
+    if "paper" in words:
+        c.data.simulated.hours = 7.5
+        for m in (c.model, c.teacher):
+            m.update(usleep_config())  # depth 12, 5 filters, complexity 1.67: 3.1 M parameters
+        c.batch_size = 32
+        c.max_steps = -1
+        c.log_every_steps = 100
+    return c
