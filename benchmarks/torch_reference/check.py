@@ -8,11 +8,18 @@ exit status is non-zero if any failed. Shapes are kept small; the whole run take
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
 import torch
 from torch import nn
+
+if not __package__:
+    # Run as a plain script (python benchmarks/torch_reference/x.py): make the repository root
+    # importable so the package import below resolves the same way as with `python -m`.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(_here)))
 
 from benchmarks.torch_reference import models
 
