@@ -119,6 +119,7 @@ def test_rejection_mask_combines_config_recording_and_auto():
     assert montage.rejection_mask(rec, cfg) == {"ELI", "ELK", "ERE"}
     assert montage.rejection_mask(rec, cfg, auto=False) == {"ELI", "ELK"}
     assert montage.rejection_mask(rec, None, auto=False) == {"ELI"}
+    assert montage.rejection_mask(rec, {"sub-003": "ERK"}, auto=False) == {"ELI", "ERK"}
     with pytest.raises(DataError, match=r"sub-003: ear_rejections names electrodes \['ELX'\]"):
         montage.rejection_mask(rec, {"sub-003": ("ELX",)})
 
@@ -128,3 +129,14 @@ def test_longest_flat_run():
     assert montage.longest_flat_run(x) == (1, 3)
     assert montage.longest_flat_run(np.arange(4.0)) == (0, 1)
     assert montage.longest_flat_run(np.zeros(6)) == (0, 6)
+
+
+@pytest.mark.parametrize("subject", ["sim-02", "sim-05", "sim-06"])
+def test_auto_reject_finds_exactly_the_simulators_dead_electrodes(subject):
+    # The simulator makes some ear electrodes dead (flat or disconnected and noisy) and lists them;
+    # the rule must find those and only those, without being told.
+    from eegkd_jax.data import simulate
+
+    rec = simulate.simulate_recording(subject, seed=0, hours=0.25)
+    assert rec.rejected_channels, "this subject is expected to have a dead electrode"
+    assert set(montage.auto_reject(rec)) == set(rec.rejected_channels)

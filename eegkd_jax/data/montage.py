@@ -119,9 +119,9 @@ def rejection_mask(
         is used. An electrode named there that the recording lacks is an error (likely a typo).
       auto: also apply ``auto_reject`` to the remaining ear electrodes.
     """
-    configured = tuple((ear_rejections or {}).get(recording.subject, ()))
-    if isinstance(configured, str):  # a bare string would otherwise be split into letters
-        configured = (configured,)
+    configured = (ear_rejections or {}).get(recording.subject, ())
+    # A bare string ("ELK") would otherwise be split into letters.
+    configured = (configured,) if isinstance(configured, str) else tuple(configured)
     unknown = [n for n in configured if n not in recording.ear_channels and n not in recording.scalp_channels]
     if unknown:
         raise DataError(
