@@ -129,7 +129,8 @@ def subject_files(root: str | pathlib.Path, subject: str) -> BidsFiles:
         want = subject_dir / "ses-001" / "eeg" / f"{subject}_ses-001_task-sleep_eeg.set"
         raise DataError(want, "sleep recording (.set) is missing")
     if len(found) > 1:
-        raise DataError(subject_dir, f"several sleep recordings, expected one: {[str(p) for p in found]}")
+        names = [str(p) for p in found]
+        raise DataError(subject_dir, f"several sleep recordings, expected one: {names}")
     return BidsFiles.for_set(found[0])
 
 
@@ -264,7 +265,8 @@ def check_no_gap(signal: np.ndarray, names, fs: float, offset_s: float, source) 
         start_s = offset_s + run[0] / fs
         raise DataError(
             source,
-            f"flat stretch: all {len(names)} channels {list(names)} are constant for {(run[1] + 1) / fs:.1f} s "
+            f"flat stretch: all {len(names)} channels {list(names)} are constant for "
+            f"{(run[1] + 1) / fs:.1f} s "
             f"from {start_s:.1f} s (a gap in the recording)",
         )
 
@@ -339,7 +341,9 @@ def read_recording(
     if json_fs is None:
         raise DataError(files.eeg_json, "no SamplingFrequency")
     if not math.isclose(fs, float(json_fs), rel_tol=1e-6):
-        raise DataError(source, f"sampling rate {fs:g} Hz, but {files.eeg_json.name} says {json_fs:g} Hz")
+        raise DataError(
+            source, f"sampling rate {fs:g} Hz, but {files.eeg_json.name} says {json_fs:g} Hz"
+        )
 
     in_file = list(raw.ch_names)
     missing = [n for n in listed_names if n not in in_file]
@@ -350,7 +354,9 @@ def read_recording(
         raise DataError(source, f"channels {unlisted} are not listed in {files.channels_tsv.name}")
     unknown = [n for n in in_file if classify_channel(n) == "unknown"]
     if unknown:
-        raise DataError(source, f"channels {unknown} are neither 10-20 scalp, ear (EL*/ER*) nor a known extra")
+        raise DataError(
+            source, f"channels {unknown} are neither 10-20 scalp, ear (EL*/ER*) nor a known extra"
+        )
     scalp = [n for n in in_file if classify_channel(n) == "scalp"]
     ear = [n for n in in_file if classify_channel(n) == "ear"]
     missing_ear = [n for n in EAR_ELECTRODES if n not in ear]

@@ -79,7 +79,8 @@ def _open_edf(path: pathlib.Path):
         raise DataError(path, "file is missing")
     try:
         return mne.io.read_raw_edf(path, preload=False, verbose="error")
-    except Exception as e:  # noqa: BLE001 - MNE raises anything from AssertionError to UnicodeError on bad headers
+    # MNE raises anything from AssertionError to UnicodeDecodeError on a bad header.
+    except Exception as e:  # noqa: BLE001
         raise DataError(path, f"cannot read EDF header ({type(e).__name__}: {e})")
 
 
@@ -104,13 +105,24 @@ def read_hypnogram(path: str | pathlib.Path, epoch_seconds: float = EPOCH_SECOND
         onset, duration = float(annotations.onset[i]), float(annotations.duration[i])
         stage = HYPNOGRAM_STAGES.get(text.lower())
         if stage is None:
-            raise DataError(path, f"unknown annotation {text!r} at {onset:g} s (known: R&K sleep stages, movement time)")
+            raise DataError(
+                path,
+                f"unknown annotation {text!r} at {onset:g} s (known: R&K sleep stages, movement time)",
+            )
         epochs = duration / epoch_seconds
         if duration <= 0 or not math.isclose(epochs, round(epochs), abs_tol=1e-6):
-            raise DataError(path, f"{text!r} at {onset:g} s lasts {duration:g} s, not a whole number of {epoch_seconds:g}-s epochs")
+            raise DataError(
+                path,
+                f"{text!r} at {onset:g} s lasts {duration:g} s, not a whole number of "
+                f"{epoch_seconds:g}-s epochs",
+            )
         gap = onset - expected
         if gap < -1e-6:
-            raise DataError(path, f"{text!r} at {onset:g} s overlaps the previous annotation (which ends at {expected:g} s)")
+            raise DataError(
+                path,
+                f"{text!r} at {onset:g} s overlaps the previous annotation (which ends at "
+                f"{expected:g} s)",
+            )
         gap_epochs = gap / epoch_seconds
         if not math.isclose(gap_epochs, round(gap_epochs), abs_tol=1e-6):
             raise DataError(path, f"gap of {gap:g} s before {onset:g} s is not a whole number of epochs")
@@ -166,7 +178,10 @@ def read_psg(
 
     psg_start = raw.info["meas_date"]
     if (psg_start is None) != (hyp.start is None):
-        raise DataError(hypnogram_path, "only one of the PSG and hypnogram headers has a start time; cannot align them")
+        raise DataError(
+            hypnogram_path,
+            "only one of the PSG and hypnogram headers has a start time; cannot align them",
+        )
     offset = 0.0 if psg_start is None else (hyp.start - psg_start).total_seconds()
     first = offset + hyp.first_onset  # seconds from the PSG start to epoch 0
     start = int(round(first * fs))
@@ -252,6 +267,7 @@ def read_subject(directory: str | pathlib.Path, subject: str, *, rejected=(),
     """``read_psg`` for ``subject`` in a Sleep-EDF style directory."""
     pairs = pair_files(directory)
     if subject not in pairs:
-        raise DataError(pathlib.Path(directory) / f"{subject}{PSG_SUFFIX}", f"no such subject (have {sorted(pairs)})")
+        missing = pathlib.Path(directory) / f"{subject}{PSG_SUFFIX}"
+        raise DataError(missing, f"no such subject (have {sorted(pairs)})")
     psg, hyp = pairs[subject]
     return read_psg(psg, hyp, subject=subject, rejected=rejected, epoch_seconds=epoch_seconds)

@@ -5,7 +5,9 @@
 PATH may be an EESM17 ``*_eeg.set`` file, a BIDS subject directory (``sub-XXX``), a BIDS root, an
 ``*-PSG.edf`` (paired with its hypnogram in the same directory), an ``*-Hypnogram.edf`` alone, or a
 directory of Sleep-EDF pairs. Prints one JSON object: format, subjects, sampling rate, channel names,
-duration, and epochs per stage (totals, and per recording). Every recording is read in full through
+duration, and epochs per stage (totals, and per recording). Duration is that of the signal the
+reader returns: for EESM17 the scored span from Lights Off, for EDF from the first scored epoch to
+the end of the file. Every recording is read in full through
 the same readers training uses, one at a time, so a file that inspects cleanly also loads cleanly.
 
 Unreadable input: one line ``error: <file>: <problem>`` on stderr and exit status 1, no traceback.
@@ -96,7 +98,10 @@ def _hypnogram_only(path: pathlib.Path) -> dict:
 
 
 def inspect_path(path: str | pathlib.Path) -> dict:
-    """Summary of a recording file or cohort directory (see module docstring); DataError if unreadable."""
+    """Summary of a recording file or a cohort directory (see module docstring).
+
+    Raises DataError naming the file and the problem if anything is unreadable.
+    """
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(path, "no such file or directory")
@@ -109,18 +114,27 @@ def inspect_path(path: str | pathlib.Path) -> dict:
         if name.endswith(edf.PSG_SUFFIX):
             subject = name[: -len(edf.PSG_SUFFIX)]
             return _combine(path, "edf", [summarize_recording(edf.read_subject(path.parent, subject))])
-        raise DataError(path, "not a recording this project reads (*_eeg.set, *-PSG.edf, *-Hypnogram.edf)")
+        raise DataError(
+            path, "not a recording this project reads (*_eeg.set, *-PSG.edf, *-Hypnogram.edf)"
+        )
     if path.name.startswith("sub-") and any(path.glob("ses-*")):
-        return _combine(path, "eesm17-bids", _each(lambda s: bids.read_subject(path.parent, s), [path.name]))
+        recordings = _each(lambda s: bids.read_subject(path.parent, s), [path.name])
+        return _combine(path, "eesm17-bids", recordings)
     if any(p.is_dir() and p.name.startswith("sub-") for p in path.iterdir()):
-        return _combine(path, "eesm17-bids", _each(lambda s: bids.read_subject(path, s), bids.list_subjects(path)))
+        recordings = _each(lambda s: bids.read_subject(path, s), bids.list_subjects(path))
+        return _combine(path, "eesm17-bids", recordings)
     if any(p.name.endswith(edf.PSG_SUFFIX) for p in path.iterdir()):
-        return _combine(path, "edf", _each(lambda s: edf.read_subject(path, s), edf.list_subjects(path)))
-    raise DataError(path, "neither a BIDS root, a BIDS subject directory, nor a directory of *-PSG.edf files")
+        recordings = _each(lambda s: edf.read_subject(path, s), edf.list_subjects(path))
+        return _combine(path, "edf", recordings)
+    raise DataError(
+        path, "neither a BIDS root, a BIDS subject directory, nor a directory of *-PSG.edf files"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eegkd_jax.data.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eegkd_jax.data.inspect", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("path", help="a .set / .edf file, a BIDS subject or root, or an EDF directory")
     parser.add_argument("--indent", type=int, default=None, help="pretty-print the JSON")
     args = parser.parse_args(argv)

@@ -99,9 +99,15 @@ def auto_reject(
         median = float(np.median(list(levels.values())))
         for name, level in levels.items():
             if median > 0 and level > NOISE_RATIO * median:
-                reasons[name] = f"noisy: noise level {level:.3g} uV is {level / median:.0f}x the median {median:.3g} uV"
+                reasons[name] = (
+                    f"noisy: noise level {level:.3g} uV is {level / median:.0f}x the median "
+                    f"{median:.3g} uV"
+                )
             elif level < median / NOISE_RATIO:
-                reasons[name] = f"near-flat: noise level {level:.3g} uV is below 1/{NOISE_RATIO:g} of the median {median:.3g} uV"
+                reasons[name] = (
+                    f"near-flat: noise level {level:.3g} uV is below 1/{NOISE_RATIO:g} of the "
+                    f"median {median:.3g} uV"
+                )
     return reasons
 
 
@@ -122,7 +128,8 @@ def rejection_mask(
     configured = (ear_rejections or {}).get(recording.subject, ())
     # A bare string ("ELK") would otherwise be split into letters.
     configured = (configured,) if isinstance(configured, str) else tuple(configured)
-    unknown = [n for n in configured if n not in recording.ear_channels and n not in recording.scalp_channels]
+    present = set(recording.ear_channels) | set(recording.scalp_channels)
+    unknown = [n for n in configured if n not in present]
     if unknown:
         raise DataError(
             recording.subject, f"ear_rejections names electrodes {unknown} that the recording lacks"

@@ -48,9 +48,14 @@ def bandpass_sos(band, rate: float, source: str = "") -> np.ndarray | None:
     low, high = band
     nyquist = rate / 2.0
     if high is not None and not 0 < high < nyquist:
-        raise DataError(source, f"band-pass upper edge {high:g} Hz must lie below Nyquist ({nyquist:g} Hz at {rate:g} Hz)")
+        raise DataError(
+            source,
+            f"band-pass upper edge {high:g} Hz must lie below Nyquist ({nyquist:g} Hz at {rate:g} Hz)",
+        )
     if low is not None and not 0 < low < (high or nyquist):
-        raise DataError(source, f"band-pass lower edge {low:g} Hz must lie in (0, {high or nyquist:g}) Hz")
+        raise DataError(
+            source, f"band-pass lower edge {low:g} Hz must lie in (0, {high or nyquist:g}) Hz"
+        )
     if low is None and high is None:
         return None
     if low is None:
@@ -62,8 +67,12 @@ def bandpass_sos(band, rate: float, source: str = "") -> np.ndarray | None:
 
 def resample_ratio(rate_in: float, rate_out: float, source: str = "") -> tuple[int, int]:
     """(up, down) with rate_out / rate_in == up / down exactly, in lowest terms."""
-    ratio = fractions.Fraction(rate_out).limit_denominator(10**6) / fractions.Fraction(rate_in).limit_denominator(10**6)
-    if not math.isclose(float(ratio), rate_out / rate_in, rel_tol=1e-9) or max(ratio.numerator, ratio.denominator) > MAX_RESAMPLE_FACTOR:
+    def exact(rate):
+        return fractions.Fraction(rate).limit_denominator(10**6)
+
+    ratio = exact(rate_out) / exact(rate_in)
+    too_far = not math.isclose(float(ratio), rate_out / rate_in, rel_tol=1e-9)
+    if too_far or max(ratio.numerator, ratio.denominator) > MAX_RESAMPLE_FACTOR:
         raise DataError(source, f"no simple rational resampling from {rate_in:g} Hz to {rate_out:g} Hz")
     return ratio.numerator, ratio.denominator
 
@@ -118,7 +127,9 @@ def prepare_night(recording: Recording, data_cfg) -> PairedNight:
     source = recording.source or recording.subject
     if not math.isclose(recording.epoch_seconds, data_cfg.epoch_seconds):
         raise DataError(
-            source, f"scored in {recording.epoch_seconds:g}-s epochs, config says {data_cfg.epoch_seconds:g} s"
+            source,
+            f"scored in {recording.epoch_seconds:g}-s epochs, config says "
+            f"{data_cfg.epoch_seconds:g} s",
         )
     rate_in, rate_out = float(recording.sampling_rate), float(data_cfg.sampling_rate)
     epochs = int(recording.labels.shape[0])
@@ -131,7 +142,9 @@ def prepare_night(recording: Recording, data_cfg) -> PairedNight:
     # montage looks for flat or noisy electrodes in it.
     n_in = epochs * samples_in
     if recording.num_samples > n_in:
-        recording = dataclasses.replace(recording, scalp=recording.scalp[:n_in], ear=recording.ear[:n_in])
+        recording = dataclasses.replace(
+            recording, scalp=recording.scalp[:n_in], ear=recording.ear[:n_in]
+        )
 
     rejections = data_cfg.ear_rejections
     rejections = rejections.to_dict() if hasattr(rejections, "to_dict") else dict(rejections or {})
@@ -140,7 +153,10 @@ def prepare_night(recording: Recording, data_cfg) -> PairedNight:
     channels = {}
     for group, specs in (("scalp", data_cfg.scalp_derivations), ("ear", data_cfg.ear_derivations)):
         derived, names = montage.derive(recording, tuple(specs or ()), rejected=rejected)
-        channels[group] = (_process(derived, names, rate_in, rate_out, epochs * samples_out, data_cfg, source), names)
+        processed = _process(
+            derived, names, rate_in, rate_out, epochs * samples_out, data_cfg, source
+        )
+        channels[group] = (processed, names)
         del derived
 
     return PairedNight(

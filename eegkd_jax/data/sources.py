@@ -51,10 +51,15 @@ def load_recording(data_cfg, subject: str) -> Recording:
         sim = data_cfg.simulated
         known = list_subjects(data_cfg)
         if subject not in known:
-            raise DataError(subject, f"not in the simulated cohort of {len(known)} ({known[0]}..{known[-1]})")
+            raise DataError(
+                subject, f"not in the simulated cohort of {len(known)} ({known[0]}..{known[-1]})"
+            )
         recording = simulate.simulate_recording(subject, seed=int(sim.seed), hours=float(sim.hours))
         if recording.epoch_seconds != epoch_seconds:
-            raise DataError(recording.source, f"simulated with {recording.epoch_seconds:g}-s epochs, config says {epoch_seconds:g}")
+            raise DataError(
+                recording.source,
+                f"simulated with {recording.epoch_seconds:g}-s epochs, config says {epoch_seconds:g}",
+            )
         return recording
     if source == "eesm17":
         return bids.read_subject(pathlib.Path(data_cfg.path), subject, epoch_seconds=epoch_seconds)
