@@ -210,3 +210,23 @@ def test_channel_classes():
     assert [edf.classify_edf_channel(n) for n in ["EEG Fpz-Cz", "EEG ELA", "C3", "ERK", "EOG horizontal",
                                                    "Event marker", "Temp rectal"]] == [
         "scalp", "ear", "scalp", "ear", "drop", "drop", "drop"]
+
+
+def test_eeg_keeps_its_own_rate_beside_faster_and_slower_channels(tmp_path):
+    # Sleep-EDF mixes 100 Hz EEG with 1 Hz respiration; other recorders add a faster ECG. Written
+    # with edfio directly, since MNE's exporter needs one rate for all channels.
+    import edfio
+
+    rng = np.random.default_rng(0)
+    eeg = rng.standard_normal(100 * 90) * 20.0
+    signals = [
+        edfio.EdfSignal(eeg, sampling_frequency=100, label="EEG Fpz-Cz", physical_dimension="uV"),
+        edfio.EdfSignal(rng.standard_normal(90), sampling_frequency=1, label="Resp oro-nasal"),
+        edfio.EdfSignal(rng.standard_normal(256 * 90), sampling_frequency=256, label="ECG"),
+    ]
+    edfio.Edf(signals, starttime=START.time().replace(tzinfo=None),
+              recording=edfio.Recording(startdate=START.date())).write(str(tmp_path / "x-PSG.edf"))
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 90, "Sleep stage W")])
+    rec = edf.read_subject(tmp_path, "x")
+    assert rec.sampling_rate == 100.0 and rec.scalp_channels == ("EEG Fpz-Cz",)
+    np.testing.assert_allclose(rec.scalp[:, 0], eeg, atol=0.05)

@@ -370,6 +370,8 @@ def read_recording(
         # MNE's EEGLAB reader assumes microvolts; anything else would be silently mis-scaled.
         raise DataError(files.channels_tsv, f"units {wrong_units}: expected uV for EEG channels")
 
+    if lights_off < 0:
+        raise DataError(files.events_tsv, f"'Lights Off' at {lights_off:g} s, before the recording starts")
     start = int(round(lights_off * fs))
     epoch_samples = epoch_seconds * fs
     if not math.isclose(epoch_samples, round(epoch_samples)):

@@ -72,13 +72,13 @@ class Hypnogram:
     source: str
 
 
-def _open_edf(path: pathlib.Path):
+def _open_edf(path: pathlib.Path, include=None):
     import mne  # heavy import, only when a file is actually read
 
     if not path.is_file():
         raise DataError(path, "file is missing")
     try:
-        return mne.io.read_raw_edf(path, preload=False, verbose="error")
+        return mne.io.read_raw_edf(path, include=include, preload=False, verbose="error")
     # MNE raises anything from AssertionError to UnicodeDecodeError on a bad header.
     except Exception as e:  # noqa: BLE001
         raise DataError(path, f"cannot read EDF header ({type(e).__name__}: {e})")
@@ -168,13 +168,18 @@ def read_psg(
     subject = subject or psg_path.name.removesuffix(PSG_SUFFIX).removesuffix(".edf")
     hyp = read_hypnogram(hypnogram_path, epoch_seconds)
     raw = _open_edf(psg_path)
-    fs = float(raw.info["sfreq"])
-
     kinds = {n: classify_edf_channel(n) for n in raw.ch_names}
     scalp = [n for n in raw.ch_names if kinds[n] == "scalp"]
     ear = [n for n in raw.ch_names if kinds[n] == "ear"]
     if not scalp and not ear:
         raise DataError(psg_path, f"no EEG channels among {raw.ch_names}")
+    if len(scalp) + len(ear) < len(raw.ch_names):
+        # MNE gives a file one rate, the highest of its channels; reopening with only the EEG
+        # keeps the EEG at its own rate when, say, an ECG is sampled faster. (EEG channels of
+        # different rates would still be brought to the highest of them.)
+        raw.close()
+        raw = _open_edf(psg_path, include=scalp + ear)
+    fs = float(raw.info["sfreq"])
 
     psg_start = raw.info["meas_date"]
     if (psg_start is None) != (hyp.start is None):
