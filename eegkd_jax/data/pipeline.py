@@ -1,0 +1,363 @@
+"""Input pipeline: subject splits, resumable shuffled training batches, and exhaustive eval batches.
+
+Shards come from ``builder`` (one array_record split per subject, epoch i of a night at index i), so
+any epoch can be read by index. That is what makes the training order a pure function of
+``(seed, step)``:
+
+* A training *window* is L consecutive epochs of one night (L = ``data_cfg.sequence_length``);
+  every start offset is used (stride 1), except windows whose epochs are all unscored, which teach
+  nothing (every label in them is masked). One pass = all windows of the training subjects.
+* Pass p is ordered by ``numpy.random.default_rng([seed, p]).permutation``; step k of the run takes
+  the global batch ``k % steps_per_epoch`` of pass ``k // steps_per_epoch`` (the last partial batch
+  of a pass is dropped; the next pass reshuffles, so nothing is dropped for good). Hence starting at
+  ``start_step=k`` replays exactly what an uninterrupted run sees from step k, with no iterator state
+  to checkpoint. (``tf.data.Dataset.shuffle`` is not used for this reason: its buffer would have to
+  be checkpointed to resume.)
+* Host p of P takes rows ``[p * b, (p + 1) * b)`` of each global batch, b = B / P: disjoint shares
+  that together are the global batch.
+
+tf.data runs the loading: a dataset of step numbers is mapped (in parallel, order kept) through a
+function that reads the batch's epochs from the shards, then prefetched; the iterators yield numpy.
+
+Evaluation walks every listed subject in order in non-overlapping L-epoch sequences starting at
+epoch 0, L, 2L, ...; a night's last partial sequence is padded with zeros and label -1, and the last
+global batch is filled with padding rows (``valid`` False, ``subject`` 0, ``epoch`` 0, labels -1).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import os
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from eegkd_jax.data import builder as builder_lib
+from eegkd_jax.data.recording import UNSCORED, DataError
+
+Splits = collections.namedtuple("Splits", ["train", "validation", "test"])
+
+
+@dataclasses.dataclass(eq=False)
+class Cohort:
+    """A built cohort: what the trainer needs to know, and random access to its epochs.
+
+    Attributes:
+      subjects: sorted subject ids.
+      num_epochs: subject -> number of 30-s epochs in its night.
+      labels: subject -> (num_epochs,) int8 stages (-1 = unscored), from the shards' metadata.
+      scalp_names, ear_names: derivation names, e.g. ("A1-A2", "C3-O1", "C4-O2"), ("L-R", "L_E", "R_E").
+      sampling_rate: Hz. epoch_samples: samples per epoch (S).
+      data_dir: where the shards live. built_now: whether ``prepare_cohort`` wrote them this time.
+    """
+
+    subjects: tuple[str, ...]
+    num_epochs: dict[str, int]
+    labels: dict[str, np.ndarray]
+    scalp_names: tuple[str, ...]
+    ear_names: tuple[str, ...]
+    sampling_rate: float
+    epoch_samples: int
+    data_dir: str
+    built_now: bool
+    _builder: object = dataclasses.field(repr=False)
+    _sources: dict = dataclasses.field(default_factory=dict, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def source(self, subject: str):
+        """Random-access view of one subject's epochs: ``source[i]`` is a dict for epoch i."""
+        with self._lock:
+            if subject not in self._sources:
+                self._sources[subject] = self._builder.as_data_source(split=subject)
+            return self._sources[subject]
+
+    def read_epochs(self, subject: str, epochs: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(len(epochs), S, n_scalp), (len(epochs), S, n_ear) float32 and (len(epochs),) int32."""
+        items = self.source(subject).__getitems__([int(e) for e in epochs])
+        scalp = np.stack([it["scalp"] for it in items]) if items else None
+        ear = np.stack([it["ear"] for it in items]) if items else None
+        labels = np.array([it["label"] for it in items], np.int32)
+        return scalp, ear, labels
+
+
+def prepare_cohort(data_cfg) -> Cohort:
+    """Builds the TFDS shards for ``data_cfg`` under ``data_cfg.cache_dir`` unless an identical
+    build exists (see ``builder``), and opens them."""
+    builder, built_now = builder_lib.build(data_cfg)
+    meta = builder.info.metadata
+    per_subject = meta["subjects"]
+    subjects = tuple(sorted(per_subject))
+    labels = {s: np.asarray(per_subject[s]["labels"], np.int8) for s in subjects}
+    num_epochs = {s: int(builder.info.splits[s].num_examples) for s in subjects}
+    for s in subjects:
+        if num_epochs[s] != labels[s].shape[0]:
+            raise DataError(
+                os.fspath(builder.data_dir),
+                f"split {s} holds {num_epochs[s]} epochs but its metadata lists {labels[s].shape[0]} labels; "
+                "delete the directory to rebuild",
+            )
+    return Cohort(
+        subjects=subjects,
+        num_epochs=num_epochs,
+        labels=labels,
+        scalp_names=tuple(meta["scalp_names"]),
+        ear_names=tuple(meta["ear_names"]),
+        sampling_rate=float(meta["sampling_rate"]),
+        epoch_samples=int(meta["epoch_samples"]),
+        data_dir=os.fspath(builder.data_dir),
+        built_now=built_now,
+        _builder=builder,
+    )
+
+
+def subject_splits(subjects: Sequence[str], data_cfg) -> Splits:
+    """Disjoint train / validation / test subject tuples (each sorted).
+
+    Explicit ``data_cfg.test_subjects`` / ``validation_subjects`` win; an empty list means "the last
+    ``num_test_subjects`` in sorted order" for test, then the last ``num_validation_subjects`` of
+    what remains for validation. Everything else trains.
+    """
+    ordered = tuple(sorted(subjects))
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"duplicate subject ids in {ordered}")
+
+    def explicit(name):
+        chosen = tuple(getattr(data_cfg, name) or ())
+        unknown = sorted(set(chosen) - set(ordered))
+        if unknown:
+            raise ValueError(f"data.{name} lists {unknown}, which are not in the cohort {list(ordered)}")
+        return chosen
+
+    test = explicit("test_subjects")
+    if not test:
+        n = int(data_cfg.num_test_subjects)
+        test = ordered[len(ordered) - n :] if n > 0 else ()
+    rest = tuple(s for s in ordered if s not in test)
+    validation = explicit("validation_subjects")
+    if validation:
+        overlap = sorted(set(validation) & set(test))
+        if overlap:
+            raise ValueError(f"subjects {overlap} are in both data.validation_subjects and the test split")
+    else:
+        n = int(data_cfg.num_validation_subjects)
+        validation = rest[len(rest) - n :] if n > 0 else ()
+    train = tuple(s for s in rest if s not in validation)
+    if not train:
+        raise ValueError(
+            f"no training subjects left: {len(ordered)} subjects, validation {list(validation)}, test {list(test)}"
+        )
+    return Splits(train, tuple(sorted(validation)), tuple(sorted(test)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _check_subjects(cohort: Cohort, subjects: Sequence[str]) -> tuple[str, ...]:
+    subjects = tuple(subjects)
+    if not subjects:
+        raise ValueError("no subjects given")
+    unknown = [s for s in subjects if s not in cohort.num_epochs]
+    if unknown:
+        raise ValueError(f"subjects {unknown} are not in the cohort ({list(cohort.subjects)})")
+    return subjects
+
+
+def _sequence_length(data_cfg) -> int:
+    seq_len = int(data_cfg.sequence_length)
+    if seq_len < 1:
+        raise ValueError(f"data.sequence_length must be >= 1, got {seq_len}")
+    return seq_len
+
+
+def _host_share(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if global_batch_size < 1:
+        raise ValueError(f"global batch size must be positive, got {global_batch_size}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} does not divide across {process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+def training_windows(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.ndarray:
+    """Every training window, in a fixed order (subject order, then start).
+
+    Returns:
+      (N, 2) int64 rows of (index into ``subjects``, first epoch).
+    """
+    subjects = _check_subjects(cohort, subjects)
+    seq_len = _sequence_length(data_cfg)
+    rows = []
+    for i, s in enumerate(subjects):
+        labels = cohort.labels[s]
+        if labels.shape[0] < seq_len:
+            raise DataError(s, f"night has {labels.shape[0]} epochs, fewer than sequence_length={seq_len}")
+        scored = np.convolve((labels != UNSCORED).astype(np.int64), np.ones(seq_len, np.int64), mode="valid")
+        starts = np.flatnonzero(scored > 0)
+        rows.append(np.stack([np.full(starts.shape, i), starts], axis=1))
+    windows = np.concatenate(rows).astype(np.int64)
+    if windows.shape[0] == 0:
+        raise DataError(",".join(subjects), "no window with a scored epoch")
+    return windows
+
+
+def steps_per_epoch(cohort: Cohort, subjects: Sequence[str], data_cfg, global_batch_size: int) -> int:
+    """Global batches per pass over the training windows (at least 1; see the module docstring)."""
+    n = training_windows(cohort, subjects, data_cfg).shape[0]
+    return max(1, n // int(global_batch_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(seed: int, pass_index: int, n: int) -> np.ndarray:
+    return np.random.default_rng([int(seed), int(pass_index)]).permutation(n)
+
+
+def _assemble(cohort: Cohort, subjects, rows: np.ndarray, seq_len: int):
+    """Reads (subject index, first epoch) rows into (b, L*S, C) float32 and (b, L) int32, padding
+    epochs past a night's end with zeros and label -1."""
+    b, s = rows.shape[0], cohort.epoch_samples
+    scalp = np.zeros((b, seq_len, s, len(cohort.scalp_names)), np.float32)
+    ear = np.zeros((b, seq_len, s, len(cohort.ear_names)), np.float32)
+    labels = np.full((b, seq_len), UNSCORED, np.int32)
+    # One read per subject in the batch: batched reads are much cheaper than one per epoch.
+    for subj in np.unique(rows[:, 0]):
+        name = subjects[subj]
+        n = cohort.num_epochs[name]
+        which = np.flatnonzero(rows[:, 0] == subj)
+        epochs = rows[which, 1][:, None] + np.arange(seq_len)[None, :]  # (k, L)
+        real = epochs < n
+        x_scalp, x_ear, y = cohort.read_epochs(name, epochs[real])
+        row_idx, pos_idx = np.nonzero(real)
+        scalp[which[row_idx], pos_idx] = x_scalp
+        ear[which[row_idx], pos_idx] = x_ear
+        labels[which[row_idx], pos_idx] = y
+    return scalp.reshape(b, seq_len * s, -1), ear.reshape(b, seq_len * s, -1), labels
+
+
+def _tf():
+    import tensorflow as tf  # deferred: only the input pipeline needs it
+
+    return tf
+
+
+def _numpy_stream(make_batch, first: int, last: int | None, dtypes, data_cfg) -> Iterator[tuple]:
+    """tf.data over batch numbers [first, last) (last None: forever), mapped through the numpy
+    function ``make_batch`` in parallel with order kept, then prefetched."""
+    tf = _tf()
+    stop = np.iinfo(np.int64).max if last is None else last
+    ds = tf.data.Dataset.range(first, stop)
+    ds = ds.map(
+        lambda k: tf.numpy_function(make_batch, [k], dtypes, stateful=False),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.prefetch(max(1, int(data_cfg.prefetch)))
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    ds = ds.with_options(options)
+    return ds.as_numpy_iterator()
+
+
+def train_batches(
+    cohort: Cohort,
+    subjects: Sequence[str],
+    data_cfg,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """Infinite training batches: this host's share of global batch ``start_step``, then the next...
+
+    Yields:
+      {"scalp": (b, L*S, n_scalp) float32, "ear": (b, L*S, n_ear) float32, "labels": (b, L) int32}
+      with b = global_batch_size // process_count. The batch at step k depends only on
+      (seed, k, the subjects and the cohort).
+    """
+    subjects = _check_subjects(cohort, subjects)
+    b = _host_share(global_batch_size, process_index, process_count)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    seq_len = _sequence_length(data_cfg)
+    windows = training_windows(cohort, subjects, data_cfg)
+    n = windows.shape[0]
+    per_pass = max(1, n // global_batch_size)
+
+    def make_batch(step):
+        step = int(step)
+        order = _permutation(int(seed), step // per_pass, n)
+        # positions of this host's rows in the pass; modulo only matters when a pass is shorter
+        # than one global batch (then windows repeat within the batch)
+        first = (step % per_pass) * global_batch_size + process_index * b
+        chosen = order[np.arange(first, first + b) % n]
+        return _assemble(cohort, subjects, windows[chosen], seq_len)
+
+    tf = _tf()
+    stream = _numpy_stream(make_batch, int(start_step), None, (tf.float32, tf.float32, tf.int32), data_cfg)
+    for scalp, ear, labels in stream:
+        yield {"scalp": scalp, "ear": ear, "labels": labels}
+
+
+def eval_sequences(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.ndarray:
+    """(M, 2) rows (index into ``subjects``, first epoch): every epoch once, in order."""
+    subjects = _check_subjects(cohort, subjects)
+    seq_len = _sequence_length(data_cfg)
+    rows = [
+        np.stack([np.full(len(starts), i), starts], axis=1)
+        for i, s in enumerate(subjects)
+        for starts in [np.arange(0, cohort.num_epochs[s], seq_len)]
+    ]
+    return np.concatenate(rows).astype(np.int64)
+
+
+def eval_batches(
+    cohort: Cohort,
+    subjects: Sequence[str],
+    data_cfg,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """Finite evaluation batches covering every epoch of ``subjects`` exactly once.
+
+    Yields:
+      the train keys plus "subject" (b,) int32 index into ``subjects``, "epoch" (b,) int32 first
+      epoch of the sequence, "valid" (b,) bool (False on padding rows). Every host yields the same
+      number of batches, ceil(M / global_batch_size) for M sequences.
+    """
+    subjects = _check_subjects(cohort, subjects)
+    b = _host_share(global_batch_size, process_index, process_count)
+    seq_len = _sequence_length(data_cfg)
+    sequences = eval_sequences(cohort, subjects, data_cfg)
+    m = sequences.shape[0]
+    num_batches = math.ceil(m / global_batch_size)
+
+    def make_batch(k):
+        positions = int(k) * global_batch_size + process_index * b + np.arange(b)
+        valid = positions < m
+        rows = sequences[np.minimum(positions, m - 1)]
+        scalp, ear, labels = _assemble(cohort, subjects, rows[valid], seq_len) if valid.any() else (None,) * 3
+        out_scalp = np.zeros((b, seq_len * cohort.epoch_samples, len(cohort.scalp_names)), np.float32)
+        out_ear = np.zeros((b, seq_len * cohort.epoch_samples, len(cohort.ear_names)), np.float32)
+        out_labels = np.full((b, seq_len), UNSCORED, np.int32)
+        if valid.any():
+            out_scalp[valid], out_ear[valid], out_labels[valid] = scalp, ear, labels
+        subject = np.where(valid, rows[:, 0], 0).astype(np.int32)
+        epoch = np.where(valid, rows[:, 1], 0).astype(np.int32)
+        return out_scalp, out_ear, out_labels, subject, epoch, valid
+
+    tf = _tf()
+    dtypes = (tf.float32, tf.float32, tf.int32, tf.int32, tf.int32, tf.bool)
+    for scalp, ear, labels, subject, epoch, valid in _numpy_stream(make_batch, 0, num_batches, dtypes, data_cfg):
+        yield {"scalp": scalp, "ear": ear, "labels": labels, "subject": subject, "epoch": epoch, "valid": valid}
