@@ -229,16 +229,19 @@ def _read_json(path: pathlib.Path) -> dict:
         raise DataError(path, f"invalid JSON ({e})")
 
 
-def read_microvolts(raw, names, start: int, stop: int, source) -> np.ndarray:
-    """(stop - start, len(names)) float32 microvolts from an MNE raw, copied chunk by chunk.
+def read_microvolts(raw, groups, start: int, stop: int, source) -> list[np.ndarray]:
+    """Samples ``[start, stop)`` of an MNE raw, one (stop - start, len(g)) float32 microvolt array per
+    group ``g`` of channel names, copied out chunk by chunk.
 
     MNE hands out float64 volts; going through bounded chunks keeps the peak at the float32 result
-    plus one chunk, instead of a full float64 copy of the night.
+    plus one chunk, instead of a full float64 copy of the night, and one pass serves all groups.
     """
-    out = np.empty((stop - start, len(names)), np.float32)
+    names = [n for g in groups for n in g]
+    outs = [np.empty((stop - start, len(g)), np.float32) for g in groups]
     if not names:
-        return out
+        return outs
     picks = [raw.ch_names.index(n) for n in names]
+    bounds = np.cumsum([0] + [len(g) for g in groups])
     for a in range(start, stop, _READ_CHUNK):
         b = min(a + _READ_CHUNK, stop)
         chunk = raw.get_data(picks=picks, start=a, stop=b, units="uV", verbose="error")
@@ -250,8 +253,9 @@ def read_microvolts(raw, names, start: int, stop: int, source) -> np.ndarray:
                 f"channel {names[ch]} has NaN or infinite samples (first at "
                 f"{(a + t) / raw.info['sfreq']:.3f} s)",
             )
-        out[a - start : b - start] = chunk.T
-    return out
+        for out, lo, hi in zip(outs, bounds[:-1], bounds[1:]):
+            out[a - start : b - start] = chunk[lo:hi].T
+    return outs
 
 
 def check_no_gap(signal: np.ndarray, names, fs: float, offset_s: float, source) -> None:
@@ -386,8 +390,7 @@ def read_recording(
             f"{stop / fs:.3f} s ({short:.3f} s missing)",
         )
 
-    scalp_signal = read_microvolts(raw, scalp, start, stop, source)
-    ear_signal = read_microvolts(raw, ear, start, stop, source)
+    scalp_signal, ear_signal = read_microvolts(raw, [scalp, ear], start, stop, source)
     # Scalp and ear groups are checked separately: either group going flat as a whole means its
     # electrodes lost contact together, which no rejection of single electrodes can repair.
     check_no_gap(scalp_signal, scalp, fs, lights_off, source)

@@ -214,8 +214,7 @@ def read_psg(
         raise DataError(psg_path, "no scored epoch lies within the signal")
 
     stop = raw.n_times
-    scalp_signal = bids.read_microvolts(raw, scalp, start, stop, psg_path)
-    ear_signal = bids.read_microvolts(raw, ear, start, stop, psg_path)
+    scalp_signal, ear_signal = bids.read_microvolts(raw, [scalp, ear], start, stop, psg_path)
     bids.check_no_gap(scalp_signal[: labels.shape[0] * samples], scalp, fs, first, psg_path)
     bids.check_no_gap(ear_signal[: labels.shape[0] * samples], ear, fs, first, psg_path)
     raw.close()
