@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator
@@ -149,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # anything a reader did not wrap still gets one line
         print(f"error: {args.path}: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=args.indent))
+    try:
+        print(json.dumps(summary, indent=args.indent), flush=True)
+    except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")
     return 0
 
 
