@@ -69,15 +69,15 @@ def copy_sidecars(root, subject, *, epochs=None, sfreq=None):
 
 
 def make_night(root, subject="sub-001", *, epochs=3, sfreq=200.0, extra_seconds=2.0, seed=0,
-               separate_fdt=True, edit=None):
+               separate_fdt=True, edit=None, num_samples=None):
     """Sidecars of ``subject`` (scoring cut to ``epochs``) plus a noise signal covering Lights Off +
-    the scoring + ``extra_seconds``. ``edit(signal, names)`` may change the signal before writing.
-    Returns (set path, signal, channel names)."""
+    the scoring + ``extra_seconds``, or exactly ``num_samples`` long. ``edit(signal, names)`` may
+    change the signal before writing. Returns (set path, signal, channel names)."""
     prefix = copy_sidecars(root, subject, epochs=epochs, sfreq=None if sfreq == 200.0 else sfreq)
     names = [r["name"] for r in bids.read_tsv(pathlib.Path(f"{prefix}_channels.tsv"))]
     lights_off = bids.read_lights_off(pathlib.Path(f"{prefix}_events.tsv"))
     n_epochs = len(bids.read_scoring(pathlib.Path(f"{prefix}_acq-scoring_events.tsv")))
-    n = int(np.ceil((lights_off + n_epochs * 30.0 + extra_seconds) * sfreq))
+    n = num_samples or int(np.ceil((lights_off + n_epochs * 30.0 + extra_seconds) * sfreq))
     rng = np.random.default_rng(seed)
     signal = rng.standard_normal((n, len(names)), dtype=np.float32) * 20.0
     if edit is not None:
@@ -142,12 +142,12 @@ def test_reads_scored_span_from_lights_off_in_microvolts(tmp_path):
     assert rec.ear_channels == ("ELA", "ELE", "ELI", "ERA", "ERG", "ERE", "ERI",
                                 "ELB", "ELG", "ELK", "ERB", "ERK")
     assert rec.labels.tolist() == [1, 1, 2]
-    # Lights Off at 1.71 s is sample 342; the Recording holds exactly 3 epochs from there.
+    # Lights Off at 1.71 s: scoring starts at 1 s, sample 200; the Recording holds exactly 3 epochs.
     assert rec.num_samples == 3 * 6000
     c3 = rec.scalp[:, 0]
-    assert c3[0] == 342 and c3[-1] == (342 + 18000 - 1) % 8192
+    assert c3[0] == 200 and c3[-1] == (200 + 18000 - 1) % 8192
     ela = names.index("ELA")
-    np.testing.assert_allclose(rec.ear[:, 0], signal[342:342 + 18000, ela], rtol=1e-6)
+    np.testing.assert_allclose(rec.ear[:, 0], signal[200:200 + 18000, ela], rtol=1e-6)
     assert rec.scalp.dtype == np.float32 and rec.ear.dtype == np.float32
     assert rec.rejected_channels == frozenset()
 
@@ -156,7 +156,7 @@ def test_inline_set_from_eeglabio_reads_too(tmp_path):
     path, signal, names = make_night(tmp_path, "sub-005", epochs=2, separate_fdt=False)
     rec = bids.read_recording(path, rejected=("ERK",))
     assert rec.rejected_channels == {"ERK"}
-    start = int(round(1.71 * 200))
+    start = 200  # Lights Off 1.71 s, truncated to 1 s
     np.testing.assert_allclose(rec.scalp[:, 1], signal[start:start + 12000, names.index("O1")], rtol=1e-5)
 
 
@@ -166,18 +166,38 @@ def test_read_subject_from_root(tmp_path):
     assert rec.num_samples == 12000 and rec.source.endswith("sub-002_ses-001_task-sleep_eeg.set")
 
 
+def source_duration(subject):
+    """Seconds to the last sample of the subject's source EDF (sourcedata/.../recording_duration.tsv)."""
+    path = REAL / "sourcedata" / subject / "ses-001" / "recording_duration.tsv"
+    return float(path.read_text().split()[0])
+
+
 def test_all_nine_real_hypnograms_recovered_exactly(tmp_path):
-    # Whole nights at 1 Hz (the json copies say 1 Hz, so the rate check still holds): all 34 channels,
-    # ~32 MB in all, and every real epoch must come back with its stage.
+    # Whole nights at 1 Hz (the json copies say 1 Hz, so the rate check still holds), all 34 channels,
+    # ~32 MB in all; every real epoch must come back with its stage. Each signal is as long as the
+    # subject's source EDF, except sub-002/003 whose recorded durations (1 h) predate the dataset's
+    # fix of those two nights: they get Lights Off + scoring + 2 s.
     totals = dict.fromkeys(REAL_TOTALS, 0)
     for subject in SUBJECTS:
-        make_night(tmp_path, subject, epochs=None, sfreq=1.0)
+        length = None if subject in ("sub-002", "sub-003") else int(source_duration(subject)) + 1
+        make_night(tmp_path, subject, epochs=None, sfreq=1.0, num_samples=length)
     for subject in bids.list_subjects(tmp_path):
         rec = bids.read_subject(tmp_path, subject)
         assert rec.num_samples == rec.labels.shape[0] * 30
         for k, v in rec.stage_counts().items():
             totals[k] += v
     assert totals == REAL_TOTALS
+
+
+def test_sub_008_scoring_ends_exactly_at_the_last_sample_of_its_source_recording(tmp_path):
+    # 24011.995 s to the last sample at 200 Hz = 4,802,400 samples; written at 1 Hz to stay cheap
+    # (24,012 samples): from 1272 s (Lights Off 1272.58 s truncated) 758 epochs end at 24012 s.
+    path, _, _ = make_night(tmp_path, "sub-008", epochs=None, sfreq=1.0, num_samples=24012)
+    rec = bids.read_recording(path)
+    assert rec.labels.shape == (758,) and rec.num_samples == 758 * 30
+    make_night(tmp_path, "sub-008", epochs=None, sfreq=1.0, num_samples=24011)
+    with pytest.raises(DataError, match=r"scoring from 1272 s \(Lights Off at 1272\.58 s\).*\(1\.000 s missing\)"):
+        bids.read_recording(path)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -232,7 +252,7 @@ def test_one_dead_electrode_is_left_to_the_montage(tmp_path):
 
 def test_signal_shorter_than_scoring(tmp_path):
     path, signal, names = make_night(tmp_path, epochs=3)
-    write_eeglab(path, signal[: 342 + 3 * 6000 - 100], names, 200.0)
+    write_eeglab(path, signal[: 200 + 3 * 6000 - 100], names, 200.0)
     with pytest.raises(DataError, match=r"shorter than the scoring.*\(0\.500 s missing\)"):
         bids.read_recording(path)
 

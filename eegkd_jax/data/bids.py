@@ -18,15 +18,19 @@ How the scoring lines up with the signal (worked out from the nine subjects' sid
   Lights On 31201.71 s, exactly 1040 epochs), whereas counting from the recording start would leave
   up to two hours (sub-003: Lights Off at 7087.58 s) of unscored wake at the start and scored epochs
   after Lights On.
-* So scoring epoch ``i`` covers recording time ``[lights_off + 30 i, lights_off + 30 (i + 1))``. The
-  reader crops the signal to exactly that span, starting at the sample nearest to Lights Off (the
-  Lights Off times are whole samples at 200 Hz). What comes before Lights Off and after the last
-  scored epoch has no labels and is not returned.
+* The epoch grid starts at Lights Off truncated to the whole second: scoring epoch ``i`` covers
+  recording time ``[floor(lights_off) + 30 i, floor(lights_off) + 30 (i + 1))``. Only this fits
+  every night: sub-008 has Lights Off at 1272.58 s and 758 epochs, and its source EDF lasts
+  24011.995 s (``sourcedata/sub-008/ses-001/recording_duration.tsv``: the time of the last of
+  4,802,400 samples at 200 Hz). From 1272 s the scoring ends exactly at the last sample; from
+  1272.58 s its last epoch would run 0.58 s past the end of the recording. (A scoring tool that
+  keeps epoch times to the second would produce just this.) Elsewhere the two readings differ by
+  less than a second, at most 0.855 s over the nine nights.
+* The reader crops the signal to exactly the scored span. What comes before the first epoch and
+  after the last has no labels and is not returned.
 * ``RecordingDuration`` in ``*_eeg.json`` is ignored (it says 3607.995 s for nights of 8 h); the
-  length comes from the signal file, and a signal shorter than Lights Off plus the scoring is an
-  error. Caveat: if the real sub-008 signal ends at its "End of Study" (24009.995 s) or at the source
-  EDF's 24011.995 s, its last scored epoch (ending at 24012.58 s) is cut short by about half a second
-  and this reader refuses it rather than guess.
+  length comes from the signal file, and a signal shorter than the start plus the scoring is an
+  error.
 
 Staging codes (``*_acq-scoring_events.json``): 1=Wake 2=REM 3=N1 4=N2 5=N3 6=A 7=Artefact 8=Unscored.
 Ours: W=0 N1=1 N2=2 N3=3 REM=4, and -1 for 6, 7, 8. Any other code is an error.
@@ -166,7 +170,7 @@ def _column(path, rows, name):
 def read_scoring(path: str | pathlib.Path, epoch_seconds: float = EPOCH_SECONDS) -> np.ndarray:
     """(epochs,) int8 labels from an ``*_acq-scoring_events.tsv``.
 
-    Rows must be consecutive epochs: onsets 0, 30, 60, ... (relative to Lights Off, see module doc).
+    Rows must be consecutive epochs: onsets 0, 30, 60, ... (from Lights Off, see the module doc).
     """
     path = pathlib.Path(path)
     rows = read_tsv(path)
@@ -328,7 +332,8 @@ def read_recording(
       epoch_seconds: scoring epoch length.
 
     Returns:
-      A Recording whose sample 0 is Lights Off and whose length is exactly the scored epochs:
+      A Recording whose sample 0 is the start of the scoring (Lights Off truncated to the whole
+      second, see the module doc) and whose length is exactly the scored epochs:
       scalp (epochs * 30 * fs, n_scalp) and ear (epochs * 30 * fs, n_ear) float32 microvolts.
     """
     files = eeg_set if isinstance(eeg_set, BidsFiles) else BidsFiles.for_set(eeg_set)
@@ -376,7 +381,8 @@ def read_recording(
 
     if lights_off < 0:
         raise DataError(files.events_tsv, f"'Lights Off' at {lights_off:g} s, before the recording starts")
-    start = int(round(lights_off * fs))
+    first_epoch_s = math.floor(lights_off)
+    start = int(round(first_epoch_s * fs))
     epoch_samples = epoch_seconds * fs
     if not math.isclose(epoch_samples, round(epoch_samples)):
         raise DataError(source, f"{epoch_seconds:g}-s epochs are not whole samples at {fs:g} Hz")
@@ -385,16 +391,17 @@ def read_recording(
         short = (stop - raw.n_times) / fs
         raise DataError(
             source,
-            f"signal is shorter than the scoring: {raw.n_times / fs:.3f} s recorded, but Lights Off at "
-            f"{lights_off:g} s plus {labels.shape[0]} epochs of {epoch_seconds:g} s needs "
+            f"signal is shorter than the scoring: {raw.n_times / fs:.3f} s recorded, but scoring "
+            f"from {first_epoch_s:g} s (Lights Off at {lights_off:g} s) for {labels.shape[0]} "
+            f"epochs of {epoch_seconds:g} s needs "
             f"{stop / fs:.3f} s ({short:.3f} s missing)",
         )
 
     scalp_signal, ear_signal = read_microvolts(raw, [scalp, ear], start, stop, source)
     # Scalp and ear groups are checked separately: either group going flat as a whole means its
     # electrodes lost contact together, which no rejection of single electrodes can repair.
-    check_no_gap(scalp_signal, scalp, fs, lights_off, source)
-    check_no_gap(ear_signal, ear, fs, lights_off, source)
+    check_no_gap(scalp_signal, scalp, fs, start / fs, source)
+    check_no_gap(ear_signal, ear, fs, start / fs, source)
     raw.close()
 
     rejected = frozenset(rejected)
