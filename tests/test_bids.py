@@ -175,8 +175,8 @@ def source_duration(subject):
 def test_all_nine_real_hypnograms_recovered_exactly(tmp_path):
     # Whole nights at 1 Hz (the json copies say 1 Hz, so the rate check still holds), all 34 channels,
     # ~32 MB in all; every real epoch must come back with its stage. Each signal is as long as the
-    # subject's source EDF, except sub-002/003 whose recorded durations (1 h) predate the dataset's
-    # fix of those two nights: they get Lights Off + scoring + 2 s.
+    # subject's source EDF, except sub-002/003 whose recorded durations (1 h) contradict their 8-h
+    # scoring (the dataset's CHANGES mention a fix to those two nights): they get the scoring + 2 s.
     totals = dict.fromkeys(REAL_TOTALS, 0)
     for subject in SUBJECTS:
         length = None if subject in ("sub-002", "sub-003") else int(source_duration(subject)) + 1
