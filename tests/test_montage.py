@@ -120,6 +120,10 @@ def test_rejection_mask_combines_config_recording_and_auto():
     assert montage.rejection_mask(rec, cfg, auto=False) == {"ELI", "ELK"}
     assert montage.rejection_mask(rec, None, auto=False) == {"ELI"}
     assert montage.rejection_mask(rec, {"sub-003": "ERK"}, auto=False) == {"ELI", "ERK"}
+    reasons = montage.rejections(rec, cfg)
+    assert reasons["ELK"] == "listed in data.ear_rejections"
+    assert reasons["ELI"] == "marked bad by the recording"
+    assert reasons["ERE"].startswith("flat for 120.0 s")
     with pytest.raises(DataError, match=r"sub-003: ear_rejections names electrodes \['ELX'\]"):
         montage.rejection_mask(rec, {"sub-003": ("ELX",)})
 

@@ -115,6 +115,17 @@ def test_uses_configured_rejections_and_names_subject_when_a_side_is_empty():
     assert night.ear_names == ("L-R",)
 
 
+def test_rejections_are_logged(caplog):
+    rec = make_recording(seconds=60.0, subject="sub-002")
+    rec.ear[:, EAR.index("ERG")] *= 50.0
+    d = cfg()
+    d.auto_reject_ear = True
+    d.ear_rejections["sub-002"] = ("ELA",)
+    with caplog.at_level("INFO", logger="eegkd_jax.data.preprocess"):
+        preprocess.prepare_night(rec, d)
+    assert "sub-002: rejected ELA (listed in data.ear_rejections); ERG (noisy" in caplog.text
+
+
 def test_constant_derivation_cannot_be_scaled():
     x = np.zeros(100)
     with pytest.raises(DataError, match="sub-001: L-R has zero inter-quartile range"):

@@ -111,19 +111,22 @@ def auto_reject(
     return reasons
 
 
-def rejection_mask(
+def rejections(
     recording: Recording,
     ear_rejections: Mapping[str, Sequence[str]] | None = None,
     *,
     auto: bool = True,
-) -> frozenset[str]:
-    """All rejected electrodes of the night: config ∪ recording.rejected_channels ∪ auto-rejected.
+) -> dict[str, str]:
+    """Every rejected electrode of the night with why: config, recording, or auto-rejection.
 
     Args:
       recording: the night.
       ear_rejections: ``data_cfg.ear_rejections``, {subject: electrodes}; only this subject's entry
         is used. An electrode named there that the recording lacks is an error (likely a typo).
       auto: also apply ``auto_reject`` to the remaining ear electrodes.
+
+    Returns:
+      {electrode: reason}.
     """
     configured = (ear_rejections or {}).get(recording.subject, ())
     # A bare string ("ELK") would otherwise be split into letters.
@@ -134,10 +137,23 @@ def rejection_mask(
         raise DataError(
             recording.subject, f"ear_rejections names electrodes {unknown} that the recording lacks"
         )
-    rejected = set(configured) | set(recording.rejected_channels)
+    reasons = {n: "listed in data.ear_rejections" for n in configured}
+    for n in recording.rejected_channels:
+        reasons.setdefault(n, "marked bad by the recording")
     if auto:
-        rejected |= set(auto_reject(recording, already=rejected))
-    return frozenset(rejected)
+        reasons.update(auto_reject(recording, already=reasons))
+    return reasons
+
+
+def rejection_mask(
+    recording: Recording,
+    ear_rejections: Mapping[str, Sequence[str]] | None = None,
+    *,
+    auto: bool = True,
+) -> frozenset[str]:
+    """All rejected electrodes of the night: config ∪ recording.rejected_channels ∪ auto-rejected
+    (the keys of ``rejections``)."""
+    return frozenset(rejections(recording, ear_rejections, auto=auto))
 
 
 def _find_channel(recording: Recording, name: str) -> tuple[str, int] | None:

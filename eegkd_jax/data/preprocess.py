@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import logging
 import math
 
 import numpy as np
@@ -27,6 +28,8 @@ import scipy.signal
 
 from eegkd_jax.data import montage
 from eegkd_jax.data.recording import DataError, PairedNight, Recording
+
+logger = logging.getLogger(__name__)
 
 BUTTER_ORDER = 4  # per pass; filtfilt squares the magnitude response
 MAX_RESAMPLE_FACTOR = 1000  # up or down beyond this means a rate we should not silently approximate
@@ -148,7 +151,12 @@ def prepare_night(recording: Recording, data_cfg) -> PairedNight:
 
     rejections = data_cfg.ear_rejections
     rejections = rejections.to_dict() if hasattr(rejections, "to_dict") else dict(rejections or {})
-    rejected = montage.rejection_mask(recording, rejections, auto=bool(data_cfg.auto_reject_ear))
+    reasons = montage.rejections(recording, rejections, auto=bool(data_cfg.auto_reject_ear))
+    if reasons:
+        # Which electrodes a night lost, and why, belongs in the build log next to its shards.
+        listed = "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items()))
+        logger.info("%s: rejected %s", recording.subject, listed)
+    rejected = frozenset(reasons)
 
     channels = {}
     for group, specs in (("scalp", data_cfg.scalp_derivations), ("ear", data_cfg.ear_derivations)):
