@@ -1,4 +1,4 @@
-"""The simulator: determinism, hypnogram shape, electrodes, and that ear-EEG is harder than scalp."""
+"""The simulator: determinism, hypnogram shape, electrodes, and ear-EEG harder than scalp."""
 
 import numpy as np
 import pytest
@@ -35,7 +35,11 @@ def test_layout_units_and_dead_electrodes(short_night):
     assert r.scalp_channels == ("C3", "C4", "O1", "O2", "A1", "A2", "F3", "F4")
     assert r.ear_channels == simulate.EAR_CHANNELS
     assert r.sampling_rate == 200.0 and r.epoch_seconds == 30.0
-    assert r.labels.shape == (36,) and r.scalp.shape == (36 * 6000, 8) and r.ear.shape == (36 * 6000, 12)
+    assert (
+        r.labels.shape == (36,)
+        and r.scalp.shape == (36 * 6000, 8)
+        and r.ear.shape == (36 * 6000, 12)
+    )
     assert r.scalp.dtype == np.float32 and r.ear.dtype == np.float32
     # microvolts: raw common-reference EEG is tens of uV, not volts and not millivolts
     scalp_rms = np.sqrt(np.mean(np.square(r.scalp), axis=0))
@@ -112,7 +116,7 @@ def _band_powers(x: np.ndarray, epoch_samples: int, fs: float) -> np.ndarray:
 
 
 def _nearest_centroid_accuracy(train, test) -> float:
-    xs, ys = zip(*train)
+    xs, ys = zip(*train, strict=True)
     x, y = np.concatenate(xs), np.concatenate(ys)
     keep = y != UNSCORED
     x, y = x[keep], y[keep]
@@ -129,13 +133,21 @@ def test_ear_is_harder_than_scalp():
     """Log band powers of the derived channels -> nearest centroid, leave one night out: scalp is
     clearly better than ear, and both clearly beat always answering the majority stage."""
     cfg = data_config()
-    nights = [prepare_night(simulate.simulate_recording(s, seed=0, hours=1.0), cfg) for s in simulate.subject_ids(4)]
+    nights = [
+        prepare_night(simulate.simulate_recording(s, seed=0, hours=1.0), cfg)
+        for s in simulate.subject_ids(4)
+    ]
     feats = {
-        group: [(_band_powers(getattr(n, group), n.epoch_samples, n.sampling_rate), n.labels) for n in nights]
+        group: [
+            (_band_powers(getattr(n, group), n.epoch_samples, n.sampling_rate), n.labels)
+            for n in nights
+        ]
         for group in ("scalp", "ear")
     }
     acc = {
-        group: np.mean([_nearest_centroid_accuracy(f[:i] + f[i + 1 :], f[i]) for i in range(len(f))])
+        group: np.mean(
+            [_nearest_centroid_accuracy(f[:i] + f[i + 1 :], f[i]) for i in range(len(f))]
+        )
         for group, f in feats.items()
     }
     labels = np.concatenate([n.labels for n in nights])

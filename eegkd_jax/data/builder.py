@@ -7,15 +7,16 @@ the pipeline needs epoch i of a night at index i to assemble L-epoch sequences).
   ``scalp`` (S, n_scalp) float32, ``ear`` (S, n_ear) float32, ``label`` int32 (-1 = unscored),
   ``epoch`` int32 (its index in the night),
 
-S = epoch_seconds * sampling_rate. The files are ``array_record``, so the pipeline reads any epoch by
-index (``builder.as_data_source``) and can replay the same order from any step. The per-night
+S = epoch_seconds * sampling_rate. The files are ``array_record``, so the pipeline reads any epoch
+by index (``builder.as_data_source``) and can replay the same order from any step. The per-night
 labels, derivation names and sources are also stored in the dataset's ``metadata.json`` so that
 windows can be planned without reading the shards.
 
 Caching: the builder config name is ``<source>-<hash>``, the hash covering every data-config field
 that changes what is written (source, path, rate, derivations, rejections, filtering, scaling, the
 simulator's cohort) and ``FORMAT_VERSION``. A changed preprocessing config therefore lands in a new
-directory and is built afresh, while an unchanged one reuses the shards under ``data_cfg.cache_dir``.
+directory and is built afresh, while an unchanged one reuses the shards under
+``data_cfg.cache_dir``.
 
 Memory: splits are generated one after another and each generator loads its night only when TFDS
 starts writing that split, so at most the night being written (its raw recording briefly, then its
@@ -127,13 +128,19 @@ class EegkdCohort(tfds.core.GeneratorBasedBuilder):
         bytes_ = tfds.features.Encoding.BYTES  # raw float32 bytes: decoding is one frombuffer
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Paired scalp / ear-EEG 30-s epochs, one split per subject, in epoch order.",
-            features=tfds.features.FeaturesDict({
-                "scalp": tfds.features.Tensor(shape=(epoch_samples, n_scalp), dtype=np.float32, encoding=bytes_),
-                "ear": tfds.features.Tensor(shape=(epoch_samples, n_ear), dtype=np.float32, encoding=bytes_),
-                "label": tfds.features.Scalar(dtype=np.int32),
-                "epoch": tfds.features.Scalar(dtype=np.int32),
-            }),
+            description="Paired scalp / ear-EEG 30-s epochs, a split per subject, in epoch order.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "scalp": tfds.features.Tensor(
+                        shape=(epoch_samples, n_scalp), dtype=np.float32, encoding=bytes_
+                    ),
+                    "ear": tfds.features.Tensor(
+                        shape=(epoch_samples, n_ear), dtype=np.float32, encoding=bytes_
+                    ),
+                    "label": tfds.features.Scalar(dtype=np.int32),
+                    "epoch": tfds.features.Scalar(dtype=np.int32),
+                }
+            ),
             metadata=tfds.core.MetadataDict(),
             # Epoch i of a night must stay at index i.
             disable_shuffling=True,
@@ -146,7 +153,9 @@ class EegkdCohort(tfds.core.GeneratorBasedBuilder):
             raise DataError(self._data_cfg.path or self._data_cfg.source, "no subjects found")
         for subject in subjects:
             if not _SPLIT_NAME.match(subject):
-                raise DataError(subject, "subject ids must be letters, digits, '_' or '-' to name a split")
+                raise DataError(
+                    subject, "subject ids must be letters, digits, '_' or '-' to name a split"
+                )
         self.info.metadata["subjects"] = {}
         return {subject: self._generate_examples(subject) for subject in subjects}
 
@@ -157,28 +166,40 @@ class EegkdCohort(tfds.core.GeneratorBasedBuilder):
         night = _load_night(cfg, subject)
         meta = self.info.metadata
         expected = int(round(cfg.epoch_seconds * cfg.sampling_rate))
-        if night.epoch_samples != expected or float(night.sampling_rate) != float(cfg.sampling_rate):
+        if night.epoch_samples != expected or float(night.sampling_rate) != float(
+            cfg.sampling_rate
+        ):
             raise DataError(
                 night.source or subject,
-                f"prepared night has {night.epoch_samples} samples per epoch at {night.sampling_rate:g} Hz; "
+                f"prepared night has {night.epoch_samples} samples per epoch at "
+                f"{night.sampling_rate:g} Hz; "
                 f"the config asks for {expected} at {cfg.sampling_rate:g} Hz",
             )
         for key, names in (("scalp_names", night.scalp_names), ("ear_names", night.ear_names)):
             if key not in meta:
                 meta[key] = list(names)
             elif list(names) != meta[key]:
-                raise DataError(night.source or subject, f"{key} {list(names)} differ from the cohort's {meta[key]}")
+                raise DataError(
+                    night.source or subject,
+                    f"{key} {list(names)} differ from the cohort's {meta[key]}",
+                )
         meta["sampling_rate"] = float(night.sampling_rate)
         meta["epoch_samples"] = int(night.epoch_samples)
-        meta["subjects"][subject] = {"labels": night.labels.astype(int).tolist(), "source": night.source}
+        meta["subjects"][subject] = {
+            "labels": night.labels.astype(int).tolist(),
+            "source": night.source,
+        }
         s = night.epoch_samples
         for i in range(night.num_epochs):
-            yield i, {
-                "scalp": night.scalp[i * s : (i + 1) * s],
-                "ear": night.ear[i * s : (i + 1) * s],
-                "label": int(night.labels[i]),
-                "epoch": i,
-            }
+            yield (
+                i,
+                {
+                    "scalp": night.scalp[i * s : (i + 1) * s],
+                    "ear": night.ear[i * s : (i + 1) * s],
+                    "label": int(night.labels[i]),
+                    "epoch": i,
+                },
+            )
 
 
 def cohort_builder(data_cfg) -> EegkdCohort:

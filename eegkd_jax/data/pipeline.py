@@ -10,9 +10,9 @@ any epoch can be read by index. That is what makes the training order a pure fun
 * Pass p is ordered by ``numpy.random.default_rng([seed, p]).permutation``; step k of the run takes
   the global batch ``k % steps_per_epoch`` of pass ``k // steps_per_epoch`` (the last partial batch
   of a pass is dropped; the next pass reshuffles, so nothing is dropped for good). Hence starting at
-  ``start_step=k`` replays exactly what an uninterrupted run sees from step k, with no iterator state
-  to checkpoint. (``tf.data.Dataset.shuffle`` is not used for this reason: its buffer would have to
-  be checkpointed to resume.)
+  ``start_step=k`` replays exactly what an uninterrupted run sees from step k, with no iterator
+  state to checkpoint. (``tf.data.Dataset.shuffle`` is not used for this reason: its buffer would
+  have to be checkpointed to resume.)
 * Host p of P takes rows ``[p * b, (p + 1) * b)`` of each global batch, b = B / P: disjoint shares
   that together are the global batch.
 
@@ -50,7 +50,8 @@ class Cohort:
       subjects: sorted subject ids.
       num_epochs: subject -> number of 30-s epochs in its night.
       labels: subject -> (num_epochs,) int8 stages (-1 = unscored), from the shards' metadata.
-      scalp_names, ear_names: derivation names, e.g. ("A1-A2", "C3-O1", "C4-O2"), ("L-R", "L_E", "R_E").
+      scalp_names, ear_names: derivation names, e.g. ("A1-A2", "C3-O1", "C4-O2") and
+        ("L-R", "L_E", "R_E").
       sampling_rate: Hz. epoch_samples: samples per epoch (S).
       data_dir: where the shards live. built_now: whether ``prepare_cohort`` wrote them this time.
     """
@@ -75,7 +76,9 @@ class Cohort:
                 self._sources[subject] = self._builder.as_data_source(split=subject)
             return self._sources[subject]
 
-    def read_epochs(self, subject: str, epochs: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_epochs(
+        self, subject: str, epochs: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(len(epochs), S, n_scalp), (len(epochs), S, n_ear) float32 and (len(epochs),) int32."""
         items = self.source(subject).__getitems__([int(e) for e in epochs])
         scalp = np.stack([it["scalp"] for it in items]) if items else None
@@ -97,7 +100,8 @@ def prepare_cohort(data_cfg) -> Cohort:
         if num_epochs[s] != labels[s].shape[0]:
             raise DataError(
                 os.fspath(builder.data_dir),
-                f"split {s} holds {num_epochs[s]} epochs but its metadata lists {labels[s].shape[0]} labels; "
+                f"split {s} holds {num_epochs[s]} epochs but its metadata lists "
+                f"{labels[s].shape[0]} labels; "
                 "delete the directory to rebuild",
             )
     return Cohort(
@@ -129,7 +133,9 @@ def subject_splits(subjects: Sequence[str], data_cfg) -> Splits:
         chosen = tuple(getattr(data_cfg, name) or ())
         unknown = sorted(set(chosen) - set(ordered))
         if unknown:
-            raise ValueError(f"data.{name} lists {unknown}, which are not in the cohort {list(ordered)}")
+            raise ValueError(
+                f"data.{name} lists {unknown}, which are not in the cohort {list(ordered)}"
+            )
         return chosen
 
     test = explicit("test_subjects")
@@ -141,14 +147,17 @@ def subject_splits(subjects: Sequence[str], data_cfg) -> Splits:
     if validation:
         overlap = sorted(set(validation) & set(test))
         if overlap:
-            raise ValueError(f"subjects {overlap} are in both data.validation_subjects and the test split")
+            raise ValueError(
+                f"subjects {overlap} are in both data.validation_subjects and the test split"
+            )
     else:
         n = int(data_cfg.num_validation_subjects)
         validation = rest[len(rest) - n :] if n > 0 else ()
     train = tuple(s for s in rest if s not in validation)
     if not train:
         raise ValueError(
-            f"no training subjects left: {len(ordered)} subjects, validation {list(validation)}, test {list(test)}"
+            f"no training subjects left: {len(ordered)} subjects, validation {list(validation)}, "
+            f"test {list(test)}"
         )
     return Splits(train, tuple(sorted(validation)), tuple(sorted(test)))
 
@@ -181,7 +190,8 @@ def _host_share(global_batch_size: int, process_index: int, process_count: int) 
         raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
     if global_batch_size % process_count:
         raise ValueError(
-            f"global batch size {global_batch_size} does not divide across {process_count} processes"
+            f"global batch size {global_batch_size} does not divide across "
+            f"{process_count} processes"
         )
     return global_batch_size // process_count
 
@@ -198,8 +208,12 @@ def training_windows(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.nd
     for i, s in enumerate(subjects):
         labels = cohort.labels[s]
         if labels.shape[0] < seq_len:
-            raise DataError(s, f"night has {labels.shape[0]} epochs, fewer than sequence_length={seq_len}")
-        scored = np.convolve((labels != UNSCORED).astype(np.int64), np.ones(seq_len, np.int64), mode="valid")
+            raise DataError(
+                s, f"night has {labels.shape[0]} epochs, fewer than sequence_length={seq_len}"
+            )
+        scored = np.convolve(
+            (labels != UNSCORED).astype(np.int64), np.ones(seq_len, np.int64), mode="valid"
+        )
         starts = np.flatnonzero(scored > 0)
         rows.append(np.stack([np.full(starts.shape, i), starts], axis=1))
     windows = np.concatenate(rows).astype(np.int64)
@@ -208,7 +222,9 @@ def training_windows(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.nd
     return windows
 
 
-def steps_per_epoch(cohort: Cohort, subjects: Sequence[str], data_cfg, global_batch_size: int) -> int:
+def steps_per_epoch(
+    cohort: Cohort, subjects: Sequence[str], data_cfg, global_batch_size: int
+) -> int:
     """Global batches per pass over the training windows (at least 1; see the module docstring)."""
     n = training_windows(cohort, subjects, data_cfg).shape[0]
     return max(1, n // int(global_batch_size))
@@ -303,7 +319,9 @@ def train_batches(
         return _assemble(cohort, subjects, windows[chosen], seq_len)
 
     tf = _tf()
-    stream = _numpy_stream(make_batch, int(start_step), None, (tf.float32, tf.float32, tf.int32), data_cfg)
+    stream = _numpy_stream(
+        make_batch, int(start_step), None, (tf.float32, tf.float32, tf.int32), data_cfg
+    )
     for scalp, ear, labels in stream:
         yield {"scalp": scalp, "ear": ear, "labels": labels}
 
@@ -347,8 +365,12 @@ def eval_batches(
         positions = int(k) * global_batch_size + process_index * b + np.arange(b)
         valid = positions < m
         rows = sequences[np.minimum(positions, m - 1)]
-        scalp, ear, labels = _assemble(cohort, subjects, rows[valid], seq_len) if valid.any() else (None,) * 3
-        out_scalp = np.zeros((b, seq_len * cohort.epoch_samples, len(cohort.scalp_names)), np.float32)
+        scalp, ear, labels = (
+            _assemble(cohort, subjects, rows[valid], seq_len) if valid.any() else (None,) * 3
+        )
+        out_scalp = np.zeros(
+            (b, seq_len * cohort.epoch_samples, len(cohort.scalp_names)), np.float32
+        )
         out_ear = np.zeros((b, seq_len * cohort.epoch_samples, len(cohort.ear_names)), np.float32)
         out_labels = np.full((b, seq_len), UNSCORED, np.int32)
         if valid.any():
@@ -359,5 +381,14 @@ def eval_batches(
 
     tf = _tf()
     dtypes = (tf.float32, tf.float32, tf.int32, tf.int32, tf.int32, tf.bool)
-    for scalp, ear, labels, subject, epoch, valid in _numpy_stream(make_batch, 0, num_batches, dtypes, data_cfg):
-        yield {"scalp": scalp, "ear": ear, "labels": labels, "subject": subject, "epoch": epoch, "valid": valid}
+    for scalp, ear, labels, subject, epoch, valid in _numpy_stream(
+        make_batch, 0, num_batches, dtypes, data_cfg
+    ):
+        yield {
+            "scalp": scalp,
+            "ear": ear,
+            "labels": labels,
+            "subject": subject,
+            "epoch": epoch,
+            "valid": valid,
+        }

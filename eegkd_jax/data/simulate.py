@@ -13,11 +13,12 @@ same pair always gives the same night:
    (N1), muscle (wake, lowest in REM). Rhythms have a left and a right hemisphere version that are
    correlated but not equal, so a left-minus-right derivation still sees some of them.
 3. Electrodes: each raw channel is a weighted sum of the sources (a fixed topography: occipital
-   electrodes see alpha best, central ones spindles and vertex waves, frontal ones delta, K-complexes
-   and blinks, the ears horizontal eye movements) minus the common reference, plus per-electrode
-   noise and muscle. Ear electrodes sit close together and far from the cortex: they see the
-   cortical sources attenuated, nearly equally within one ear (so ear derivations cancel much of
-   them), with more noise, electrode pops, movement artefacts, and per subject the odd dead
+   electrodes see alpha best, central ones spindles and vertex waves, frontal ones delta,
+   K-complexes and blinks, the ears horizontal eye movements) minus the common reference, plus
+   per-electrode noise and muscle. Ear electrodes sit close together and far from the cortex:
+   they see the cortical sources attenuated, nearly equally within one ear (so ear derivations
+   cancel much of them), with more noise (including slow electrode-skin noise whose level wanders
+   with contact quality), electrode pops, movement artefacts, and per subject the odd dead
    electrode (flat, or disconnected and noisy), which is listed in ``Recording.rejected_channels``.
 
 Subjects differ in alpha and spindle frequency, amplitudes, ear coupling and noise, cycle length
@@ -183,7 +184,7 @@ def simulate_hypnogram(
     ends_min = np.cumsum([d for _, d in bouts]) * scale
     ends = np.round(ends_min * 60.0 / epoch_seconds).astype(np.int64)
     # stage of epoch i = the bout whose end lies after the epoch's centre
-    centres = (np.arange(num_epochs) + 0.5)
+    centres = np.arange(num_epochs) + 0.5
     hyp = stages[np.minimum(np.searchsorted(ends, centres), len(stages) - 1)].copy()
 
     per_min = 60.0 / epoch_seconds
@@ -218,13 +219,17 @@ def _per_second(table, stage_sec: np.ndarray, smooth_seconds: int = 5) -> np.nda
     values = np.asarray(table, dtype=np.float32)[stage_sec]
     if smooth_seconds > 1:
         kernel = np.ones(smooth_seconds, np.float32) / smooth_seconds
-        padded = np.pad(values, (smooth_seconds // 2, smooth_seconds - 1 - smooth_seconds // 2), "edge")
+        padded = np.pad(
+            values, (smooth_seconds // 2, smooth_seconds - 1 - smooth_seconds // 2), "edge"
+        )
         values = np.convolve(padded, kernel, mode="valid").astype(np.float32)
     return values
 
 
-def _bouts_mask(rng: np.random.Generator, allowed: np.ndarray, p_on: float, mean_s: float) -> np.ndarray:
-    """Per-second on/off process (e.g. eyes closed) with bouts of ~mean_s seconds, only where allowed."""
+def _bouts_mask(
+    rng: np.random.Generator, allowed: np.ndarray, p_on: float, mean_s: float
+) -> np.ndarray:
+    """Per-second on/off process (e.g. eyes closed): bouts of ~mean_s s, only where allowed."""
     n = allowed.shape[0]
     lengths = rng.geometric(1.0 / mean_s, size=max(4, int(2 * n / mean_s) + 4))
     states = rng.random(lengths.shape[0]) < p_on
@@ -254,7 +259,7 @@ def _spindle(rng, fs, traits) -> np.ndarray:
     freq = traits.spindle_hz + rng.normal(0.0, 0.6)
     # waxing-waning envelope: a raised-cosine window
     env = 0.5 - 0.5 * np.cos(2 * np.pi * t / dur)
-    return (rng.uniform(12.0, 30.0) * env * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi)))
+    return rng.uniform(12.0, 30.0) * env * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
 
 
 def _kcomplex(rng, fs) -> np.ndarray:
@@ -287,13 +292,16 @@ def _blink(rng, fs) -> np.ndarray:
     return rng.uniform(80.0, 200.0) * np.exp(-(((t - 0.2) / 0.07) ** 2))
 
 
-def _gains(traits: SubjectTraits, rng: np.random.Generator, columns: list) -> tuple[np.ndarray, np.ndarray]:
+def _gains(
+    traits: SubjectTraits, rng: np.random.Generator, columns: list
+) -> tuple[np.ndarray, np.ndarray]:
     """(n_sources, n_electrodes) gains for the electrodes, and (n_sources,) for the reference."""
     gains = np.zeros((len(columns), len(_CHANNELS)), np.float32)
     ref = np.zeros(len(columns), np.float32)
     # Within-ear differences are small (electrodes ~1 cm apart): the concha pair sees a little more.
     ear_jitter = {
-        name: (1.12 if name in _EAR_CONCHA else 0.92) * rng.uniform(0.93, 1.07) for name in EAR_CHANNELS
+        name: (1.12 if name in _EAR_CONCHA else 0.92) * rng.uniform(0.93, 1.07)
+        for name in EAR_CHANNELS
     }
     for e, name in enumerate(_CHANNELS):
         region = "ear" if name in EAR_CHANNELS else _REGION[name[0]]
@@ -307,17 +315,32 @@ def _gains(traits: SubjectTraits, rng: np.random.Generator, columns: list) -> tu
                     g *= 0.5 * (_IPSI + _CONTRA)
                 if region == "ear":
                     g *= traits.ear_coupling * ear_jitter[name]
-            elif kind == "eog_h":  # horizontal dipole: left-side electrodes positive for leftward gaze
+            elif (
+                kind == "eog_h"
+            ):  # horizontal dipole: left-side electrodes positive for leftward gaze
                 sign = 1.0 if side == "L" else -1.0
-                g = sign * {"frontal": 0.15, "central": 0.04, "occipital": 0.02, "mastoid": 0.25,
-                            "ear": 0.25 if name in _EAR_CONCHA else 0.2}[region]
+                g = (
+                    sign
+                    * {
+                        "frontal": 0.15,
+                        "central": 0.04,
+                        "occipital": 0.02,
+                        "mastoid": 0.25,
+                        "ear": 0.25 if name in _EAR_CONCHA else 0.2,
+                    }[region]
+                )
             elif kind == "eog_v":  # blinks and vertical movements: frontal, weak elsewhere
-                g = {"frontal": 0.5, "central": 0.15, "occipital": 0.03, "mastoid": 0.08,
-                     "ear": 0.1}[region]
+                g = {
+                    "frontal": 0.5,
+                    "central": 0.15,
+                    "occipital": 0.03,
+                    "mastoid": 0.08,
+                    "ear": 0.1,
+                }[region]
             else:
                 raise AssertionError(kind)
             gains[s, e] = g
-    for s, (kind, hemi) in enumerate(columns):
+    for s, (kind, _) in enumerate(columns):
         if kind in _TOPOGRAPHY:
             ref[s] = _TOPOGRAPHY[kind][_REGION_INDEX["reference"]] * 0.5 * (_IPSI + _CONTRA)
         elif kind == "eog_v":
@@ -344,7 +367,9 @@ def simulate_recording(
     """
     fs = float(sampling_rate)
     if fs <= 0 or fs != int(fs):
-        raise ValueError(f"sampling_rate must be a positive whole number of Hz, got {sampling_rate}")
+        raise ValueError(
+            f"sampling_rate must be a positive whole number of Hz, got {sampling_rate}"
+        )
     epoch_seconds = 30.0
     num_epochs = int(hours * 3600.0 // epoch_seconds)
     if num_epochs < 1:
@@ -358,14 +383,16 @@ def simulate_recording(
     stages = simulate_hypnogram(rng, num_epochs, traits, epoch_seconds)
     stage_sec = np.repeat(stages, int(epoch_seconds))
 
-    # ---- per-second amplitude envelopes -----------------------------------------------------------
+    # ---- per-second amplitude envelopes ------------------------------------------------------
     amp = traits.amplitude
     rhythm_env = {}
     for kind, table in _RHYTHM_UV.items():
         # Epochs of one stage are not all alike: each rhythm's amplitude wanders from epoch to
         # epoch, which is what makes N1/N2 and N2/N3 boundaries ambiguous in real recordings.
         jitter = np.repeat(np.exp(rng.normal(0.0, 0.3, num_epochs)), int(epoch_seconds))
-        rhythm_env[kind] = _per_second(np.asarray(table)[stage_sec] * jitter, np.arange(num_seconds)) * amp
+        rhythm_env[kind] = (
+            _per_second(np.asarray(table)[stage_sec] * jitter, np.arange(num_seconds)) * amp
+        )
     rhythm_env["delta"] *= traits.delta_gain
     eyes_closed = _bouts_mask(rng, stage_sec == W, traits.eyes_closed_fraction, 20.0)
     closed_env = _per_second(np.where(eyes_closed, 1.0, 0.0), np.arange(num_seconds), 3)
@@ -373,16 +400,27 @@ def simulate_recording(
     slow_eye_env = _per_second(_SLOW_EYE_UV, stage_sec, 9)
     muscle_env = _per_second(_MUSCLE, stage_sec, 3)
     # Wake muscle tone comes and goes (jaw clenching, swallowing, shifting).
-    muscle_env *= np.where((stage_sec == W) & (rng.random(num_seconds) < 0.15), 3.0, 1.0).astype(np.float32)
+    muscle_env *= np.where((stage_sec == W) & (rng.random(num_seconds) < 0.15), 3.0, 1.0).astype(
+        np.float32
+    )
 
-    # ---- source columns: rhythms (L/R), events, eye movements ---------------------------------------
+    # ---- source columns: rhythms (L/R), events, eye movements ---------------------------------
     rhythm_kinds = ["background", "delta", "theta", "alpha"]
     columns = [(k, h) for k in rhythm_kinds for h in ("L", "R")]
-    columns += [("spindle", "L"), ("spindle", "R"), ("kcomplex", None), ("vertex", None),
-                ("sawtooth", None), ("eog_h", None), ("eog_v", None)]
+    columns += [
+        ("spindle", "L"),
+        ("spindle", "R"),
+        ("kcomplex", None),
+        ("vertex", None),
+        ("sawtooth", None),
+        ("eog_h", None),
+        ("eog_v", None),
+    ]
     col = {c: i for i, c in enumerate(columns)}
     gains, ref_gain = _gains(traits, rng, columns)
-    raw_gains = gains - ref_gain[:, None]  # common reference: every channel minus the reference site
+    raw_gains = (
+        gains - ref_gain[:, None]
+    )  # common reference: every channel minus the reference site
 
     # Sparse events, placed by a per-second Poisson rate (phasic REM comes in bursts).
     phasic = _bouts_mask(rng, stage_sec == REM, 0.4, 15.0)
@@ -402,25 +440,55 @@ def simulate_recording(
             if kind == "spindle":
                 wave = _spindle(rng, fs, traits)
                 # spindles are bilateral with unequal sides
-                events.append(_Event(col[("spindle", "L")], start, (wave * rng.uniform(0.7, 1.2)).astype(np.float32)))
-                events.append(_Event(col[("spindle", "R")], start, (wave * rng.uniform(0.7, 1.2)).astype(np.float32)))
+                events.append(
+                    _Event(
+                        col[("spindle", "L")],
+                        start,
+                        (wave * rng.uniform(0.7, 1.2)).astype(np.float32),
+                    )
+                )
+                events.append(
+                    _Event(
+                        col[("spindle", "R")],
+                        start,
+                        (wave * rng.uniform(0.7, 1.2)).astype(np.float32),
+                    )
+                )
                 continue
             if kind == "saccade":
                 # a step in horizontal gaze; the eye position signal is built by integration below
-                events.append(_Event(col[("eog_h", None)], start, np.float32([rng.choice([-1, 1]) * rng.uniform(60, 200)])))
+                events.append(
+                    _Event(
+                        col[("eog_h", None)],
+                        start,
+                        np.float32([rng.choice([-1, 1]) * rng.uniform(60, 200)]),
+                    )
+                )
                 continue
-            wave = {"kcomplex": _kcomplex, "vertex": _vertex, "sawtooth": _sawtooth, "blink": _blink}[kind](rng, fs)
+            wave = {
+                "kcomplex": _kcomplex,
+                "vertex": _vertex,
+                "sawtooth": _sawtooth,
+                "blink": _blink,
+            }[kind](rng, fs)
             target = col[("eog_v", None)] if kind == "blink" else col[(kind, None)]
-            events.append(_Event(target, start, (wave * (amp if kind != "blink" else 1.0)).astype(np.float32)))
+            events.append(
+                _Event(target, start, (wave * (amp if kind != "blink" else 1.0)).astype(np.float32))
+            )
     events.sort(key=lambda ev: ev.start)
     event_starts = np.array([ev.start for ev in events], np.int64)
     max_event = max((ev.waveform.shape[0] for ev in events), default=1)
 
-    # Narrow-band filters run at half rate (all rhythms are below 16 Hz), states carried across chunks.
+    # Narrow-band filters run at half rate (all rhythms are below 16 Hz); their states carry over
+    # from chunk to chunk.
     decim = 2 if sps % 2 == 0 and fs >= 100 else 1
     fs_low = fs / decim
+
     def band(lo, hi):
-        return scipy.signal.butter(2, [lo, min(hi, 0.45 * fs_low)], btype="band", fs=fs_low, output="sos")
+        return scipy.signal.butter(
+            2, [lo, min(hi, 0.45 * fs_low)], btype="band", fs=fs_low, output="sos"
+        )
+
     filters = {
         "delta": band(0.5, 2.0),
         "theta": band(4.0, 7.0),
@@ -432,8 +500,13 @@ def simulate_recording(
     pink_a = np.array([1.0, -2.494956002, 2.017265875, -0.522189400])
     # Unit-variance scale of each filter, measured once on a white-noise probe.
     probe = rng.standard_normal(int(60 * fs_low))
-    norm = {k: 1.0 / np.std(scipy.signal.sosfilt(sos, probe)[int(10 * fs_low):]) for k, sos in filters.items()}
-    norm["background"] = 1.0 / np.std(scipy.signal.lfilter(pink_b, pink_a, probe)[int(10 * fs_low):])
+    norm = {
+        k: 1.0 / np.std(scipy.signal.sosfilt(sos, probe)[int(10 * fs_low) :])
+        for k, sos in filters.items()
+    }
+    norm["background"] = 1.0 / np.std(
+        scipy.signal.lfilter(pink_b, pink_a, probe)[int(10 * fs_low) :]
+    )
     zi = {k: np.zeros((sos.shape[0], 2, 2)) for k, sos in filters.items() if k != "slow_eye"}
     zi["slow_eye"] = np.zeros((filters["slow_eye"].shape[0], 1, 2))
     zi_pink = np.zeros((2, 3))
@@ -451,7 +524,7 @@ def simulate_recording(
     pool_size = 2 * chunk_samples + 1
     white_pool = rng.standard_normal(pool_size).astype(np.float32)
     pink_pool = scipy.signal.lfilter(pink_b, pink_a, rng.standard_normal(pool_size))
-    pink_pool = (pink_pool / pink_pool[int(10 * fs):].std()).astype(np.float32)
+    pink_pool = (pink_pool / pink_pool[int(10 * fs) :].std()).astype(np.float32)
     n_ch = len(_CHANNELS)
     n_scalp = len(SCALP_CHANNELS)
     regions = ["ear" if n in EAR_CHANNELS else _REGION[n[0]] for n in _CHANNELS]
@@ -489,7 +562,8 @@ def simulate_recording(
             np.multiply(up[0], env, out=src[col[(kind, "L")]])
             np.multiply(up[1], env, out=src[col[(kind, "R")]])
         slow, zi["slow_eye"] = scipy.signal.sosfilt(
-            filters["slow_eye"], rng.standard_normal((1, n_low)), axis=1, zi=zi["slow_eye"])
+            filters["slow_eye"], rng.standard_normal((1, n_low)), axis=1, zi=zi["slow_eye"]
+        )
         slow = _upsample((slow * norm["slow_eye"]).astype(np.float32), decim)[0]
         src[col[("eog_h", None)]] = slow * np.repeat(slow_eye_env[sec0:sec1], sps)
 
@@ -594,9 +668,13 @@ def _add_movement(rng, scalp, ear, start, length, fs) -> None:
     t = np.arange(n) / fs
     for arr, scale in ((scalp, 1.0), (ear, 2.5)):
         k = arr.shape[1]
-        swing = np.sin(2 * np.pi * rng.uniform(0.2, 1.0, k)[None, :] * t[:, None] + rng.uniform(0, 6.3, k))
+        swing = np.sin(
+            2 * np.pi * rng.uniform(0.2, 1.0, k)[None, :] * t[:, None] + rng.uniform(0, 6.3, k)
+        )
         burst = rng.standard_normal((n, k))
-        arr[a:b] += (scale * (rng.uniform(100, 400, k) * swing + rng.uniform(20, 60, k) * burst)).astype(np.float32)
+        arr[a:b] += (
+            scale * (rng.uniform(100, 400, k) * swing + rng.uniform(20, 60, k) * burst)
+        ).astype(np.float32)
 
 
 def _add_pops(rng, ear, fs, num_seconds) -> None:
@@ -609,7 +687,9 @@ def _add_pops(rng, ear, fs, num_seconds) -> None:
             if n <= 0:
                 continue
             step = rng.choice([-1.0, 1.0]) * rng.uniform(50.0, 300.0)
-            ear[start : start + n, c] += (step * np.exp(-np.arange(n) / (tau * fs))).astype(np.float32)
+            ear[start : start + n, c] += (step * np.exp(-np.arange(n) / (tau * fs))).astype(
+                np.float32
+            )
 
 
 def _kill_electrodes(rng, ear, fs) -> list[str]:
@@ -621,8 +701,12 @@ def _kill_electrodes(rng, ear, fs) -> list[str]:
     for name in dead:
         c = EAR_CHANNELS.index(name)
         if rng.random() < 0.5:
-            ear[:, c] = np.float32(rng.uniform(-50.0, 50.0)) + 0.01 * rng.standard_normal(ear.shape[0]).astype(np.float32)
+            ear[:, c] = np.float32(rng.uniform(-50.0, 50.0)) + 0.01 * rng.standard_normal(
+                ear.shape[0]
+            ).astype(np.float32)
         else:
             hum = rng.uniform(300.0, 800.0) * np.sin(2 * np.pi * 50.0 * t + rng.uniform(0, 6.3))
-            ear[:, c] = (hum + rng.uniform(150.0, 400.0) * rng.standard_normal(ear.shape[0])).astype(np.float32)
+            ear[:, c] = (
+                hum + rng.uniform(150.0, 400.0) * rng.standard_normal(ear.shape[0])
+            ).astype(np.float32)
     return dead
