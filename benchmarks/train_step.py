@@ -1,0 +1,187 @@
+"""Training-step throughput of our models: compile time and windows per second, as JSON lines.
+
+A step is the library's own ``eegkd_jax.train.steps`` step for the mode, jitted the way training
+jits it (``parallel.jit_train_step``): a 1-D ("data",) mesh over every device present, the batch
+sharded on it with ``NamedSharding``, parameters and optimiser state replicated, the old state
+donated. The optimiser is the original's Adam (lr 1e-3, b1 0.9, b2 0.999, eps 1e-9, weight decay
+1e-4 added to the gradient as L2), from ``configs/common.py``. The inputs are standard-normal
+(batch, L * 6000, 3) windows with labels in 0..4, made once so that only the step is timed.
+
+Usage (from the repository root):
+
+  python benchmarks/train_step.py --model all                 # batch 32, float32, both models
+  python benchmarks/train_step.py --model usleep --dtype bfloat16 --batch 64 --steps 50
+
+One JSON line per (model, mode): model, mode, batch, devices, device_kind, dtype, params,
+compile_s (lowering + XLA compilation of the step), steps, seconds (the timed steps),
+windows_per_s (= batch * L * steps / seconds; a window is one 30-s epoch), median_step_s,
+min_step_s, sequence_length, host, cpu, load_1min_before / load_1min_after (the numbers mean little
+on a shared machine without them), jax.
+
+Each mode is one function ``mode(model_cfg, args, mesh) -> (step, state, batch)`` registered in
+``MODES``; KD modes go beside ``supervised``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import common  # noqa: E402
+from eegkd_jax import models, parallel  # noqa: E402
+from eegkd_jax.train import state as state_lib  # noqa: E402
+from eegkd_jax.train import steps as steps_lib  # noqa: E402
+
+CHANNELS = 3
+SAMPLING_RATE = 200.0
+EPOCH_SECONDS = 30.0
+NUM_CLASSES = 5
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
+def model_config(name: str, dtype: str):
+    cfg = common.MODELS[name]()
+    cfg.dtype = dtype
+    return cfg
+
+
+def synthetic_batch(batch: int, sequence_length: int, seed: int) -> dict[str, np.ndarray]:
+    """Host batch with the pipeline's keys: "scalp" / "ear" (batch, L * S, 3), "labels" (batch, L)."""
+    rng = np.random.default_rng(seed)
+    samples = sequence_length * int(SAMPLING_RATE * EPOCH_SECONDS)
+    return {
+        "scalp": rng.standard_normal((batch, samples, CHANNELS), dtype=np.float32),
+        "ear": rng.standard_normal((batch, samples, CHANNELS), dtype=np.float32),
+        "labels": rng.integers(0, NUM_CLASSES, (batch, sequence_length), dtype=np.int32),
+    }
+
+
+def supervised(model_cfg, args, mesh):
+    """CE on the ear input, as a supervised ear baseline trains (the scalp run costs the same)."""
+    module = models.build_model(
+        model_cfg, in_channels=CHANNELS, sampling_rate=SAMPLING_RATE, epoch_seconds=EPOCH_SECONDS
+    )
+    opt_cfg = common.get_config().optimizer
+    tx = state_lib.make_optimizer(opt_cfg, total_steps=args.warmup + args.steps)
+    host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
+    input_shape = (1,) + host_batch["ear"].shape[1:]
+    init = functools.partial(models.init_variables, module, input_shape=input_shape)
+    # Created under jit straight into its replicated sharding, as the training loop does.
+    state = jax.jit(
+        lambda key: state_lib.create_state(key, init, tx),
+        out_shardings=parallel.replicated_sharding(mesh),
+    )(jax.random.key(args.seed))
+    step = functools.partial(steps_lib.supervised_step, model=module, tx=tx, input_key="ear")
+    return step, state, parallel.host_batch_to_global(host_batch, mesh)
+
+
+MODES = {"supervised": supervised}
+
+
+def measure(model_name: str, mode: str, args) -> dict:
+    """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns the record."""
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch_size(args.batch, mesh)
+    load_before = _load()
+    step, state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
+    params = models.count_params(state.params)
+
+    jitted = parallel.jit_train_step(step, mesh)
+    start = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    durations = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        durations.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"{model_name}/{mode}: non-finite loss {loss}")
+    seconds = float(sum(durations))
+    return {
+        "model": model_name,
+        "mode": mode,
+        "framework": "jax",
+        "batch": args.batch,
+        "sequence_length": args.sequence_length,
+        "devices": mesh.devices.size,
+        "device_kind": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "dtype": args.dtype,
+        "params": params,
+        "compile_s": round(compile_s, 3),
+        "steps": args.steps,
+        "seconds": round(seconds, 4),
+        "windows_per_s": round(args.batch * args.sequence_length * args.steps / seconds, 3),
+        "median_step_s": round(statistics.median(durations), 4),
+        "min_step_s": round(min(durations), 4),
+        "last_loss": round(loss, 5),
+        "host": socket.gethostname(),
+        "cpu": _cpu_name(),
+        "load_1min_before": load_before,
+        "load_1min_after": _load(),
+        "jax": jax.__version__,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("usleep", "cmt", "all"), default="all")
+    parser.add_argument("--mode", choices=tuple(MODES) + ("all",), default="supervised")
+    parser.add_argument("--batch", type=int, default=32, help="global batch (windows)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--sequence-length", type=int, default=1,
+                        help="epochs per example (U-Sleep only; the transformer takes 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.sequence_length < 1:
+        parser.error("--steps must be >= 1, --warmup >= 0, --sequence-length >= 1")
+    names = ("usleep", "cmt") if args.model == "all" else (args.model,)
+    if args.sequence_length != 1 and "cmt" in names:
+        parser.error("the cross-modal transformer classifies one epoch: use --sequence-length 1")
+    modes = tuple(MODES) if args.mode == "all" else (args.mode,)
+    for name in names:
+        for mode in modes:
+            print(json.dumps(measure(name, mode, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
