@@ -109,3 +109,26 @@ def test_bad_subject_id_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builder, "_list_subjects", lambda cfg: ["sub 01"])
     with pytest.raises(DataError, match="sub 01"):
         builder.build(tiny_cfg(tmp_path))
+
+
+def test_losing_a_build_race_reuses_the_winners_shards(tmp_path, monkeypatch):
+    """Hosts sharing a cache_dir may build at once; the one whose rename fails uses the result."""
+    original = builder.EegkdCohort.download_and_prepare
+
+    def built_by_someone_else_then_fail(self, **kwargs):
+        original(self, **kwargs)  # the other host's build lands ...
+        raise OSError("rename: directory exists")  # ... and ours then fails to move into place
+
+    monkeypatch.setattr(
+        builder.EegkdCohort, "download_and_prepare", built_by_someone_else_then_fail
+    )
+    cfg = tiny_cfg(tmp_path, subjects=2, hours=0.05)
+    b, built_now = builder.build(cfg)
+    assert not built_now and len(b.as_data_source(split="sim-02")) == 6
+
+    def fail(self, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(builder.EegkdCohort, "download_and_prepare", fail)
+    with pytest.raises(OSError, match="disk full"):
+        builder.build(tiny_cfg(tmp_path / "other", subjects=2, hours=0.05))

@@ -7,7 +7,7 @@ import pytest
 
 from configs.common import data_config
 from eegkd_jax.data import pipeline
-from eegkd_jax.data.recording import UNSCORED
+from eegkd_jax.data.recording import UNSCORED, DataError
 
 SUBJECTS = ("sim-01", "sim-02", "sim-03", "sim-04")
 
@@ -177,21 +177,22 @@ def test_host_shares_are_disjoint_and_cover_the_global_batch(cohort, cfg, proces
         assert len(set(rows)) == 8  # disjoint
 
 
-def test_batch_must_divide_across_processes(cohort, cfg):
+def test_bad_arguments_raise_when_called(cohort, cfg):
+    """Errors come at the call, not at the first next(), so a trainer fails before it starts."""
     with pytest.raises(ValueError, match="does not divide"):
-        next(
-            pipeline.train_batches(
-                cohort, SUBJECTS, cfg, global_batch_size=10, seed=0, process_count=4
-            )
-        )
+        pipeline.train_batches(cohort, SUBJECTS, cfg, global_batch_size=10, seed=0, process_count=4)
     with pytest.raises(ValueError, match="does not divide"):
-        next(pipeline.eval_batches(cohort, SUBJECTS, cfg, global_batch_size=6, process_count=4))
+        pipeline.eval_batches(cohort, SUBJECTS, cfg, global_batch_size=6, process_count=4)
     with pytest.raises(ValueError, match="process_index"):
-        next(
-            pipeline.eval_batches(
-                cohort, SUBJECTS, cfg, global_batch_size=8, process_index=2, process_count=2
-            )
+        pipeline.eval_batches(
+            cohort, SUBJECTS, cfg, global_batch_size=8, process_index=2, process_count=2
         )
+    with pytest.raises(ValueError, match="sim-07"):
+        pipeline.train_batches(cohort, ("sim-01", "sim-07"), cfg, global_batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="start_step"):
+        pipeline.train_batches(cohort, SUBJECTS, cfg, global_batch_size=8, seed=0, start_step=-1)
+    with pytest.raises(DataError, match="sequence_length=13"):
+        pipeline.train_batches(cohort, SUBJECTS, with_seq_len(cfg, 13), global_batch_size=8, seed=0)
 
 
 def test_eval_covers_every_epoch_once_with_padding(cohort, cfg, epoch_index):

@@ -217,9 +217,17 @@ def build(data_cfg) -> tuple[EegkdCohort, bool]:
     built_now = not builder.is_prepared()
     if built_now:
         tfds.disable_progress_bar()  # one bar per split floods logs and CI output
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
+        except Exception:
+            # Several processes sharing one cache_dir (hosts of a multi-host run) may all start
+            # building; TFDS writes into a private temporary directory and renames it into place,
+            # so the losers of that race fail at the rename. Finished shards are as good as ours.
+            if not cohort_builder(data_cfg).is_prepared():
+                raise
+            built_now = False
         # Re-open from disk so that what we return reads exactly what later runs will read.
         builder = cohort_builder(data_cfg)
     return builder, built_now

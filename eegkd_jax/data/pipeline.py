@@ -263,23 +263,30 @@ def _tf():
     return tf
 
 
-def _numpy_stream(make_batch, first: int, last: int | None, dtypes, data_cfg) -> Iterator[tuple]:
+# Batches assembled at once. Each one already reads its epochs through array_record's own thread
+# pool, so a few in flight keep the host busy; more would only hold more large batches in memory
+# (a batch of 32 sequences of 35 epochs is ~160 MB).
+_BATCHES_IN_FLIGHT = max(1, min(4, os.cpu_count() or 1))
+
+
+def _stream(make_batch, first: int, last: int | None, keys, dtypes, data_cfg) -> Iterator[dict]:
     """tf.data over batch numbers [first, last) (last None: forever), mapped through the numpy
-    function ``make_batch`` in parallel with order kept, then prefetched."""
+    function ``make_batch`` (which returns arrays in the order of ``keys``) in parallel with order
+    kept, then prefetched; yields dicts of numpy arrays."""
     tf = _tf()
     stop = np.iinfo(np.int64).max if last is None else last
     ds = tf.data.Dataset.range(first, stop)
     ds = ds.map(
-        lambda k: tf.numpy_function(make_batch, [k], dtypes, stateful=False),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        lambda k: tf.numpy_function(make_batch, [k], [getattr(tf, d) for d in dtypes]),
+        num_parallel_calls=_BATCHES_IN_FLIGHT,
         deterministic=True,
     )
     ds = ds.prefetch(max(1, int(data_cfg.prefetch)))
     options = tf.data.Options()
     options.deterministic = True
-    options.experimental_optimization.map_parallelization = True
     ds = ds.with_options(options)
-    return ds.as_numpy_iterator()
+    for arrays in ds.as_numpy_iterator():
+        yield dict(zip(keys, arrays, strict=True))
 
 
 def train_batches(
@@ -318,12 +325,15 @@ def train_batches(
         chosen = order[np.arange(first, first + b) % n]
         return _assemble(cohort, subjects, windows[chosen], seq_len)
 
-    tf = _tf()
-    stream = _numpy_stream(
-        make_batch, int(start_step), None, (tf.float32, tf.float32, tf.int32), data_cfg
+    # Not a generator itself, so that bad arguments raise here rather than at the first next().
+    return _stream(
+        make_batch,
+        int(start_step),
+        None,
+        ("scalp", "ear", "labels"),
+        ("float32", "float32", "int32"),
+        data_cfg,
     )
-    for scalp, ear, labels in stream:
-        yield {"scalp": scalp, "ear": ear, "labels": labels}
 
 
 def eval_sequences(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.ndarray:
@@ -379,16 +389,11 @@ def eval_batches(
         epoch = np.where(valid, rows[:, 1], 0).astype(np.int32)
         return out_scalp, out_ear, out_labels, subject, epoch, valid
 
-    tf = _tf()
-    dtypes = (tf.float32, tf.float32, tf.int32, tf.int32, tf.int32, tf.bool)
-    for scalp, ear, labels, subject, epoch, valid in _numpy_stream(
-        make_batch, 0, num_batches, dtypes, data_cfg
-    ):
-        yield {
-            "scalp": scalp,
-            "ear": ear,
-            "labels": labels,
-            "subject": subject,
-            "epoch": epoch,
-            "valid": valid,
-        }
+    return _stream(
+        make_batch,
+        0,
+        num_batches,
+        ("scalp", "ear", "labels", "subject", "epoch", "valid"),
+        ("float32", "float32", "int32", "int32", "int32", "bool"),
+        data_cfg,
+    )
