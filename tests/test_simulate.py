@@ -154,3 +154,20 @@ def test_ear_is_harder_than_scalp():
     majority = np.bincount(labels[labels >= 0]).max() / np.sum(labels >= 0)
     assert acc["scalp"] > acc["ear"] + 0.05, acc
     assert acc["ear"] > majority + 0.15, (acc, majority)
+
+
+@pytest.mark.parametrize("rate", [100.0, 125.0, 256.0])
+def test_other_sampling_rates(rate):
+    rec = simulate.simulate_recording("sim-01", seed=0, hours=0.05, sampling_rate=rate)
+    assert rec.sampling_rate == rate and rec.scalp.shape == (int(6 * 30 * rate), 8)
+    night = prepare_night(rec, data_config())  # resampled to the 200 Hz model rate
+    assert night.scalp.shape == (6 * 6000, 3) and night.ear.shape == (6 * 6000, 3)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="whole number"):
+        simulate.simulate_recording("sim-01", seed=0, hours=0.05, sampling_rate=100.5)
+    with pytest.raises(ValueError, match="shorter than one"):
+        simulate.simulate_recording("sim-01", seed=0, hours=0.001)
+    with pytest.raises(ValueError, match="at least one"):
+        simulate.subject_ids(0)
