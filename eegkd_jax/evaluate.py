@@ -1,0 +1,235 @@
+"""``evaluate_checkpoint(workdir, ...)``: score a trained run on whole held-out subjects and write
+its report.
+
+    workdir/checkpoints (orbax) + config.json ──restore──▶ model variables
+    prepare_cohort ──eval_batches (every epoch once)──▶ jitted sharded forward ──▶ probabilities
+    NightCollector ──▶ whole nights ──▶ metrics.evaluate_subjects ──▶ report.write_report
+                                                           + one hypnogram TSV per night
+
+The run's own saved config decides the data (source, preprocessing, splits, sequence length) and
+the model, so an evaluation always sees the inputs the model was trained on. Only the checkpoint
+(best validation kappa, latest, or a step), the split or an explicit subject list, and the batch
+size can be chosen.
+
+In KD runs (and online KD especially) the checkpoint also holds the scalp teacher; with
+``teacher=True`` it is scored on the same nights from scalp EEG and reported beside the student.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import metrics as metrics_lib
+from eegkd_jax import parallel
+from eegkd_jax import report as report_lib
+from eegkd_jax.train import steps as steps_lib
+
+SPLITS = ("train", "validation", "test")
+_PASSED_THROUGH = ("labels", "subject", "epoch", "valid")
+
+
+def _scored_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of the network in ``state.params`` (the scalp one for supervised :scalp runs)."""
+    if config.mode == "supervised" and steps_lib.student_input(config) == "scalp":
+        return config.teacher
+    return config.model
+
+
+def _variables(params: Any, batch_stats: Any) -> dict:
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    return variables
+
+
+def make_predict_fn(module, input_key: str, mesh):
+    """Jitted ``(variables, batch) -> {"probabilities": (B, L, 5) float32, labels, subject, epoch,
+    valid}``: variables replicated, the batch sharded on ``data``, the output replicated so every
+    host holds the whole global batch's predictions."""
+    replicated = parallel.replicated_sharding(mesh)
+
+    def predict(variables, batch):
+        logits, _ = module.apply(variables, batch[input_key], train=False)
+        out = {"probabilities": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)}
+        out.update({key: batch[key] for key in _PASSED_THROUGH})
+        return out
+
+    return jax.jit(
+        predict, in_shardings=(replicated, parallel.batch_sharding(mesh)), out_shardings=replicated
+    )
+
+
+def predict_nights(
+    predict_fn, variables, batches, input_key: str, collector: metrics_lib.NightCollector, mesh
+) -> None:
+    """Runs ``predict_fn`` over every batch and hands the global results to ``collector``."""
+    for host_batch in batches:
+        # Only what the forward pass needs goes to the devices (not the other modality).
+        needed = {key: host_batch[key] for key in (input_key, *_PASSED_THROUGH)}
+        out = jax.device_get(predict_fn(variables, parallel.host_batch_to_global(needed, mesh)))
+        probabilities = np.asarray(out["probabilities"], dtype=np.float64)
+        collector.add(
+            out["labels"],
+            probabilities.argmax(axis=-1),
+            out["subject"],
+            out["epoch"],
+            np.asarray(out["valid"], dtype=bool),
+            probabilities=probabilities,
+        )
+
+
+def _write(
+    out_dir: pathlib.Path,
+    collector: metrics_lib.NightCollector,
+    epoch_seconds: float,
+    metadata: dict,
+) -> dict[str, Any]:
+    results = collector.results()
+    nights = collector.hypnograms()
+    probabilities = collector.probabilities()
+    hypnograms = {
+        s: report_lib.Hypnogram(true, pred, epoch_seconds) for s, (true, pred) in nights.items()
+    }
+    report_lib.write_report(results, out_dir, hypnograms, metadata=metadata)
+    for subject, (_, predicted) in nights.items():
+        onsets = np.arange(predicted.size) * epoch_seconds
+        report_lib.write_hypnogram_tsv(
+            out_dir / "hypnograms" / f"{subject}.tsv",
+            onsets,
+            predicted,
+            probabilities[subject],
+            duration_s=epoch_seconds,
+        )
+    return results
+
+
+def evaluate_checkpoint(
+    workdir: str | pathlib.Path,
+    out_dir: str | pathlib.Path | None = None,
+    *,
+    checkpoint: str | int = "best",
+    split: str = "test",
+    subjects: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    teacher: bool = False,
+) -> dict[str, Any]:
+    """Scores a trained run on whole subjects and writes report.json / report.md / figures / TSVs.
+
+    Args:
+      workdir: the training run's directory (``<workdir>/checkpoints`` with its config.json).
+      out_dir: where the report goes; default ``<workdir>/eval/<split>-step<step>``.
+      checkpoint: "best" (highest validation kappa), "latest", or a step number.
+      split: "train", "validation" or "test" subjects of the run's own split; ignored when
+        ``subjects`` is given.
+      subjects: explicit subject ids to score instead of a split.
+      batch_size: global evaluation batch size (a multiple of the device count); default the
+        run's ``config.batch_size``.
+      teacher: also score the scalp teacher held in a KD checkpoint (its report goes to
+        ``out_dir/teacher``).
+
+    Returns:
+      ``metrics.evaluate_subjects`` output for the trained model, plus "step" (the checkpoint's),
+      "out_dir", and "teacher" (the teacher's results) when asked for.
+
+    Raises:
+      FileNotFoundError: no such run or checkpoint.
+      ValueError: unknown split, an empty subject list, subjects not in the cohort, or
+        ``teacher=True`` on a run without a teacher.
+    """
+    # Imported here so that importing this module stays cheap (TensorFlow, models).
+    from eegkd_jax.data import pipeline
+    from eegkd_jax.models import build_model
+
+    workdir = pathlib.Path(workdir).absolute()
+    config = ckpt_lib.load_config(workdir)
+    mesh = parallel.make_mesh()
+    batch_size = int(batch_size or config.batch_size)
+    parallel.check_global_batch_size(batch_size, mesh)
+
+    cohort = pipeline.prepare_cohort(config.data)
+    if subjects is None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        subjects = getattr(pipeline.subject_splits(cohort.subjects, config.data), split)
+        label = split
+    else:
+        label = "subjects"
+    subjects = tuple(subjects)
+    if not subjects:
+        raise ValueError(f"no subjects to evaluate (split {split!r} of {workdir} is empty)")
+    unknown = sorted(set(subjects) - set(cohort.subjects))
+    if unknown:
+        raise ValueError(f"subjects {unknown} are not in the cohort {list(cohort.subjects)}")
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+        step, state = checkpointer.restore_raw(checkpoint)
+    finally:
+        checkpointer.close()
+    out_dir = pathlib.Path(out_dir or workdir / "eval" / f"{label}-step{step}")
+    logging.info("evaluating %s step %d (%s) on %s", workdir, step, checkpoint, list(subjects))
+
+    input_key = steps_lib.student_input(config)
+    n_channels = {"scalp": len(cohort.scalp_names), "ear": len(cohort.ear_names)}
+    scored = [("", input_key, _scored_model_config(config), "params", "batch_stats")]
+    if teacher:
+        if state.get("teacher_params") is None:
+            raise ValueError(f"{workdir} ({config.mode}) holds no teacher to evaluate")
+        scored.append(("teacher", "scalp", config.teacher, "teacher_params", "teacher_batch_stats"))
+
+    results: dict[str, Any] = {}
+    for name, signal, model_cfg, params_key, stats_key in scored:
+        module = build_model(
+            model_cfg,
+            in_channels=n_channels[signal],
+            sampling_rate=cohort.sampling_rate,
+            epoch_seconds=config.data.epoch_seconds,
+        )
+        variables = parallel.replicate(
+            _variables(state[params_key], state.get(stats_key)), mesh
+        )
+        collector = metrics_lib.NightCollector(
+            {s: cohort.num_epochs[s] for s in subjects}, subjects, source=f"{workdir} step {step}"
+        )
+        batches = pipeline.eval_batches(
+            cohort, subjects, config.data, global_batch_size=batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        predict_nights(
+            make_predict_fn(module, signal, mesh), variables, batches, signal, collector, mesh
+        )
+        metadata = {
+            "workdir": str(workdir),
+            "checkpoint": checkpoint,
+            "step": int(step),
+            "mode": config.mode,
+            "model": model_cfg.name,
+            "input": signal,
+            "evaluated": label,
+            "subjects": list(subjects),
+            "data_source": config.data.source,
+            "sequence_length": int(config.data.sequence_length),
+        }
+        target = out_dir / name if name else out_dir
+        if jax.process_index() == 0:
+            scores = _write(target, collector, float(config.data.epoch_seconds), metadata)
+        else:
+            scores = collector.results()
+        logging.info("%s%s", f"{name}: " if name else "",
+                     metrics_lib.summary_line(scores["overall"]))
+        if name:
+            results[name] = scores
+        else:
+            results.update(scores)
+    results["step"] = int(step)
+    results["out_dir"] = str(out_dir)
+    return results

@@ -1,0 +1,186 @@
+"""evaluate_checkpoint and eval.py on a tiny hand-made run: the real pipeline on a small simulated
+cohort and a tiny U-Sleep whose checkpoints are written directly (scoring needs no training)."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from configs import supervised
+from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import evaluate, report
+from eegkd_jax.train import state as state_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SAMPLING_RATE = 8.0  # 240 samples per 30-s epoch keeps the model tiny
+
+
+def tiny_config(cache_dir):
+    config = supervised.get_config("ear,tiny")
+    config.data.sampling_rate = SAMPLING_RATE
+    config.data.cache_dir = str(cache_dir)
+    config.data.simulated.subjects = 3  # 1 train, 1 validation, 1 test
+    config.data.sequence_length = 5  # 24-epoch nights end in a padded partial sequence
+    return config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    # Compilation dominates these tests and they only run forward passes (the NaN-gradient caveat
+    # of this flag in tests/test_train.py concerns training), so skip XLA's optimisations.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fast_compiles):
+    """A workdir with two checkpoints: step 1 (validation kappa 0.5, the best) and step 2 (0.1)."""
+    from eegkd_jax.data import pipeline
+    from eegkd_jax.models import build_model, init_variables
+
+    root = tmp_path_factory.mktemp("eval")
+    config = tiny_config(root / "tfds")
+    cohort = pipeline.prepare_cohort(config.data)
+    module = build_model(config.model, in_channels=len(cohort.ear_names),
+                         sampling_rate=SAMPLING_RATE)
+    window = config.data.sequence_length * cohort.epoch_samples
+    tx = state_lib.make_optimizer(config.optimizer, 10)
+    state = jax.jit(lambda key: state_lib.create_state(
+        key, lambda k: init_variables(module, k, (1, window, len(cohort.ear_names))), tx))(
+        jax.random.PRNGKey(0))
+    workdir = root / "run"
+    ckpt_lib.save_config(config, workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=5)
+    saved = {}
+    for step, kappa in ((1, 0.5), (2, 0.1)):
+        # Different weights per step, so the wrong checkpoint would give different predictions.
+        params = jax.tree.map(lambda p, s=step: p * (1.0 + 0.5 * s), state.params)
+        saved[step] = state.replace(step=state.step + step, params=params)
+        checkpointer.save(saved[step], metrics={"kappa": kappa})
+    checkpointer.close()
+    return config, cohort, module, workdir, saved
+
+
+def direct_predictions(config, cohort, module, state, subject):
+    """The subject's night predicted without sharding or the collector, for comparison."""
+    from eegkd_jax.data import pipeline
+
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    apply = jax.jit(lambda v, x: module.apply(v, x, train=False)[0].argmax(-1))
+    night = np.full(cohort.num_epochs[subject], -1)
+    for batch in pipeline.eval_batches(cohort, (subject,), config.data, global_batch_size=8):
+        predicted = np.asarray(apply(variables, batch["ear"]))
+        for row in np.flatnonzero(batch["valid"]):
+            start = batch["epoch"][row]
+            stop = min(start + predicted.shape[1], night.size)
+            night[start:stop] = predicted[row, : stop - start]
+    return night
+
+
+def test_evaluate_best_checkpoint_on_test_split(run, tmp_path):
+    config, cohort, module, workdir, saved = run
+    results = evaluate.evaluate_checkpoint(workdir, tmp_path / "out")
+    assert results["step"] == 1  # the best validation kappa, not the latest
+    (test_subject,) = results["per_subject"]
+    assert test_subject == cohort.subjects[-1]
+    labels = cohort.labels[test_subject]
+    assert results["overall"]["num_epochs"] == int(np.sum(labels != -1))
+
+    out = tmp_path / "out"
+    for name in ("report.json", "report.md", "confusion_matrix.png",
+                 f"hypnograms/{test_subject}.png", f"hypnograms/{test_subject}.tsv"):
+        assert (out / name).is_file(), name
+    loaded = json.loads((out / "report.json").read_text())
+    assert loaded["overall"] == results["overall"]
+    assert loaded["metadata"]["step"] == 1 and loaded["metadata"]["input"] == "ear"
+
+    tsv = out / "hypnograms" / f"{test_subject}.tsv"
+    onsets, stages, probabilities = report.read_hypnogram_tsv(tsv)
+    assert stages.size == cohort.num_epochs[test_subject]
+    np.testing.assert_allclose(onsets, 30.0 * np.arange(stages.size))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+    # The sharded, collected predictions are the model's own, epoch for epoch.
+    expected = direct_predictions(config, cohort, module, saved[1], test_subject)
+    np.testing.assert_array_equal(stages, expected)
+
+
+def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
+    config, cohort, module, workdir, saved = run
+    subjects = cohort.subjects[:2]
+    results = evaluate.evaluate_checkpoint(workdir, tmp_path / "latest", checkpoint="latest",
+                                           subjects=subjects)
+    assert results["step"] == 2 and list(results["per_subject"]) == sorted(subjects)
+    tsv = tmp_path / "latest" / "hypnograms" / f"{subjects[0]}.tsv"
+    _, stages, _ = report.read_hypnogram_tsv(tsv)
+    expected = direct_predictions(config, cohort, module, saved[2], subjects[0])
+    np.testing.assert_array_equal(stages, expected)
+
+    with pytest.raises(ValueError, match="not in the cohort"):
+        evaluate.evaluate_checkpoint(workdir, tmp_path / "x", subjects=["sim-99"])
+    with pytest.raises(ValueError, match="no teacher"):
+        evaluate.evaluate_checkpoint(workdir, tmp_path / "x", teacher=True)
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        evaluate.evaluate_checkpoint(workdir, tmp_path / "x", checkpoint=7)
+    with pytest.raises(FileNotFoundError, match="no saved config"):
+        evaluate.evaluate_checkpoint(tmp_path / "nothing-here")
+
+
+def test_eval_cli(run, tmp_path, capsys):
+    _, _, _, workdir, _ = run
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    spec = importlib.util.spec_from_file_location("eval_main", ROOT / "eval.py")
+    eval_main = importlib.util.module_from_spec(spec)
+    out = tmp_path / "cli"
+    try:
+        spec.loader.exec_module(eval_main)
+        eval_main.FLAGS([
+            "eval.py", f"--workdir={workdir}", f"--out_dir={out}", "--split=validation",
+            "--checkpoint=2",
+        ])
+        eval_main.main(["eval.py"])
+    finally:
+        # Leave absl's global flags as we found them (train.py defines some of the same names).
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+    printed = capsys.readouterr().out
+    assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
+    assert (out / "report.md").is_file()
+
+
+def test_kd_checkpoint_scores_student_and_teacher(run, tmp_path):
+    config, cohort, module, _, _ = run
+    from eegkd_jax.models import build_model, init_variables
+
+    kd = config.copy_and_resolve_references()
+    kd.mode = "online_kd"
+    teacher = build_model(kd.teacher, in_channels=len(cohort.scalp_names),
+                          sampling_rate=SAMPLING_RATE)
+    window = kd.data.sequence_length * cohort.epoch_samples
+    tx = state_lib.make_optimizer(kd.optimizer, 10)
+    state = jax.jit(lambda key: state_lib.create_state(
+        key, lambda k: init_variables(module, k, (1, window, len(cohort.ear_names))), tx,
+        init_teacher=lambda k: init_variables(teacher, k, (1, window, len(cohort.scalp_names))),
+        teacher_tx=tx))(jax.random.PRNGKey(1))
+    workdir = tmp_path / "kd"
+    ckpt_lib.save_config(kd, workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir)
+    checkpointer.save(state.replace(step=state.step + 3))
+    checkpointer.close()
+
+    results = evaluate.evaluate_checkpoint(workdir, tmp_path / "kd-out", teacher=True)
+    assert results["step"] == 3  # no checkpoint has metrics, so "best" is the latest
+    student_report = json.loads((tmp_path / "kd-out" / "report.json").read_text())
+    teacher_report = json.loads((tmp_path / "kd-out" / "teacher" / "report.json").read_text())
+    assert student_report["metadata"]["input"] == "ear"
+    assert teacher_report["metadata"]["input"] == "scalp"
+    assert teacher_report["overall"] == results["teacher"]["overall"]
+    # Same nights, so the same scored epochs, but a different network and input.
+    assert teacher_report["overall"]["num_epochs"] == student_report["overall"]["num_epochs"]
