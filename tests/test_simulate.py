@@ -171,3 +171,30 @@ def test_bad_arguments():
         simulate.simulate_recording("sim-01", seed=0, hours=0.001)
     with pytest.raises(ValueError, match="at least one"):
         simulate.subject_ids(0)
+
+
+def test_stage_signatures_in_the_derivations():
+    """The textbook signs, measured on C3-O1 in microvolts: big slow waves in N3, spindle-band
+    power in N2, alpha and muscle in wake, muscle lowest in REM; the ear sees less of everything."""
+    cfg = data_config()
+    cfg.preprocess.scaling = "none"  # keep microvolts
+    night = prepare_night(simulate.simulate_recording("sim-05", seed=1, hours=2.0), cfg)
+    epochs = night.scalp[:, 1].reshape(-1, night.epoch_samples)  # C3-O1
+    power = _band_powers(night.scalp[:, 1:2], night.epoch_samples, night.sampling_rate)
+    delta, _, _, alpha, sigma, beta = power.T
+
+    def mean(values, stage):
+        return values[night.labels == stage].mean()
+
+    assert mean(delta, N3) > mean(delta, N2) + 1.0 > mean(delta, W) + 1.0  # log power: e-fold gaps
+    assert mean(sigma, N2) > max(mean(sigma, W), mean(sigma, REM))
+    assert mean(alpha, W) > max(mean(alpha, N2), mean(alpha, N3))
+    assert mean(beta, W) > mean(beta, REM)
+    # high-amplitude delta: a typical N3 epoch swings well over 75 uV peak to peak
+    swing = np.ptp(epochs[night.labels == N3], axis=1)
+    assert np.median(swing) > 75.0, np.median(swing)
+    # the ear's view of the same slow waves is a fraction of the scalp's
+    n3 = night.labels == N3
+    ear_n3 = np.median(night.ear[:, 0].reshape(-1, night.epoch_samples)[n3].std(axis=1))
+    scalp_n3 = np.median(epochs[n3].std(axis=1))
+    assert ear_n3 < 0.4 * scalp_n3, (ear_n3, scalp_n3)
