@@ -436,9 +436,17 @@ class NightCollector:
             if self._seen[name][first:stop].any():
                 again = first + int(np.flatnonzero(self._seen[name][first:stop])[0])
                 raise DataError(self.source, f"{name}: epoch {again} was evaluated twice")
+            night_preds = preds[row, : stop - first]
+            if ((night_preds < 0) | (night_preds >= self.num_classes)).any():
+                # Unscored epochs are still real epochs of the night: their predictions are drawn.
+                raise DataError(
+                    self.source,
+                    f"{name}: predictions {np.unique(night_preds).tolist()} near epoch {first} "
+                    f"are outside 0..{self.num_classes - 1}",
+                )
             self._seen[name][first:stop] = True
             self._true[name][first:stop] = labels[row, : stop - first]
-            self._pred[name][first:stop] = preds[row, : stop - first]
+            self._pred[name][first:stop] = night_preds
             if probs is not None:
                 self._probs[name][first:stop] = probs[row, : stop - first]
 

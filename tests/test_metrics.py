@@ -324,6 +324,13 @@ def test_night_collector_catches_lost_and_repeated_epochs():
         metrics.NightCollector({"s": 3}).add([[0]], [[0]], [1], [0], [True])
     with pytest.raises(DataError, match="prediction 6"):
         metrics.NightCollector({"s": 3}).add([[0]], [[6]], [0], [0], [True])
+    with pytest.raises(DataError, match=r"predictions \[-1\] near epoch 2"):
+        metrics.NightCollector({"s": 3}).add([[-1]], [[-1]], [0], [2], [True])
+    # ...but padding past the night's end may hold anything.
+    padded = metrics.NightCollector({"s": 3})
+    padded.add([[1, 2, -1, -1]], [[1, 2, 3, 9]], [0], [1], [True])
+    padded.add([[0]], [[0]], [0], [0], [True])
+    assert padded.hypnograms()["s"][1].tolist() == [0, 1, 2]
     with pytest.raises(DataError, match="some batches but not others"):
         c = metrics.NightCollector({"s": 3})
         c.add([[0]], [[0]], [0], [0], [True], np.full((1, 1, 5), 0.2))
