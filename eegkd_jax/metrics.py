@@ -223,7 +223,8 @@ def _subject_keys(subject_ids: np.ndarray, subject_names: Sequence[str] | None, 
             raise DataError(
                 source, f"subject indices {bad} are outside 0..{len(subject_names) - 1}"
             )
-        keys = {sid: str(subject_names[int(sid)]) for sid in distinct}
+        # Every named subject is listed, even one with no epochs here: nothing drops silently.
+        keys = {index: str(name) for index, name in enumerate(subject_names)}
     if len(set(keys.values())) != len(keys):
         raise DataError(source, f"subject ids {sorted(keys.values())} collide as strings")
     return keys
@@ -245,7 +246,8 @@ def evaluate_subjects(
       y_pred: (epochs,) integer predictions, the same shape.
       subject_ids: (epochs,) the subject of each epoch: strings such as "sub-001", or integer
         indices into ``subject_names`` (as ``eval_batches`` yields them).
-      subject_names: optional names for integer subject indices.
+      subject_names: optional names for integer subject indices; every named subject appears in
+        ``per_subject``, with ``num_epochs`` 0 if it has no epochs here.
       num_classes: number of stages.
       source: names the input in error messages.
 

@@ -222,6 +222,10 @@ def test_evaluate_subjects_with_integer_indices_and_unscored_subject():
     assert result["per_subject"]["s-b"]["num_epochs"] == 0  # listed, not dropped
     assert result["across_subjects"]["kappa"]["count"] == 2
     assert result["overall"]["num_epochs"] == 4
+    listed = metrics.evaluate_subjects(y_true, y_pred, subject, subject_names=("a", "b", "c", "d"))
+    assert listed["per_subject"]["d"]["num_epochs"] == 0
+    with pytest.raises(DataError, match="collide"):
+        metrics.evaluate_subjects(y_true, y_pred, subject, subject_names=("a", "b", "a"))
     with pytest.raises(DataError, match="outside 0..1"):
         metrics.evaluate_subjects(y_true, y_pred, subject, subject_names=("s-a", "s-b"))
     with pytest.raises(DataError, match="one per epoch"):
