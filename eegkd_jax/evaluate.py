@@ -17,7 +17,6 @@ In KD runs (and online KD especially) the checkpoint also holds the scalp teache
 
 from __future__ import annotations
 
-import logging
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import metrics as metrics_lib
