@@ -576,7 +576,10 @@ def write_report(
         night = hypnograms[subject]
         if not isinstance(night, Hypnogram):
             true, predicted = night
-            night = Hypnogram(np.asarray(true), np.asarray(predicted))
+            try:
+                night = Hypnogram(np.asarray(true), np.asarray(predicted))
+            except DataError as err:
+                raise DataError(f"hypnogram of {subject}", err.problem) from None
         name = _figure_name(str(subject))
         if name in seen_files:
             raise ValueError(f"subjects {seen_files[name]!r} and {subject!r} share figure {name}")

@@ -212,7 +212,7 @@ def test_write_report_rejects_bad_arguments(evaluation, tmp_path):
     with pytest.raises(ValueError, match="share figure"):
         twins = {"s/1": nights["sub-001"], "s_1": nights["sub-001"]}
         report.write_report(results, tmp_path / "b", twins)
-    with pytest.raises(DataError, match="shape"):
+    with pytest.raises(DataError, match="hypnogram of s: .*shape"):
         report.write_report(results, tmp_path / "c", {"s": (np.zeros(3, int), np.zeros(4, int))})
     # Inputs are checked before anything is written.
     assert not any(tmp_path.iterdir())
