@@ -10,7 +10,7 @@ start.
 from __future__ import annotations
 
 import json
-import logging
+from absl import logging
 import pathlib
 from typing import Any
 

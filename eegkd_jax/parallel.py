@@ -9,7 +9,7 @@ into one global array. Under ``jax.jit`` with these shardings XLA inserts the gr
 
 from __future__ import annotations
 
-import logging
+from absl import logging
 import os
 from typing import Any, Mapping, Sequence
 

@@ -1,0 +1,315 @@
+"""train_and_evaluate end to end on tiny configs: one step of each mode, exact resume after SIGKILL,
+stop on a non-finite loss, offline KD / transfer from a trained teacher, and the train.py CLI.
+
+Most tests feed the loop from ``FakePipeline``, an in-memory implementation of the pipeline
+contract (same functions, same batch dicts, batches a function of (seed, step) only), so they test
+the loop and not TFDS; ``test_real_pipeline_one_step`` runs the real pipeline once.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+SAMPLING_RATE = 8.0  # 240 samples per 30-s epoch keeps the models tiny
+
+
+@dataclasses.dataclass
+class FakeCohort:
+    subjects: tuple
+    num_epochs: dict
+    scalp_names: tuple = ("A1-A2", "C3-O1", "C4-O2")
+    ear_names: tuple = ("L-R", "L_E", "R_E")
+    sampling_rate: float = SAMPLING_RATE
+    epoch_samples: int = int(SAMPLING_RATE * 30)
+    nights: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FakeSplits:
+    train: tuple
+    validation: tuple
+    test: tuple
+
+
+class FakePipeline:
+    """In-memory stand-in for eegkd_jax.data.pipeline (see the shared contract)."""
+
+    @staticmethod
+    def prepare_cohort(data_cfg):
+        subjects = tuple(f"sub-{i:03d}" for i in range(1, data_cfg.simulated.subjects + 1))
+        cohort = FakeCohort(subjects, {})
+        for i, subject in enumerate(subjects):
+            rng = np.random.default_rng(100 + i)
+            n = 12 + 2 * i
+            labels = rng.integers(0, 5, n).astype(np.int32)
+            labels[rng.random(n) < 0.15] = -1
+            t = np.arange(n * cohort.epoch_samples) / SAMPLING_RATE
+            freq = 0.5 + np.repeat(np.maximum(labels, 0), cohort.epoch_samples) * 0.6
+            base = np.sin(2 * np.pi * freq * t)[:, None]
+            scalp = base + 0.3 * rng.normal(size=(t.size, 3))
+            ear = 0.6 * base + 0.8 * rng.normal(size=(t.size, 3))
+            cohort.nights[subject] = (scalp.astype(np.float32), ear.astype(np.float32), labels)
+            cohort.num_epochs[subject] = n
+        return cohort
+
+    @staticmethod
+    def subject_splits(subjects, data_cfg):
+        subjects = tuple(sorted(subjects))
+        nv, nt = data_cfg.num_validation_subjects, data_cfg.num_test_subjects
+        return FakeSplits(subjects[: len(subjects) - nv - nt],
+                          subjects[len(subjects) - nv - nt: len(subjects) - nt],
+                          subjects[len(subjects) - nt:])
+
+    @staticmethod
+    def _sequences(cohort, subjects, seq_len):
+        return [(s, e) for s in subjects for e in range(0, cohort.num_epochs[s] - seq_len + 1)]
+
+    @staticmethod
+    def _example(cohort, subject, first, seq_len):
+        scalp, ear, labels = cohort.nights[subject]
+        lo, hi = first * cohort.epoch_samples, (first + seq_len) * cohort.epoch_samples
+        lab = labels[first:first + seq_len]
+        pad = seq_len - lab.size
+        if pad:
+            width = pad * cohort.epoch_samples
+            return (np.pad(scalp[lo:hi], ((0, width), (0, 0))), np.pad(ear[lo:hi], ((0, width), (0, 0))),
+                    np.pad(lab, (0, pad), constant_values=-1))
+        return scalp[lo:hi], ear[lo:hi], lab
+
+    @classmethod
+    def steps_per_epoch(cls, cohort, subjects, data_cfg, global_batch_size):
+        return max(1, len(cls._sequences(cohort, subjects, data_cfg.sequence_length)) // global_batch_size)
+
+    @classmethod
+    def train_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, seed, start_step=0,
+                      process_index=0, process_count=1):
+        seq_len = data_cfg.sequence_length
+        items = cls._sequences(cohort, subjects, seq_len)
+        per_pass = max(1, len(items) // global_batch_size)
+        b = global_batch_size // process_count
+        step = start_step
+        while True:
+            order = np.random.default_rng([seed, step // per_pass]).permutation(len(items))
+            chosen = order[(step % per_pass) * global_batch_size:][:global_batch_size]
+            chosen = chosen[process_index * b:(process_index + 1) * b]
+            parts = [cls._example(cohort, *items[j], seq_len) for j in chosen]
+            yield {"scalp": np.stack([p[0] for p in parts]), "ear": np.stack([p[1] for p in parts]),
+                   "labels": np.stack([p[2] for p in parts]).astype(np.int32)}
+            step += 1
+
+    @classmethod
+    def eval_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, process_index=0,
+                     process_count=1):
+        seq_len = data_cfg.sequence_length
+        items = [(i, s, e) for i, s in enumerate(subjects)
+                 for e in range(0, cohort.num_epochs[s], seq_len)]
+        n_batches = -(-len(items) // global_batch_size)
+        b = global_batch_size // process_count
+        for k in range(n_batches):
+            chunk = items[k * global_batch_size:(k + 1) * global_batch_size]
+            parts = [cls._example(cohort, s, e, seq_len) + (i, e, True) for i, s, e in chunk]
+            while len(parts) < global_batch_size:
+                z = parts[0]
+                parts.append((np.zeros_like(z[0]), np.zeros_like(z[1]), np.full(seq_len, -1), 0, 0, False))
+            parts = parts[process_index * b:(process_index + 1) * b]
+            yield {"scalp": np.stack([p[0] for p in parts]), "ear": np.stack([p[1] for p in parts]),
+                   "labels": np.stack([p[2] for p in parts]).astype(np.int32),
+                   "subject": np.array([p[3] for p in parts], np.int32),
+                   "epoch": np.array([p[4] for p in parts], np.int32),
+                   "valid": np.array([p[5] for p in parts], bool)}
+
+
+def install_fake_pipeline():
+    import eegkd_jax.data
+
+    sys.modules["eegkd_jax.data.pipeline"] = FakePipeline
+    eegkd_jax.data.pipeline = FakePipeline
+
+
+def tiny(module_name, arg="tiny", **overrides):
+    import importlib
+
+    config = importlib.import_module(f"configs.{module_name}").get_config(arg)
+    config.data.sampling_rate = SAMPLING_RATE
+    config.data.simulated.subjects = 4
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache shared by every run of this module (and its subprocesses): the runs
+    compile the same few programs, and compiling dominates these tests on a 2-core machine."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = tmp_path_factory.mktemp("xla_cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch, compilation_cache):
+    import eegkd_jax.data
+
+    monkeypatch.setitem(sys.modules, "eegkd_jax.data.pipeline", FakePipeline)
+    monkeypatch.setattr(eegkd_jax.data, "pipeline", FakePipeline, raising=False)
+    # Not jax_disable_most_optimizations here: with it, XLA:CPU returns NaN gradients for the tiny
+    # U-Sleep on one device (measured with JAX 0.10.2; optimised compiles are finite).
+    yield FakePipeline
+
+
+def _lines(path):
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_online_kd_one_step_end_to_end(fake_pipeline, tmp_path):
+    from eegkd_jax.train import loop
+
+    config = tiny("online_kd", max_steps=1)
+    result = loop.train_and_evaluate(config, tmp_path)
+    assert result["step"] == 1
+    for key in ("kappa", "accuracy", "macro_f1", "teacher_kappa", "teacher_accuracy"):
+        assert np.isfinite(result[key])
+    records = _lines(tmp_path / "metrics.jsonl")
+    assert {r["split"] for r in records} == {"train", "validation"}
+    train = next(r for r in records if r["split"] == "train")
+    assert {"loss", "teacher_loss", "feature_mse", "grad_norm"} <= set(train)
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    assert (tmp_path / "checkpoints" / "config.json").is_file()
+    assert list(tmp_path.glob("events.out.tfevents*")), "TensorBoard events missing"
+    # Running the finished command again resumes at the end and reports the same metrics.
+    again = loop.train_and_evaluate(config, tmp_path)
+    assert again == result
+
+
+def test_teacher_then_offline_kd_and_transfer(fake_pipeline, tmp_path):
+    from eegkd_jax import checkpoint
+    from eegkd_jax.train import loop
+
+    with pytest.raises(FileNotFoundError, match="supervised.py:scalp"):
+        loop.train_and_evaluate(tiny("offline_kd", max_steps=1,
+                                     **{"kd.teacher_workdir": str(tmp_path / "none")}),
+                                tmp_path / "kd0")
+    teacher = loop.train_and_evaluate(tiny("supervised", "scalp,tiny", max_steps=2), tmp_path / "t")
+    assert "teacher_kappa" not in teacher
+    kd = loop.train_and_evaluate(
+        tiny("offline_kd", max_steps=2, **{"kd.teacher_workdir": str(tmp_path / "t"),
+                                           "kd.response_weight": 1.0}), tmp_path / "kd")
+    # The frozen teacher scores exactly what the scalp run scored at that checkpoint.
+    assert kd["teacher_kappa"] == pytest.approx(teacher["kappa"])
+    _, t_params, _, _ = checkpoint.restore_teacher(tmp_path / "t")
+    ckpt = checkpoint.Checkpointer(tmp_path / "kd", read_only=True)
+    _, saved = ckpt.restore_raw("latest")
+    for a, b in zip(jax.tree.leaves(saved["teacher_params"]), jax.tree.leaves(t_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    transfer = loop.train_and_evaluate(
+        tiny("transfer", max_steps=1, **{"kd.teacher_workdir": str(tmp_path / "t")}),
+        tmp_path / "tr")
+    assert transfer["step"] == 1 and "teacher_kappa" not in transfer
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_pipeline, tmp_path,
+                                                                  monkeypatch):
+    from eegkd_jax import checkpoint
+    from eegkd_jax.train import loop, steps
+
+    real_build = steps.build_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real_build(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new, metrics = step(state, batch)
+            # From the third step on the loss is NaN (as after a divergence).
+            bad = new.step >= 3
+            return new, dict(metrics, loss=jax.numpy.where(bad, jax.numpy.nan, metrics["loss"]))
+        return wrapped
+
+    monkeypatch.setattr(steps, "build_train_step", poisoned)
+    config = tiny("supervised", "ear,tiny", max_steps=4, log_every_steps=1)
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is step 2"):
+        loop.train_and_evaluate(config, tmp_path)
+    ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
+    assert ckpt.all_steps() == [2]
+
+
+def _run_script(workdir, config_args, env):
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "test_train.py"), str(workdir), *config_args], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, compilation_cache):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    args = ["6"]  # max_steps; checkpoints every 2 steps
+    reference = _run_script(tmp_path / "ref", args, env)
+    out = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, out[-3000:]
+    want = json.loads((tmp_path / "ref" / "result.json").read_text())
+
+    killed = _run_script(tmp_path / "run", args, env)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    # Kill it as soon as the first checkpoint exists (it is then training or saving the next).
+    while time.time() < deadline and killed.poll() is None:
+        if (ckpts / "2").is_dir():
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert not (tmp_path / "run" / "result.json").exists()
+
+    resumed = _run_script(tmp_path / "run", args, env)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    got = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert got == want and got["step"] == 6
+    # Not only the metrics: the final weights of both networks are bit-identical.
+    from eegkd_jax import checkpoint
+
+    finals = [checkpoint.Checkpointer(tmp_path / name, read_only=True).restore_raw("latest")
+              for name in ("ref", "run")]
+    assert finals[0][0] == finals[1][0] == 6
+    leaves = [jax.tree.leaves((f[1]["params"], f[1]["teacher_params"], f[1]["opt_state"]))
+              for f in finals]
+    for a, b in zip(*leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+if __name__ == "__main__":
+    # Worker for the SIGKILL test: one online-KD run on the fake pipeline; writes result.json.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    workdir, max_steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+    install_fake_pipeline()
+    from eegkd_jax.train import loop
+
+    result = loop.train_and_evaluate(tiny("online_kd", max_steps=max_steps, num_epochs=10),
+                                     workdir)
+    (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
