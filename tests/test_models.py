@@ -108,6 +108,23 @@ def test_usleep_parameter_count_matches_the_original():
         "bottom", "classifier"}
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_usleep_full_size_output_shapes(epochs):
+    """Shapes only (traced, not compiled) for single epochs and a 3-epoch sequence."""
+    module = models.build_model(_cfg("usleep"), in_channels=3)
+    variables = jax.eval_shape(
+        lambda r: models.init_variables(module, r, (1, 6000, 3)), jax.random.key(0)
+    )
+    x = jax.ShapeDtypeStruct((2, epochs * 6000, 3), jnp.float32)
+    (logits, features), updates = jax.eval_shape(
+        lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]), variables, x
+    )
+    assert logits.shape == (2, epochs, 5) and logits.dtype == jnp.float32
+    assert features.shape == (2, epochs * 6000, 6) and features.dtype == jnp.float32
+    assert jax.tree_util.tree_structure(updates["batch_stats"]) == jax.tree_util.tree_structure(
+        variables["batch_stats"])
+
+
 def test_usleep_full_size_forward_single_epoch():
     module = models.build_model(_cfg("usleep"), in_channels=3)
     compiled = Compiled(module, (2, 6000, 3))
