@@ -212,6 +212,25 @@ def read_lights_off(path: str | pathlib.Path) -> float:
         raise DataError(path, f"'Lights Off' onset {onsets[0]!r} is not a number")
 
 
+def _checked_lights_off(files: BidsFiles, scored: bool) -> float | None:
+    """Lights Off in seconds; None for an unscored night without an events file."""
+    if not scored and not files.events_tsv.is_file():
+        return None
+    lights_off = read_lights_off(files.events_tsv)
+    if lights_off < 0:
+        raise DataError(
+            files.events_tsv, f"'Lights Off' at {lights_off:g} s, before the recording starts"
+        )
+    return lights_off
+
+
+def scoring_start(files: BidsFiles, *, scored: bool = True) -> float:
+    """Recording time in whole seconds of epoch 0: "Lights Off" truncated to the second (see the
+    module doc). An unscored night (``scored=False``) without an events file starts at 0."""
+    lights_off = _checked_lights_off(files, scored)
+    return 0.0 if lights_off is None else float(math.floor(lights_off))
+
+
 def classify_channel(name: str) -> str:
     """``"scalp"``, ``"ear"``, ``"drop"`` (known non-EEG or unused) or ``"unknown"``."""
     upper = name.upper()
@@ -322,6 +341,7 @@ def read_recording(
     *,
     rejected: frozenset[str] | tuple[str, ...] = (),
     epoch_seconds: float = EPOCH_SECONDS,
+    require_scoring: bool = True,
 ) -> Recording:
     """Read one EESM17 night (an ``*_task-sleep_eeg.set`` and its sidecars) as a ``Recording``.
 
@@ -330,6 +350,9 @@ def read_recording(
       rejected: electrodes known to be bad (e.g. ``data_cfg.ear_rejections[subject]``); they are
         kept in the arrays and listed in ``Recording.rejected_channels``.
       epoch_seconds: scoring epoch length.
+      require_scoring: if False, a night without ``*_acq-scoring_events.tsv`` is read as never
+        scored: epochs from ``scoring_start`` to the last whole epoch of the signal, every label
+        -1 (for staging a new night). A scoring file that is present is always read and checked.
 
     Returns:
       A Recording whose sample 0 is the start of the scoring (Lights Off truncated to the whole
@@ -338,8 +361,11 @@ def read_recording(
     """
     files = eeg_set if isinstance(eeg_set, BidsFiles) else BidsFiles.for_set(eeg_set)
     source = files.eeg_set
-    labels = read_scoring(files.scoring_tsv, epoch_seconds)
-    lights_off = read_lights_off(files.events_tsv)
+    scored = require_scoring or files.scoring_tsv.is_file()
+    labels = read_scoring(files.scoring_tsv, epoch_seconds) if scored else None
+    lights_off = _checked_lights_off(files, scored)
+    first_epoch_s = 0 if lights_off is None else math.floor(lights_off)
+    where = "the recording start" if lights_off is None else f"Lights Off at {lights_off:g} s"
     sidecar = _read_json(files.eeg_json)
     listed = read_tsv(files.channels_tsv)
     listed_names = _column(files.channels_tsv, listed, "name")
@@ -379,20 +405,23 @@ def read_recording(
         # MNE's EEGLAB reader assumes microvolts; anything else would be silently mis-scaled.
         raise DataError(files.channels_tsv, f"units {wrong_units}: expected uV for EEG channels")
 
-    if lights_off < 0:
-        raise DataError(files.events_tsv, f"'Lights Off' at {lights_off:g} s, before the recording starts")
-    first_epoch_s = math.floor(lights_off)
     start = int(round(first_epoch_s * fs))
     epoch_samples = epoch_seconds * fs
     if not math.isclose(epoch_samples, round(epoch_samples)):
         raise DataError(source, f"{epoch_seconds:g}-s epochs are not whole samples at {fs:g} Hz")
+    if labels is None:
+        labels = np.full(max(0, raw.n_times - start) // int(round(epoch_samples)), -1, np.int8)
+        if labels.shape[0] == 0:
+            raise DataError(
+                source, f"no whole {epoch_seconds:g}-s epoch after {first_epoch_s:g} s in the signal"
+            )
     stop = start + labels.shape[0] * int(round(epoch_samples))
     if raw.n_times < stop:
         short = (stop - raw.n_times) / fs
         raise DataError(
             source,
             f"signal is shorter than the scoring: {raw.n_times / fs:.3f} s recorded, but scoring "
-            f"from {first_epoch_s:g} s (Lights Off at {lights_off:g} s) for {labels.shape[0]} "
+            f"from {first_epoch_s:g} s ({where}) for {labels.shape[0]} "
             f"epochs of {epoch_seconds:g} s needs "
             f"{stop / fs:.3f} s ({short:.3f} s missing)",
         )
@@ -420,7 +449,9 @@ def read_recording(
 
 
 def read_subject(
-    root: str | pathlib.Path, subject: str, *, rejected=(), epoch_seconds: float = EPOCH_SECONDS
+    root: str | pathlib.Path, subject: str, *, rejected=(), epoch_seconds: float = EPOCH_SECONDS,
+    require_scoring: bool = True,
 ) -> Recording:
     """``read_recording`` for ``subject`` under the BIDS ``root``."""
-    return read_recording(subject_files(root, subject), rejected=rejected, epoch_seconds=epoch_seconds)
+    return read_recording(subject_files(root, subject), rejected=rejected,
+                          epoch_seconds=epoch_seconds, require_scoring=require_scoring)

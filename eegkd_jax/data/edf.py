@@ -10,7 +10,8 @@ not whole epochs, or unknown annotation texts are errors.
 The hypnogram's onsets are relative to its own start time; the PSG's start time (both from the EDF
 headers) places them on the signal. Unscored epochs that run past the end of the signal (Sleep-EDF
 hypnograms often end in a long "Sleep stage ?") are cut off; a *scored* epoch past the end of the
-signal is an error.
+signal is an error. A PSG read without a hypnogram (``read_psg(psg, None)``: a night nobody scored)
+starts its epoch grid at the first sample and has every label -1.
 
 Channels: EDF+ labels are "<type> <name>"; channels of type EEG ("EEG Fpz-Cz") and bare electrode
 names are kept, every other type (EOG, EMG, Resp, Temp, Event marker, ...) is not EEG and is left out.
@@ -144,9 +145,44 @@ def classify_edf_channel(name: str) -> str:
     return "ear" if bids.classify_channel(bare) == "ear" else "scalp"
 
 
+def _scoring_start(hyp: Hypnogram, psg_start, psg_path: pathlib.Path) -> float:
+    """Seconds from the PSG's first sample to the hypnogram's epoch 0 (both headers' start times)."""
+    if (psg_start is None) != (hyp.start is None):
+        raise DataError(
+            hyp.source,
+            "only one of the PSG and hypnogram headers has a start time; cannot align them",
+        )
+    offset = 0.0 if psg_start is None else (hyp.start - psg_start).total_seconds()
+    first = offset + hyp.first_onset
+    if first < 0:
+        raise DataError(hyp.source, f"scoring starts {-first:g} s before the PSG {psg_path.name}")
+    return first
+
+
+def scoring_start(
+    psg_path: str | pathlib.Path,
+    hypnogram_path: str | pathlib.Path | None,
+    epoch_seconds: float = EPOCH_SECONDS,
+) -> float:
+    """Seconds from the PSG's first sample to epoch 0 of ``read_psg`` (0 without a hypnogram).
+
+    Reads only the two headers and the annotations; for placing predictions on the recording's
+    own clock.
+    """
+    if hypnogram_path is None:
+        return 0.0
+    psg_path = pathlib.Path(psg_path)
+    hyp = read_hypnogram(hypnogram_path, epoch_seconds)
+    raw = _open_edf(psg_path)
+    try:
+        return _scoring_start(hyp, raw.info["meas_date"], psg_path)
+    finally:
+        raw.close()
+
+
 def read_psg(
     psg_path: str | pathlib.Path,
-    hypnogram_path: str | pathlib.Path,
+    hypnogram_path: str | pathlib.Path | None,
     *,
     subject: str | None = None,
     rejected=(),
@@ -156,7 +192,9 @@ def read_psg(
 
     Args:
       psg_path: the signal file.
-      hypnogram_path: the EDF+ annotation file with the sleep stages.
+      hypnogram_path: the EDF+ annotation file with the sleep stages, or None for a recording that
+        was never scored: then epoch 0 is the first sample, every whole epoch of the signal is
+        kept, and every label is -1 (what a model is asked to stage without anything to compare).
       subject: id for the Recording (default: the PSG name without ``-PSG.edf``).
       rejected: electrodes known to be bad, passed on as ``Recording.rejected_channels``.
 
@@ -164,9 +202,12 @@ def read_psg(
       A Recording of the kept channels in microvolts, float32, from the first scored epoch to the
       end of the signal (it may run past the last epoch; ``prepare_night`` trims).
     """
-    psg_path, hypnogram_path = pathlib.Path(psg_path), pathlib.Path(hypnogram_path)
+    psg_path = pathlib.Path(psg_path)
     subject = subject or psg_path.name.removesuffix(PSG_SUFFIX).removesuffix(".edf")
-    hyp = read_hypnogram(hypnogram_path, epoch_seconds)
+    hyp = None
+    if hypnogram_path is not None:
+        hypnogram_path = pathlib.Path(hypnogram_path)
+        hyp = read_hypnogram(hypnogram_path, epoch_seconds)
     raw = _open_edf(psg_path)
     kinds = {n: classify_edf_channel(n) for n in raw.ch_names}
     scalp = [n for n in raw.ch_names if kinds[n] == "scalp"]
@@ -181,23 +222,21 @@ def read_psg(
         raw = _open_edf(psg_path, include=scalp + ear)
     fs = float(raw.info["sfreq"])
 
-    psg_start = raw.info["meas_date"]
-    if (psg_start is None) != (hyp.start is None):
-        raise DataError(
-            hypnogram_path,
-            "only one of the PSG and hypnogram headers has a start time; cannot align them",
-        )
-    offset = 0.0 if psg_start is None else (hyp.start - psg_start).total_seconds()
-    first = offset + hyp.first_onset  # seconds from the PSG start to epoch 0
+    # Seconds from the PSG start to epoch 0.
+    first = 0.0 if hyp is None else _scoring_start(hyp, raw.info["meas_date"], psg_path)
     start = int(round(first * fs))
-    if start < 0:
-        raise DataError(hypnogram_path, f"scoring starts {-first:g} s before the PSG {psg_path.name}")
     samples = epoch_seconds * fs
     if not math.isclose(samples, round(samples)):
         raise DataError(psg_path, f"{epoch_seconds:g}-s epochs are not whole samples at {fs:g} Hz")
     samples = int(round(samples))
 
-    labels = hyp.labels
+    if hyp is None:
+        # Never scored: every whole epoch of the signal, all unscored.
+        labels = np.full(raw.n_times // samples, -1, np.int8)
+        if labels.shape[0] == 0:
+            raise DataError(psg_path, f"signal is shorter than one {epoch_seconds:g}-s epoch")
+    else:
+        labels = hyp.labels
     covered = max(0, (raw.n_times - start) // samples)  # epochs that fit in the signal
     if covered < labels.shape[0]:
         beyond = labels[covered:]
@@ -205,8 +244,9 @@ def read_psg(
             missing = (start + labels.shape[0] * samples - raw.n_times) / fs
             raise DataError(
                 psg_path,
-                f"signal is shorter than the scoring: {raw.n_times / fs:.3f} s recorded, the hypnogram "
-                f"{hypnogram_path.name} scores up to {first + labels.shape[0] * epoch_seconds:.3f} s "
+                f"signal is shorter than the scoring: {raw.n_times / fs:.3f} s recorded, the "
+                f"hypnogram {hypnogram_path.name} scores up to "
+                f"{first + labels.shape[0] * epoch_seconds:.3f} s "
                 f"({missing:.3f} s missing, {int(np.sum(beyond >= 0))} scored epochs past the end)",
             )
         labels = labels[:covered]  # only unscored epochs ran past the end
@@ -245,12 +285,7 @@ def pair_files(directory: str | pathlib.Path) -> dict[str, tuple[pathlib.Path, p
     used: dict[pathlib.Path, str] = {}
     for psg in psgs:
         stem = psg.name[: -len(PSG_SUFFIX)]
-        exact = directory / f"{stem}{HYPNOGRAM_SUFFIX}"
-        if exact.is_file():
-            match = [exact]
-        else:
-            match = [h for h in hyps if len(h.name) - len(HYPNOGRAM_SUFFIX) == len(stem)
-                     and h.name[: len(stem) - 1] == stem[:-1]]
+        match = _matching_hypnograms(psg, hyps)
         if len(match) != 1:
             problem = "no hypnogram" if not match else f"several hypnograms {[h.name for h in match]}"
             raise DataError(psg, f"{problem} pairs with it (expected {stem[:-1]}?{HYPNOGRAM_SUFFIX})")
@@ -259,6 +294,29 @@ def pair_files(directory: str | pathlib.Path) -> dict[str, tuple[pathlib.Path, p
         used[match[0]] = psg.name
         pairs[stem] = (psg, match[0])
     return pairs
+
+
+def _matching_hypnograms(psg: pathlib.Path, hyps) -> list[pathlib.Path]:
+    """The hypnograms among ``hyps`` that pair with ``psg`` by the rule of the module docstring."""
+    stem = psg.name[: -len(PSG_SUFFIX)]
+    exact = psg.parent / f"{stem}{HYPNOGRAM_SUFFIX}"
+    if exact.is_file():
+        return [exact]
+    return [h for h in hyps if len(h.name) - len(HYPNOGRAM_SUFFIX) == len(stem)
+            and h.name[: len(stem) - 1] == stem[:-1]]
+
+
+def find_hypnogram(psg_path: str | pathlib.Path) -> pathlib.Path | None:
+    """The hypnogram beside one PSG by the pairing rule (module docstring), or None if there is
+    none; several candidates are an error. A PSG not named ``*-PSG.edf`` has none."""
+    psg_path = pathlib.Path(psg_path)
+    if not psg_path.name.endswith(PSG_SUFFIX):
+        return None
+    hyps = sorted(p for p in psg_path.parent.iterdir() if p.name.endswith(HYPNOGRAM_SUFFIX))
+    match = _matching_hypnograms(psg_path, hyps)
+    if len(match) > 1:
+        raise DataError(psg_path, f"several hypnograms {[h.name for h in match]} pair with it")
+    return match[0] if match else None
 
 
 def list_subjects(directory: str | pathlib.Path) -> list[str]:
