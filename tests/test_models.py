@@ -380,3 +380,106 @@ def test_build_model_rejects_unknown_names_and_fractional_epochs():
         models.build_model(_cfg("usleep"), in_channels=3, sampling_rate=200.5, epoch_seconds=30.1)
     with pytest.raises(ValueError, match="dtype"):
         models.build_model(_cfg("usleep", dtype="float8"), in_channels=3)
+
+
+# ----------------------------------------------------------------------------- PyTorch parity
+#
+# Golden outputs of the PyTorch reference networks (benchmarks/torch_reference/models.py, the
+# braindecode-style U-Sleep and the original's transformer with the third branch on channel 3),
+# computed once with torch 2.13 on the variables and inputs below after mapping the parameter names
+# (PyTorch (out, in, k) conv weights -> our (k, in, out), stacked q/k/v -> per-head kernels). They
+# pin down what the parameter count cannot: padding of odd lengths, crop side, pooling windows,
+# layer order, attention and norm placement.
+
+
+def _golden_models():
+    """name -> (module, input shape): a depth-3 U-Sleep over 2 epochs of 45 samples (two odd
+    levels: 45 and 23) and a narrow 3-branch transformer over one 500-sample epoch."""
+    usleep = models.build_model(_cfg("usleep", depth=3), in_channels=3, sampling_rate=9.0,
+                                epoch_seconds=5.0)
+    cmt = models.build_model(_cfg("cmt", d_model=32, num_heads=4, d_ff=64), in_channels=3,
+                             sampling_rate=100.0, epoch_seconds=5.0)
+    return {"usleep": (usleep, (2, 90, 3)), "cmt": (cmt, (2, 500, 3))}
+
+
+def _golden_input(shape):
+    return np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+
+
+def _numpy_variables(module, shape, seed):
+    """Variables of ``module`` filled from numpy's PCG64 (stable across versions), leaf by leaf in
+    path order, with scales that keep the outputs sensitive to the input: kernels of variance
+    1/fan_in, norm scales around 1, running variances in [0.5, 2], small CLS tokens."""
+    template = jax.eval_shape(lambda r: models.init_variables(module, r, shape), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        names = [str(getattr(k, "key", k)) for k in path]
+        shape, last = leaf.shape, names[-1]
+        if last == "kernel":
+            fan_in = shape[0] if names[-2] in ("query", "key", "value") else np.prod(shape[:-1])
+            value = rng.uniform(-1, 1, shape) * np.sqrt(3.0 / fan_in)
+        elif last in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5 if last == "scale" else 2.0, shape)
+        elif last in ("cls", "cross_cls"):
+            value = 0.3 * rng.standard_normal(shape)
+        else:  # biases, running means
+            value = rng.uniform(-0.2, 0.2, shape)
+        return jnp.asarray(value, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, template)
+
+
+TORCH_GOLDEN = {
+    # (B=2, L=2, 5) logits of the depth-3 U-Sleep, running statistics (eval) and batch statistics
+    # (train), and the mean square of the decoder features.
+    "usleep_eval": [
+        [[0.3016770, 0.3229571, 0.1421328, 0.1750938, -0.3815810],
+         [0.3153240, 0.2940926, 0.2104510, 0.1861562, -0.4193897]],
+        [[0.2521089, 0.3084076, 0.1395752, 0.1524803, -0.3925033],
+         [0.2672977, 0.2812839, 0.2200791, 0.1194188, -0.4117740]],
+    ],
+    "usleep_train": [
+        [[0.1109201, 0.3036207, -0.0746783, -0.0050556, -0.2121806],
+         [0.0744046, 0.2095377, 0.0449848, -0.0742863, -0.2497179]],
+        [[0.0307792, 0.2067339, 0.0422414, -0.1308383, -0.2426008],
+         [-0.0366951, 0.0709409, 0.1983155, -0.3699184, -0.1941373]],
+    ],
+    "usleep_eval_feature_ms": 0.17259952,
+    "usleep_train_feature_ms": 1.08559096,
+    # (B=2, 5) logits of the narrow transformer in evaluation, and its features' mean square.
+    "cmt_eval": [
+        [0.5650120, 0.7400132, -0.4948004, -1.1697358, 1.5902020],
+        [0.6039862, 0.7128004, -0.4303740, -1.1275399, 1.5903201],
+    ],
+    "cmt_eval_feature_ms": 1.03136885,
+}
+
+
+def test_usleep_matches_the_pytorch_reference():
+    module, shape = _golden_models()["usleep"]
+    variables = _numpy_variables(module, shape, seed=7)
+    x = _golden_input(shape)
+    (logits, features), _ = jax.jit(
+        lambda v, x: module.apply(v, x, train=False, mutable=["batch_stats"])
+    )(variables, x)
+    np.testing.assert_allclose(logits, TORCH_GOLDEN["usleep_eval"], rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.mean(np.square(features)), TORCH_GOLDEN["usleep_eval_feature_ms"],
+                               rtol=1e-5)
+    (logits, features), _ = jax.jit(
+        lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])
+    )(variables, x)
+    np.testing.assert_allclose(logits, TORCH_GOLDEN["usleep_train"], rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.mean(np.square(features)),
+                               TORCH_GOLDEN["usleep_train_feature_ms"], rtol=1e-5)
+
+
+def test_cmt_matches_the_pytorch_reference():
+    module, shape = _golden_models()["cmt"]
+    variables = _numpy_variables(module, shape, seed=7)
+    logits, features = jax.jit(lambda v, x: module.apply(v, x, train=False))(
+        variables, _golden_input(shape)
+    )
+    np.testing.assert_allclose(logits[:, 0], TORCH_GOLDEN["cmt_eval"], rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(np.mean(np.square(features)), TORCH_GOLDEN["cmt_eval_feature_ms"],
+                               rtol=1e-5)
