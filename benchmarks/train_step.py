@@ -76,7 +76,7 @@ def model_config(name: str, dtype: str):
 
 
 def synthetic_batch(batch: int, sequence_length: int, seed: int) -> dict[str, np.ndarray]:
-    """Host batch with the pipeline's keys: "scalp" / "ear" (batch, L * S, 3), "labels" (batch, L)."""
+    """Host batch with the pipeline's keys: "scalp", "ear" (batch, L*S, 3), "labels" (batch, L)."""
     rng = np.random.default_rng(seed)
     samples = sequence_length * int(SAMPLING_RATE * EPOCH_SECONDS)
     return {
@@ -109,7 +109,7 @@ MODES = {"supervised": supervised}
 
 
 def measure(model_name: str, mode: str, args) -> dict:
-    """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns the record."""
+    """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns a record."""
     mesh = parallel.make_mesh()
     parallel.check_global_batch_size(args.batch, mesh)
     load_before = _load()

@@ -2,7 +2,8 @@
 
 Compiling the full-size U-Sleep is what costs time on CPU, so the full configs are used where the
 size itself is the point (parameter counts through ``jax.eval_shape``, one forward each), and small
-versions of the same modules (lower depth, short epochs, narrow transformer) for the behaviour tests.
+versions of the same modules (lower depth, short epochs, narrow transformer) for the behaviour
+tests.
 Every compiled function is built once per module through fixtures.
 """
 

@@ -18,10 +18,11 @@ Layout as in the ear-EEG KD project (2,958,853 parameters at d_model 256, d_ff 1
 
 Only the CLS position of each branch ever reaches the output: the feed-forward blocks and layer
 norms act on each position separately, and the branch CLS is replaced by the cross-modal one. The
-original still runs attention queries and feed-forward blocks for all 121 positions and throws 120 of
-them away; here the self-attention and cross-attention are computed for the CLS query only (keys and
-values are still every token) and the feed-forward blocks for the CLS vector only. The parameters
-and the function from input to (logits, features) are the same; the wasted work is not done.
+original still runs attention queries and feed-forward blocks for all 121 positions and throws 120
+of them away; here the self-attention and cross-attention are computed for the CLS query only (keys
+and values are still every token) and the feed-forward blocks for the CLS vector only. The
+parameters and the function from input to (logits, features) are the same (the PyTorch parity test
+in tests/test_models.py checks it); the wasted work is not done.
 
 Dropout (rate ``dropout``) acts on the embedded tokens, the attention weights, the residual branches
 and inside the feed-forward blocks, in training only. Batch norm in the tokeniser keeps running
@@ -45,7 +46,7 @@ TOKEN_STRIDE = 50
 
 
 def sinusoidal_positions(length: int, d_model: int) -> np.ndarray:
-    """(length, d_model) table: sin on even columns, cos on odd ones, wavelengths up to 1e4 * 2pi."""
+    """(length, d_model) table: sin on even columns, cos on odd ones (wavelengths to 1e4 * 2pi)."""
     position = np.arange(length, dtype=np.float64)[:, None]
     frequency = np.exp(np.arange(0, d_model, 2, dtype=np.float64) * (-math.log(10000.0) / d_model))
     table = np.zeros((length, d_model), dtype=np.float64)
@@ -162,7 +163,7 @@ class CrossModalTransformer(nn.Module):
       in_channels: number of branches, one per input derivation.
       epoch_samples: samples in the one epoch it classifies (6000 = 30 s at 200 Hz); a multiple
         of 50, the tokeniser stride.
-      d_model, num_heads, d_ff, dropout, num_classes: sizes as in the original (256, 8, 1024, 0.1, 5).
+      d_model, num_heads, d_ff, dropout, num_classes: as in the original (256, 8, 1024, 0.1, 5).
       dtype: compute dtype; parameters are float32 whatever it is.
     """
 

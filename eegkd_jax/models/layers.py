@@ -50,7 +50,7 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 
 def compute_dtype(name: Any) -> jnp.dtype:
-    """Maps the config's ``model.dtype`` ("float32", "bfloat16", "float16" or a dtype) to a dtype."""
+    """The config's ``model.dtype`` ("float32", "bfloat16", "float16" or a dtype) as a dtype."""
     if isinstance(name, str):
         if name not in _DTYPES:
             raise ValueError(f"model dtype must be one of {sorted(_DTYPES)}, got {name!r}")
@@ -91,7 +91,7 @@ def conv1d(
     """A 1-D convolution over (batch, time, channels) with PyTorch's default initialisation.
 
     ``padding="SAME"`` pads ``k - 1`` samples in total with the smaller half on the left, which is
-    what PyTorch's ``padding="same"`` does (it matters for the even kernel of the decoder's k=2 conv).
+    what PyTorch's ``padding="same"`` does (it matters for the decoder's even k=2 kernel).
     """
     return nn.Conv(
         features=features,

@@ -80,7 +80,7 @@ class ConvBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Upsample x2, conv k=2, crop to the skip, concatenate, conv: (B, T, C_in) -> (B, T_skip, F)."""
+    """Upsample x2, conv k=2, crop to the skip, concatenate, conv: (B, T, C) -> (B, T_skip, F)."""
 
     features: int
     kernel_size: int
@@ -173,7 +173,8 @@ class USleep(nn.Module):
             x = _max_pool_by_two(x)
         x = ConvBlock(self.widths[-1], self.kernel_size, self.dtype, name="bottom")(x, train)
         for i, (width, skip) in enumerate(zip(reversed(self.widths[:-1]), reversed(skips))):
-            x = DecoderBlock(width, self.kernel_size, self.dtype, name=f"decoder_{i}")(x, skip, train)
+            block = DecoderBlock(width, self.kernel_size, self.dtype, name=f"decoder_{i}")
+            x = block(x, skip, train)
         logits = SegmentClassifier(
             self.epoch_samples, self.num_classes, self.dtype, name="classifier"
         )(x)
