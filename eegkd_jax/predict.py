@@ -1,0 +1,543 @@
+"""Stage a new night with a trained run: a hypnogram (TSV + PNG) for one recording.
+
+    python -m eegkd_jax.predict --checkpoint runs/offline_kd night-PSG.edf
+    python -m eegkd_jax.predict --checkpoint runs/teacher --which latest --out out/ \\
+        data/eesm17/sub-003                       # a BIDS subject directory (or its *_eeg.set)
+
+The flow, one recording at a time::
+
+    EDF/EDF+ (+ hypnogram beside it, if any) or EESM BIDS .set ──readers──▶ Recording
+    ──check channels and rate against the run──▶ prepare_night with the run's saved data config
+    (only the derivations the model reads) ──▶ (epochs * S, C) ──sharded forward──▶ (epochs, 5)
+    ──▶ <name>_hypnogram.tsv, <name>_hypnogram.png, <name>_prediction.json
+
+The run's own saved config decides everything about the input (derivations, rejections, band-pass,
+model rate, scaling), so the model sees what it was trained on: an ear-trained student gets the ear
+derivations, a scalp model the scalp ones. A recording that cannot give that input (electrodes of a
+derivation missing, or a sampling rate too low to carry the trained band) is refused with an error
+naming the file, before anything is computed.
+
+U-Sleep stages the whole night as one sequence (it is fully convolutional; ``max_sequence_epochs``
+splits very long nights into chunks when memory is short); the cross-modal transformer, which scores
+one epoch at a time, gets batches of single epochs. Both go through ``evaluate.make_predict_fn``
+(the sharded predict step of evaluation) and ``metrics.NightCollector`` (which insists every epoch
+comes back exactly once).
+
+With scoring (an EDF hypnogram, an EESM scoring file) the true hypnogram is drawn above the
+prediction and the metrics go into the JSON; without it every epoch is still predicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import evaluate
+from eegkd_jax import metrics as metrics_lib
+from eegkd_jax import parallel
+from eegkd_jax import report as report_lib
+from eegkd_jax.data import montage
+from eegkd_jax.data.recording import STAGES, DataError, PairedNight, Recording
+
+# Networks scored epoch by epoch (they take L == 1); every other model gets the whole night.
+SINGLE_EPOCH_MODELS = frozenset({"cmt"})
+NETWORKS = ("model", "teacher")
+
+
+# --------------------------------------------------------------------------------------------------
+# The trained model
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainedModel:
+    """A restored network with everything needed to feed it.
+
+    Attributes:
+      workdir: the training run's directory.
+      config: the run's saved config (data, models, mode).
+      step: the restored checkpoint's step. which: how it was chosen ("best", "latest", a step).
+      network: "model" (the trained model: ear student / baseline, or the scalp model of a
+        supervised :scalp run) or "teacher" (the scalp teacher held in a KD checkpoint).
+      input_key: "scalp" or "ear": which derivations it reads.
+      derivations: their names, e.g. ("L-R", "L_E", "R_E").
+      model_config: its config group (name, sizes).
+      module: the Flax module; variables: {"params", ["batch_stats"]} host arrays.
+    """
+
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    step: int
+    which: str | int
+    network: str
+    input_key: str
+    derivations: tuple[str, ...]
+    model_config: ml_collections.ConfigDict
+    module: Any
+    variables: dict
+
+    @property
+    def sampling_rate(self) -> float:
+        return float(self.config.data.sampling_rate)
+
+    @property
+    def epoch_seconds(self) -> float:
+        return float(self.config.data.epoch_seconds)
+
+    @property
+    def epoch_samples(self) -> int:
+        from eegkd_jax.models import epoch_samples_for
+
+        return epoch_samples_for(self.sampling_rate, self.epoch_seconds)
+
+    def describe(self) -> str:
+        return (f"{self.workdir} step {self.step} ({self.config.mode}, {self.model_config.name} "
+                f"on {self.input_key} {list(self.derivations)} at {self.sampling_rate:g} Hz)")
+
+
+def run_workdir(checkpoint: str | pathlib.Path) -> pathlib.Path:
+    """The run directory for ``--checkpoint``: a workdir, or its ``checkpoints`` directory (the
+    one holding config.json)."""
+    path = pathlib.Path(checkpoint).absolute()
+    if (path / ckpt_lib.CONFIG_FILE).is_file() and path.name == ckpt_lib.checkpoint_dir("x").name:
+        return path.parent
+    return path
+
+
+def load_trained_model(
+    checkpoint: str | pathlib.Path, which: str | int = "best", *, network: str = "model"
+) -> TrainedModel:
+    """Restores one network of a training run.
+
+    Args:
+      checkpoint: the run's workdir or its ``checkpoints`` directory.
+      which: "best" (highest validation kappa), "latest" or a step number.
+      network: "model" (what the run trained on its own input) or "teacher" (the scalp teacher
+        of an offline / online KD checkpoint).
+
+    Raises:
+      FileNotFoundError: no run, no saved config or no such checkpoint there.
+      ValueError: ``network="teacher"`` on a run without a teacher.
+    """
+    from eegkd_jax.models import build_model
+    from eegkd_jax.train import loop
+
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+    workdir = run_workdir(checkpoint)
+    config = ckpt_lib.load_config(workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+        step, state = checkpointer.restore_raw(which)
+    finally:
+        checkpointer.close()
+    if network == "teacher":
+        if state.get("teacher_params") is None:
+            raise ValueError(f"{workdir} ({config.mode}) holds no teacher network")
+        input_key, model_cfg = "scalp", config.teacher
+        params, stats = state["teacher_params"], state.get("teacher_batch_stats")
+    else:
+        from eegkd_jax.train import steps as steps_lib
+
+        input_key, model_cfg = steps_lib.student_input(config), loop.trained_model_config(config)
+        params, stats = state["params"], state.get("batch_stats")
+    derivations = tuple(config.data[f"{input_key}_derivations"] or ())
+    if not derivations:
+        raise ValueError(f"{workdir}: the run's config lists no {input_key} derivations")
+    module = build_model(model_cfg, in_channels=len(derivations),
+                         sampling_rate=float(config.data.sampling_rate),
+                         epoch_seconds=float(config.data.epoch_seconds))
+    return TrainedModel(
+        workdir=workdir, config=config, step=int(step), which=which, network=network,
+        input_key=input_key, derivations=derivations, model_config=model_cfg, module=module,
+        variables=evaluate._variables(params, stats),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The recording
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NewRecording:
+    """A night read for staging.
+
+    Attributes:
+      recording: the raw night; sample 0 is epoch 0.
+      path: the signal file (EDF or .set), named in every error.
+      scored: whether scoring came with it (a hypnogram / scoring file); if not, every label is -1.
+      start_seconds: recording time (seconds from the file's first sample) of epoch 0.
+    """
+
+    recording: Recording
+    path: pathlib.Path
+    scored: bool
+    start_seconds: float
+
+
+def read_new_recording(
+    path: str | pathlib.Path,
+    *,
+    hypnogram: str | pathlib.Path | None = "auto",
+    epoch_seconds: float = 30.0,
+) -> NewRecording:
+    """Reads an EDF/EDF+ file, an EESM BIDS ``*_eeg.set`` or a BIDS subject directory.
+
+    Args:
+      path: the recording.
+      hypnogram: EDF only: "auto" takes the Sleep-EDF hypnogram paired with a ``*-PSG.edf`` if one
+        lies beside it, None reads the night as unscored, a path names the hypnogram. For BIDS
+        the scoring file beside the .set is used when present.
+      epoch_seconds: scoring epoch length (the run's).
+
+    Raises:
+      DataError: unreadable or unknown input, naming the file.
+    """
+    from eegkd_jax.data import bids, edf
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or directory")
+    if path.is_dir():
+        if not path.name.startswith("sub-"):
+            raise DataError(path, "a directory must be a BIDS subject directory (sub-<label>)")
+        files = bids.subject_files(path.parent, path.name)
+    elif path.suffix.lower() == ".set":
+        files = bids.BidsFiles.for_set(path)
+    elif path.suffix.lower() in (".edf", ".bdf", ".rec"):
+        files = None
+    else:
+        raise DataError(path, "not an EDF/EDF+ file, an EEGLAB .set or a BIDS subject directory")
+
+    if files is not None:
+        scored = files.scoring_tsv.is_file()
+        recording = bids.read_recording(files, epoch_seconds=epoch_seconds, require_scoring=False)
+        start = bids.scoring_start(files, scored=scored)
+        return NewRecording(recording, files.eeg_set, scored, start)
+
+    if isinstance(hypnogram, str) and hypnogram == "auto":
+        hypnogram = edf.find_hypnogram(path)
+    recording = edf.read_psg(path, hypnogram, epoch_seconds=epoch_seconds)
+    start = edf.scoring_start(path, hypnogram, epoch_seconds)
+    return NewRecording(recording, path, hypnogram is not None, start)
+
+
+def _missing_electrodes(recording: Recording, spec: str) -> list[str]:
+    """Electrodes derivation ``spec`` needs that the recording lacks (montage's naming rules)."""
+    if spec in montage.EAR_DERIVATIONS:
+        missing = []
+        for side in montage.EAR_DERIVATIONS[spec]:
+            present = [e for e in side if montage._find_channel(recording, e) is not None]
+            if not present:  # one kept electrode per side is enough for the mean
+                missing.append("any of " + "/".join(side))
+        return missing
+    if montage._find_channel(recording, spec) is not None:
+        return []
+    parts = spec.split("-")
+    if len(parts) != 2:
+        return [spec]
+    return [p for p in parts if montage._find_channel(recording, p) is None]
+
+
+def check_compatible(new: NewRecording, model: TrainedModel) -> None:
+    """Raises a DataError naming the file unless the recording can give the model its input.
+
+    Checks: every electrode of the model's derivations is present (ear derivations need at least
+    one electrode per side), and the sampling rate carries the band the model was trained on:
+    the run's band-pass must fit below the recording's Nyquist frequency, and the recording must
+    reach the top of what the model saw (min of the band-pass edge and the model's Nyquist);
+    upsampling cannot invent frequencies a recording never had. The rational-ratio check of
+    resampling runs too.
+    """
+    from eegkd_jax.data import preprocess
+
+    recording, source = new.recording, str(new.path)
+    missing = {spec: m for spec in model.derivations if (m := _missing_electrodes(recording, spec))}
+    if missing:
+        detail = "; ".join(f"{spec} needs {', '.join(m)}" for spec, m in missing.items())
+        raise DataError(
+            source,
+            f"cannot form the {model.input_key} derivations {list(model.derivations)} the model "
+            f"was trained on ({detail}); the recording has scalp channels "
+            f"{list(recording.scalp_channels)} and ear channels {list(recording.ear_channels)}",
+        )
+    rate_in, rate_out = float(recording.sampling_rate), model.sampling_rate
+    band = model.config.data.preprocess.bandpass_hz
+    high = None if band is None else band[1]
+    top = rate_out / 2 if high is None else min(float(high), rate_out / 2)
+    nyquist = rate_in / 2
+    if nyquist < top or (high is not None and float(high) >= nyquist):
+        needed = 2 * max(top, float(high) if high is not None else 0.0)
+        trained = f"band-passed to {list(band)} Hz" if band is not None else "unfiltered"
+        raise DataError(
+            source,
+            f"sampled at {rate_in:g} Hz (content up to {nyquist:g} Hz), but the model was trained "
+            f"on {rate_out:g}-Hz input {trained}, which needs a recording rate above "
+            f"{needed:g} Hz; resampling cannot restore frequencies the recording lacks",
+        )
+    preprocess.resample_ratio(rate_in, rate_out, source)
+
+
+def prepare_input(new: NewRecording, model: TrainedModel) -> PairedNight:
+    """``prepare_night`` with the run's data config, deriving only the model's own input group
+    (a recording without the other group's electrodes still works). Errors name the file."""
+    from eegkd_jax.data import preprocess
+
+    data_cfg = model.config.data.copy_and_resolve_references()
+    other = "ear" if model.input_key == "scalp" else "scalp"
+    data_cfg[f"{other}_derivations"] = ()
+    try:
+        return preprocess.prepare_night(new.recording, data_cfg)
+    except DataError as err:
+        if err.source == str(new.path):
+            raise
+        raise DataError(new.path, f"{err.source}: {err.problem}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction
+
+
+def _sequence_length(model: TrainedModel, num_epochs: int, max_sequence_epochs: int) -> int:
+    if model.model_config.name in SINGLE_EPOCH_MODELS:
+        return 1
+    if max_sequence_epochs and max_sequence_epochs > 0:
+        return min(int(max_sequence_epochs), num_epochs)
+    return num_epochs
+
+
+def predict_probabilities(
+    model: TrainedModel,
+    signal: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    batch_size: int | None = None,
+    max_sequence_epochs: int = 0,
+    name: str = "night",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage probabilities for one prepared night.
+
+    Args:
+      model: the restored network.
+      signal: (epochs * S, C) float32 derivations at the model rate (``PairedNight.ear`` / ``.scalp``).
+      labels: (epochs,) true stages (-1 = unscored), passed along for the collector's checks;
+        default all -1.
+      batch_size: sequences per global batch when the night is split (rounded up to a multiple of
+        the device count); default the run's ``config.batch_size``.
+      max_sequence_epochs: U-Sleep only: 0 stages the whole night as one sequence; n > 0 splits
+        it into n-epoch sequences (for memory), the last one padded.
+      name: names the night in errors.
+
+    Returns:
+      (probabilities (epochs, 5) float64, predicted stages (epochs,) int64).
+    """
+    s = model.epoch_samples
+    if signal.ndim != 2 or signal.shape[1] != len(model.derivations):
+        raise DataError(name, f"signal must be (time, {len(model.derivations)}), got {signal.shape}")
+    if signal.shape[0] == 0 or signal.shape[0] % s:
+        raise DataError(name, f"{signal.shape[0]} samples are not whole {s}-sample epochs")
+    num_epochs = signal.shape[0] // s
+    labels = np.full(num_epochs, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    if labels.shape != (num_epochs,):
+        raise DataError(name, f"{labels.shape[0]} labels for {num_epochs} epochs")
+    seq_len = _sequence_length(model, num_epochs, max_sequence_epochs)
+    starts = np.arange(0, num_epochs, seq_len)
+
+    if starts.size == 1:
+        # One sequence (the whole night): one device; sharding a batch of 1 would only pad it.
+        mesh = parallel.make_mesh(jax.devices()[:1])
+        global_batch = 1
+    else:
+        mesh = parallel.make_mesh()
+        n_dev = mesh.devices.size
+        wanted = int(batch_size or model.config.batch_size)
+        global_batch = n_dev * math.ceil(min(wanted, starts.size) / n_dev)
+
+    def batches() -> Iterator[dict]:
+        for first in range(0, starts.size, global_batch):
+            rows = starts[first:first + global_batch]
+            b = global_batch
+            x = np.zeros((b, seq_len * s, signal.shape[1]), np.float32)
+            y = np.full((b, seq_len), -1, np.int32)
+            for i, e in enumerate(rows):
+                stop = min(e + seq_len, num_epochs)  # the last sequence is padded with zeros
+                x[i, : (stop - e) * s] = signal[e * s: stop * s]
+                y[i, : stop - e] = labels[e:stop]
+            epoch = np.zeros(b, np.int32)
+            epoch[: rows.size] = rows
+            valid = np.arange(b) < rows.size
+            yield {model.input_key: x, "labels": y, "subject": np.zeros(b, np.int32),
+                   "epoch": epoch, "valid": valid}
+
+    collector = metrics_lib.NightCollector({name: num_epochs}, (name,), source=name)
+    predict_fn = evaluate.make_predict_fn(model.module, model.input_key, mesh)
+    variables = parallel.replicate(model.variables, mesh)
+    evaluate.predict_nights(predict_fn, variables, batches(), model.input_key, collector, mesh)
+    (_, predicted), = collector.hypnograms().values()
+    return collector.probabilities()[name], predicted
+
+
+def predict_recording(
+    checkpoint: str | pathlib.Path,
+    recording_path: str | pathlib.Path,
+    out_dir: str | pathlib.Path | None = None,
+    *,
+    which: str | int = "best",
+    network: str = "model",
+    hypnogram: str | pathlib.Path | None = "auto",
+    batch_size: int | None = None,
+    max_sequence_epochs: int = 0,
+) -> dict[str, Any]:
+    """Stages one recording with a trained run and writes its hypnogram.
+
+    Args:
+      checkpoint: the run's workdir or its checkpoints directory.
+      recording_path: an EDF/EDF+ file, an EESM BIDS ``*_eeg.set`` or a BIDS subject directory.
+      out_dir: where to write; default ``<workdir>/predictions/<recording name>``.
+      which: "best", "latest" or a step. network: "model" or "teacher" (see ``load_trained_model``).
+      hypnogram: EDF scoring: "auto" (beside the PSG, if any), None (ignore), or a path.
+      batch_size, max_sequence_epochs: see ``predict_probabilities``.
+
+    Returns:
+      {"name", "epochs", "scored", "step", "tsv", "png", "json", "metrics"}: the TSV has one row
+      per epoch (onset on the recording's clock, duration, stage, p_W .. p_REM); "metrics" is the
+      pooled summary against the scoring (``metrics.summarize``), or None without scoring.
+
+    Raises:
+      DataError: the recording cannot be read, or cannot give the model its input (channels,
+        rate); the message names the file.
+    """
+    model = load_trained_model(checkpoint, which, network=network)
+    new = read_new_recording(recording_path, hypnogram=hypnogram,
+                             epoch_seconds=model.epoch_seconds)
+    check_compatible(new, model)
+    night = prepare_input(new, model)
+    name = new.recording.subject
+    logging.info("staging %s (%d epochs) with %s", new.path, night.num_epochs, model.describe())
+    signal = night.ear if model.input_key == "ear" else night.scalp
+    probabilities, predicted = predict_probabilities(
+        model, signal, night.labels, batch_size=batch_size,
+        max_sequence_epochs=max_sequence_epochs, name=str(new.path))
+
+    truth = night.labels.astype(np.int64)
+    scored = new.scored and bool((truth >= 0).any())
+    summary = None
+    if scored:
+        results = metrics_lib.evaluate_subjects(truth, predicted, np.zeros(truth.size, np.int64),
+                                                subject_names=[name], source=str(new.path))
+        summary = results["overall"]
+
+    out_dir = pathlib.Path(out_dir or model.workdir / "predictions" / name)
+    epoch_seconds = model.epoch_seconds
+    onsets = new.start_seconds + epoch_seconds * np.arange(predicted.size)
+    tsv = report_lib.write_hypnogram_tsv(out_dir / f"{name}_hypnogram.tsv", onsets, predicted,
+                                         probabilities, duration_s=epoch_seconds)
+    title = f"{name}: {model.config.mode} {model.model_config.name} ({model.input_key}), " \
+            f"step {model.step}"
+    if summary is not None:
+        title += f"\n{metrics_lib.summary_line(summary)}"
+    png = report_lib.plot_hypnogram(
+        out_dir / f"{name}_hypnogram.png", predicted, epoch_seconds=epoch_seconds,
+        true_stages=truth if scored else None, probabilities=probabilities, title=title,
+        start_seconds=new.start_seconds)
+    counts = {stage: int(np.sum(predicted == i)) for i, stage in enumerate(STAGES)}
+    info = {
+        "recording": str(new.path),
+        "name": name,
+        "epochs": int(predicted.size),
+        "epoch_seconds": epoch_seconds,
+        "first_onset_seconds": new.start_seconds,
+        "recording_sampling_rate": float(new.recording.sampling_rate),
+        "scored": scored,
+        "predicted_stage_counts": counts,
+        "checkpoint": {"workdir": str(model.workdir), "which": model.which, "step": model.step,
+                       "mode": model.config.mode, "network": model.network,
+                       "model": model.model_config.name, "input": model.input_key,
+                       "derivations": list(model.derivations),
+                       "sampling_rate": model.sampling_rate},
+        "metrics": summary,
+        "files": {"tsv": tsv.name, "png": png.name},
+    }
+    json_path = out_dir / f"{name}_prediction.json"
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
+    tmp.replace(json_path)
+    return {"name": name, "epochs": int(predicted.size), "scored": scored, "step": model.step,
+            "tsv": tsv, "png": png, "json": json_path, "metrics": summary}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+_FLAGS = None
+
+
+def define_flags():
+    """Defines the command-line flags (once) and returns absl's FLAGS. Not at import time, so that
+    importing the library never touches the global flag registry."""
+    global _FLAGS
+    if _FLAGS is None:
+        from absl import flags
+
+        flags.DEFINE_string("checkpoint", None,
+                            "Training run: its workdir or checkpoints directory.", required=True)
+        flags.DEFINE_string("which", "best", 'Which checkpoint: "best", "latest" or a step.')
+        flags.DEFINE_string("out", None, "Output directory (default <workdir>/predictions/<name>).")
+        flags.DEFINE_enum("network", "model", list(NETWORKS),
+                          "model: the run's trained network; teacher: the scalp teacher of a KD run.")
+        flags.DEFINE_string("hypnogram", "auto",
+                            'EDF only: "auto" (the paired *-Hypnogram.edf if any), "none", or a path.')
+        flags.DEFINE_integer("batch_size", None, "Sequences per batch when a night is split.")
+        flags.DEFINE_integer("max_sequence_epochs", 0,
+                             "U-Sleep: 0 stages the whole night at once; n > 0 in n-epoch pieces.")
+        _FLAGS = flags.FLAGS
+    return _FLAGS
+
+
+def main(argv) -> None:
+    """absl main: ``argv[1]`` is the recording; the flags are ``define_flags``'."""
+    from absl import app
+
+    flag_values = define_flags()
+    if len(argv) != 2:
+        raise app.UsageError("give exactly one recording (EDF, .set or BIDS subject directory)")
+    which: str | int = flag_values.which
+    if which not in ("best", "latest"):
+        try:
+            which = int(which)
+        except ValueError:
+            raise app.UsageError(
+                f'--which must be "best", "latest" or a step number, got {which!r}') from None
+    hypnogram = flag_values.hypnogram
+    hypnogram = {"auto": "auto", "none": None}.get(hypnogram.lower(), hypnogram)
+    logging.set_verbosity(logging.INFO)
+    try:
+        result = predict_recording(
+            flag_values.checkpoint, argv[1], flag_values.out, which=which,
+            network=flag_values.network, hypnogram=hypnogram, batch_size=flag_values.batch_size,
+            max_sequence_epochs=flag_values.max_sequence_epochs)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        # One clear line, not a traceback: these are problems with the inputs, not with the code.
+        raise SystemExit(f"error: {err}") from None
+    line = f"{result['name']}: {result['epochs']} epochs staged (step {result['step']})"
+    if result["metrics"] is not None:
+        line += f"; against the scoring: {metrics_lib.summary_line(result['metrics'])}"
+    print(line)
+    print(f"hypnogram: {result['tsv']}\nfigure: {result['png']}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,249 @@
+"""The predict tool on tiny hand-made runs: synthetic EDF and EESM .set recordings staged by an
+ear U-Sleep, a scalp U-Sleep and an ear transformer whose checkpoints are written directly through
+the checkpoint API (staging needs no training), checked against a plain forward pass."""
+
+import datetime
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from matplotlib import image as mpl_image
+
+from configs import common, supervised
+from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import predict, report
+from eegkd_jax.data.recording import DataError
+from eegkd_jax.train import state as state_lib
+from test_bids import make_night
+from test_edf import write_hypnogram, write_psg
+
+MODEL_RATE = 10.0  # 300 samples per 30-s epoch: tiny models, and a multiple of the CMT's stride
+EDF_RATE = 100.0
+SCALP = ("EEG C3", "EEG C4", "EEG O1", "EEG O2", "EEG A1", "EEG A2")
+EAR = tuple(f"EEG {e}" for e in ("ELA", "ELB", "ELE", "ELG", "ELI", "ELK",
+                                 "ERA", "ERB", "ERE", "ERG", "ERI", "ERK"))
+START = datetime.datetime(2017, 3, 1, 22, 0, tzinfo=datetime.timezone.utc)
+SCORED_EPOCHS = 9
+# Stages of the hypnogram beside the EDF; it starts 30 s after the PSG, as Sleep-EDF's do.
+STAGES = [(30, 60, "Sleep stage W"), (90, 90, "Sleep stage 2"), (180, 30, "Sleep stage 3"),
+          (210, 60, "Sleep stage R"), (270, 30, "Sleep stage 1")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    # Only forward passes run here, and compilation dominates; see tests/test_eval.py.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def save_run(workdir, config, input_key, seed, steps=((1, 0.5),)):
+    """Writes config.json and checkpoints of a freshly initialised model; returns {step: state}."""
+    from eegkd_jax.models import build_model, init_variables
+    from eegkd_jax.train import loop
+
+    n_in = len(config.data[f"{input_key}_derivations"])
+    module = build_model(loop.trained_model_config(config), in_channels=n_in,
+                         sampling_rate=MODEL_RATE)
+    tx = state_lib.make_optimizer(config.optimizer, 10)
+    state = jax.jit(lambda key: state_lib.create_state(
+        key, lambda k: init_variables(module, k, (1, 300, n_in)), tx))(jax.random.PRNGKey(seed))
+    ckpt_lib.save_config(config, workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=5)
+    saved = {}
+    for step, kappa in steps:
+        params = jax.tree.map(lambda p, s=step: p * (1.0 + 0.3 * s), state.params)
+        saved[step] = state.replace(step=state.step + step, params=params)
+        checkpointer.save(saved[step], metrics={"kappa": kappa})
+    checkpointer.close()
+    return module, saved
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, variant, model in (("ear", "ear,tiny", "usleep"), ("scalp", "scalp,tiny", "usleep"),
+                                 ("cmt", "ear,tiny", "cmt")):
+        config = supervised.get_config(variant)
+        config.data.sampling_rate = MODEL_RATE
+        if model == "cmt":
+            config.model = common.cmt_config()
+            config.model.update(d_model=16, num_heads=2, d_ff=32)
+        steps = ((1, 0.5), (2, 0.1)) if name == "ear" else ((1, 0.5),)
+        module, saved = save_run(root / name, config, config.supervised_input, 3 + len(made), steps)
+        made[name] = (root / name, module, saved)
+    return made
+
+
+@pytest.fixture(scope="module")
+def edf_dir(tmp_path_factory):
+    """A PSG with scalp and ear electrodes, 10 whole epochs, and its hypnogram (9 epochs from
+    30 s)."""
+    d = tmp_path_factory.mktemp("edf")
+    write_psg(d / "night1-PSG.edf", 10 * 30.0 + 12.0, fs=EDF_RATE, start=START,
+              channels=SCALP + EAR, seed=1)
+    write_hypnogram(d / "night1-Hypnogram.edf", STAGES, start=START)
+    return d
+
+
+def direct_probabilities(run, new, state):
+    """The whole night through module.apply, no sharding, batching or collector."""
+    workdir, module, _ = run
+    model = predict.load_trained_model(workdir, "latest")
+    night = predict.prepare_input(new, model)
+    x = night.ear if model.input_key == "ear" else night.scalp
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if model.model_config.name == "cmt":
+        x = x.reshape(-1, 300, x.shape[1])  # one epoch per row
+    else:
+        x = x[None]
+    logits = jax.jit(lambda v, x: module.apply(v, x, train=False)[0])(variables, x)
+    return np.asarray(jax.nn.softmax(logits, axis=-1)).reshape(-1, 5)
+
+
+def check_outputs(result, epochs, first_onset):
+    onsets, stages, probabilities = report.read_hypnogram_tsv(result["tsv"])
+    assert stages.size == epochs == result["epochs"]  # one row per epoch
+    np.testing.assert_allclose(onsets, first_onset + 30.0 * np.arange(epochs))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=2e-3)
+    assert np.all(stages >= 0)  # every epoch staged, scored or not
+    image = mpl_image.imread(result["png"])  # a real PNG
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    info = json.loads(pathlib.Path(result["json"]).read_text())
+    assert info["epochs"] == epochs and info["first_onset_seconds"] == first_onset
+    return stages, probabilities, info
+
+
+def test_edf_with_hypnogram_ear_model_whole_night(runs, edf_dir, tmp_path):
+    workdir, _, saved = runs["ear"]
+    result = predict.predict_recording(workdir, edf_dir / "night1-PSG.edf", tmp_path / "out")
+    assert result["step"] == 1  # best validation kappa, not the latest
+    assert result["scored"] and result["name"] == "night1"
+    stages, probabilities, info = check_outputs(result, SCORED_EPOCHS, 30.0)
+    assert info["metrics"]["num_epochs"] == SCORED_EPOCHS
+    assert info["checkpoint"]["input"] == "ear"
+    assert info["checkpoint"]["derivations"] == ["L-R", "L_E", "R_E"]
+    assert sum(info["predicted_stage_counts"].values()) == SCORED_EPOCHS
+    new = predict.read_new_recording(edf_dir / "night1-PSG.edf")
+    assert new.recording.labels.tolist() == [0, 0, 2, 2, 2, 3, 4, 4, 1]
+    expected = direct_probabilities(runs["ear"], new, saved[1])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)  # the TSV keeps 4 decimals
+    np.testing.assert_array_equal(stages, expected.argmax(axis=1))
+
+
+def test_edf_without_hypnogram_stages_every_epoch(runs, edf_dir, tmp_path):
+    shutil.copyfile(edf_dir / "night1-PSG.edf", tmp_path / "night1-PSG.edf")  # no hypnogram here
+    workdir = runs["ear"][0]
+    result = predict.predict_recording(workdir, tmp_path / "night1-PSG.edf", tmp_path / "out",
+                                       which="latest")
+    assert result["step"] == 2 and not result["scored"] and result["metrics"] is None
+    _, _, info = check_outputs(result, 10, 0.0)  # 312 s: ten whole epochs from the first sample
+    assert info["scored"] is False and info["metrics"] is None
+    # Ignoring a hypnogram that is there gives the same unscored night.
+    ignored = predict.predict_recording(workdir, edf_dir / "night1-PSG.edf", tmp_path / "ignored",
+                                        which="latest", hypnogram=None)
+    assert ignored["epochs"] == 10 and not ignored["scored"]
+
+
+def test_eesm_set_and_subject_directory_scalp_model(runs, tmp_path):
+    root = tmp_path / "bids"
+    set_path, _, _ = make_night(root, "sub-001", epochs=6, sfreq=EDF_RATE, extra_seconds=40.0)
+    workdir, _, saved = runs["scalp"]
+    result = predict.predict_recording(workdir, set_path, tmp_path / "set")
+    new = predict.read_new_recording(set_path)
+    start = new.start_seconds
+    assert new.scored and start == float(int(start))  # Lights Off truncated to the second
+    stages, probabilities, info = check_outputs(result, 6, start)
+    assert info["checkpoint"]["input"] == "scalp" and result["metrics"]["num_epochs"] <= 6
+    np.testing.assert_allclose(probabilities, direct_probabilities(runs["scalp"], new, saved[1]),
+                               atol=1e-4)
+    by_directory = predict.predict_recording(workdir, root / "sub-001", tmp_path / "dir")
+    np.testing.assert_array_equal(report.read_hypnogram_tsv(by_directory["tsv"])[1], stages)
+
+    # Without its scoring file the night is staged to the end of the signal, nothing compared.
+    scoring = next(set_path.parent.glob("*_acq-scoring_events.tsv"))
+    scoring.unlink()
+    unscored = predict.predict_recording(workdir, set_path, tmp_path / "unscored")
+    assert not unscored["scored"] and unscored["epochs"] == 7  # the 40 s extra hold one more epoch
+
+
+def test_transformer_predicts_epoch_by_epoch(runs, tmp_path):
+    set_path, _, _ = make_night(tmp_path / "bids", "sub-002", epochs=11, sfreq=EDF_RATE)
+    workdir, _, saved = runs["cmt"]
+    # 11 single-epoch sequences over 8 devices: two batches of 8, the second mostly padding.
+    result = predict.predict_recording(workdir, set_path, tmp_path / "out", batch_size=8)
+    new = predict.read_new_recording(set_path)
+    _, probabilities, info = check_outputs(result, 11, new.start_seconds)
+    assert info["checkpoint"]["model"] == "cmt"
+    np.testing.assert_allclose(probabilities, direct_probabilities(runs["cmt"], new, saved[1]),
+                               atol=1e-4)
+
+
+def test_usleep_in_pieces_when_asked(runs, edf_dir):
+    model = predict.load_trained_model(runs["ear"][0], "best")
+    new = predict.read_new_recording(edf_dir / "night1-PSG.edf")
+    night = predict.prepare_input(new, model)
+    probabilities, predicted = predict.predict_probabilities(
+        model, night.ear, night.labels, max_sequence_epochs=2, batch_size=8)
+    # Five 2-epoch sequences (the last one padded), each staged on its own.
+    assert probabilities.shape == (SCORED_EPOCHS, 5) and predicted.shape == (SCORED_EPOCHS,)
+    first_two, _ = predict.predict_probabilities(model, night.ear[: 2 * 300], night.labels[:2])
+    np.testing.assert_allclose(probabilities[:2], first_two, atol=1e-5)
+
+
+def test_wrong_channels_and_rate_name_the_file(runs, tmp_path):
+    workdir = runs["ear"][0]
+    sleep_edf = tmp_path / "sc-PSG.edf"  # Sleep-EDF style: two bipolar scalp channels only
+    write_psg(sleep_edf, 120.0, fs=EDF_RATE, channels=("EEG Fpz-Cz", "EEG Pz-Oz"))
+    with pytest.raises(DataError, match=r"sc-PSG\.edf: cannot form the ear derivations "
+                                        r"\['L-R', 'L_E', 'R_E'\].*L-R needs any of ELA/ELB"):
+        predict.predict_recording(workdir, sleep_edf, tmp_path / "x")
+    with pytest.raises(DataError, match=r"sc-PSG\.edf: cannot form the scalp derivations.*"
+                                        r"A1-A2 needs A1, A2"):
+        predict.predict_recording(runs["scalp"][0], sleep_edf, tmp_path / "x")
+
+    slow = tmp_path / "slow-PSG.edf"  # 50 Hz cannot carry the 0.3-35 Hz band it was trained on
+    write_psg(slow, 120.0, fs=50.0, channels=SCALP + EAR)
+    with pytest.raises(DataError, match=r"slow-PSG\.edf: sampled at 50 Hz .*needs a recording "
+                                        r"rate above 70 Hz"):
+        predict.predict_recording(workdir, slow, tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+    with pytest.raises(DataError, match="must be a BIDS subject directory"):
+        predict.read_new_recording(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="notes.txt: not an EDF/EDF. file"):
+        predict.read_new_recording(tmp_path / "notes.txt")
+    with pytest.raises(DataError, match="no such file"):
+        predict.read_new_recording(tmp_path / "missing.edf")
+    with pytest.raises(ValueError, match="holds no teacher"):
+        predict.load_trained_model(workdir, network="teacher")
+
+
+def test_checkpoints_directory_and_cli(runs, edf_dir, tmp_path, capsys):
+    from absl import flags
+
+    workdir = runs["ear"][0]
+    assert predict.run_workdir(workdir / "checkpoints") == workdir
+    before = set(flags.FLAGS)
+    try:
+        values = predict.define_flags()
+        values(["predict", f"--checkpoint={workdir / 'checkpoints'}", "--which=2",
+                f"--out={tmp_path / 'cli'}"])
+        predict.main(["predict", str(edf_dir / "night1-PSG.edf")])
+        printed = capsys.readouterr().out
+        assert printed.startswith("night1: 9 epochs staged (step 2); against the scoring: acc ")
+        assert (tmp_path / "cli" / "night1_hypnogram.png").is_file()
+        with pytest.raises(SystemExit, match=r"error: .*sc-PSG\.edf: cannot form the ear"):
+            write_psg(tmp_path / "sc-PSG.edf", 60.0, fs=EDF_RATE, channels=("EEG Fpz-Cz",))
+            predict.main(["predict", str(tmp_path / "sc-PSG.edf")])
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        predict._FLAGS = None
