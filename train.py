@@ -7,6 +7,7 @@ Re-running the same command resumes from the latest checkpoint in the workdir.
 """
 
 import json
+import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,9 +18,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<mo
 flags.mark_flags_as_required(["config"])
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Orbax logs a dozen INFO lines per checkpoint; keep its warnings, drop the chatter."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     from eegkd_jax.train.loop import train_and_evaluate
 
     config = _CONFIG.value

@@ -143,6 +143,8 @@ def tiny(module_name, arg="tiny", **overrides):
     config = importlib.import_module(f"configs.{module_name}").get_config(arg)
     config.data.sampling_rate = SAMPLING_RATE
     config.data.simulated.subjects = 4
+    for model in (config.model, config.teacher):
+        model.depth = 2  # compile time dominates these tests; depth 2 still has skips and pooling
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -253,45 +255,52 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_pipeline,
     assert ckpt.all_steps() == [2]
 
 
-def _run_script(workdir, config_args, env):
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "test_train.py"), str(workdir), *config_args], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run_script(workdir, env):
+    return subprocess.Popen([sys.executable, str(HERE / "test_train.py"), str(workdir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, compilation_cache):
+def _sigkill_config():
+    return tiny("online_kd", max_steps=6, num_epochs=10)  # checkpoints at steps 2, 4, 6
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(fake_pipeline, tmp_path,
+                                                           compilation_cache):
+    from eegkd_jax import checkpoint
+    from eegkd_jax.train import loop
+
+    # The uninterrupted reference runs here (and fills the compilation cache for the workers).
+    want = loop.train_and_evaluate(_sigkill_config(), tmp_path / "ref")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
                XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    args = ["6"]  # max_steps; checkpoints every 2 steps
-    reference = _run_script(tmp_path / "ref", args, env)
-    out = reference.communicate(timeout=300)[0]
-    assert reference.returncode == 0, out[-3000:]
-    want = json.loads((tmp_path / "ref" / "result.json").read_text())
-
-    killed = _run_script(tmp_path / "run", args, env)
+    killed = _run_script(tmp_path / "run", env)
     ckpts = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 240
-    # Kill it as soon as the first checkpoint exists (it is then training or saving the next).
+    # The worker sleeps 0.5 s per batch. Kill it while it writes the step-4 checkpoint if we catch
+    # that moment, else shortly after step 2 was saved (mid-training).
+    saved_2_at = None
     while time.time() < deadline and killed.poll() is None:
-        if (ckpts / "2").is_dir():
+        if list(ckpts.glob("4.orbax-checkpoint-tmp*")):
             break
-        time.sleep(0.05)
+        if saved_2_at is None and (ckpts / "2").is_dir():
+            saved_2_at = time.time()
+        if saved_2_at is not None and time.time() - saved_2_at > 0.7:
+            break
+        time.sleep(0.01)
     assert killed.poll() is None, "the run finished before it could be killed"
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert not (tmp_path / "run" / "result.json").exists()
 
-    resumed = _run_script(tmp_path / "run", args, env)
+    resumed = _run_script(tmp_path / "run", env)
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert "resumed from" in out
     got = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert got == want and got["step"] == 6
+    assert got == json.loads(json.dumps(want)) and got["step"] == 6
     # Not only the metrics: the final weights of both networks are bit-identical.
-    from eegkd_jax import checkpoint
-
     finals = [checkpoint.Checkpointer(tmp_path / name, read_only=True).restore_raw("latest")
               for name in ("ref", "run")]
     assert finals[0][0] == finals[1][0] == 6
@@ -301,15 +310,36 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, compilation
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_real_pipeline_one_step(tmp_path, compilation_cache):
+    """The tiny supervised config through the real simulated cohort, TFDS shards and tf.data."""
+    from eegkd_jax.train import loop
+
+    from configs import supervised
+
+    config = supervised.get_config("ear,tiny")
+    config.max_steps = 1
+    config.data.cache_dir = str(tmp_path / "tfds")
+    result = loop.train_and_evaluate(config, tmp_path / "run")
+    assert result["step"] == 1 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["num_epochs"] > 0
+
+
 if __name__ == "__main__":
-    # Worker for the SIGKILL test: one online-KD run on the fake pipeline; writes result.json.
+    # Worker for the SIGKILL test: the same online-KD run on the fake pipeline; writes result.json.
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO)
-    workdir, max_steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+    workdir = pathlib.Path(sys.argv[1])
+    real_batches = FakePipeline.train_batches
+
+    def slow_batches(*args, **kwargs):  # leaves the test time to kill this run mid-way
+        for batch in real_batches(*args, **kwargs):
+            time.sleep(0.5)
+            yield batch
+
+    FakePipeline.train_batches = slow_batches
     install_fake_pipeline()
     from eegkd_jax.train import loop
 
-    result = loop.train_and_evaluate(tiny("online_kd", max_steps=max_steps, num_epochs=10),
-                                     workdir)
+    result = loop.train_and_evaluate(_sigkill_config(), workdir)
     (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
