@@ -215,12 +215,15 @@ def test_usleep_batch_stats_move_in_training_only(usleep_small):
     old = v["batch_stats"]["encoder_0"]["bn"]
     new = updates["batch_stats"]["encoder_0"]["bn"]
     # PyTorch momentum 0.1: the running mean moves a tenth of the way to the batch mean of
-    # ELU(conv(x)), averaged over batch and time.
+    # ELU(conv(x)) over batch and time ...
     conv = v["params"]["encoder_0"]["conv"]
     pre_bn = _conv_same(np.asarray(x), np.asarray(conv["kernel"]), np.asarray(conv["bias"]))
-    batch_mean = np.where(pre_bn > 0, pre_bn, np.expm1(pre_bn)).mean(axis=(0, 1))
-    np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * batch_mean, rtol=1e-4,
-                               atol=1e-6)
+    activations = np.where(pre_bn > 0, pre_bn, np.expm1(pre_bn)).reshape(-1, pre_bn.shape[-1])
+    np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * activations.mean(axis=0),
+                               rtol=1e-4, atol=1e-6)
+    # ... and the running variance towards the unbiased batch variance, as in PyTorch.
+    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * activations.var(axis=0, ddof=1),
+                               rtol=1e-4, atol=1e-6)
     # Evaluation uses the running averages and leaves them alone.
     (eval_logits, _), eval_updates = usleep_small.eval(v, x, jax.random.key(0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, eval_updates["batch_stats"],
@@ -446,6 +449,16 @@ TORCH_GOLDEN = {
         [[0.0307792, 0.2067339, 0.0422414, -0.1308383, -0.2426008],
          [-0.0366951, 0.0709409, 0.1983155, -0.3699184, -0.1941373]],
     ],
+    # The bottom batch norm's running averages after that one training pass (2 x 12 samples per
+    # channel, so the unbiased variance PyTorch feeds them is 24/23 times the biased one).
+    "usleep_bottom_mean_after_train": [
+        0.0341699, 0.2207752, 0.0971984, -0.0944738, -0.0669389, 0.1285986, -0.1418886, 0.1584552,
+        0.0539213, 0.0056274, -0.0638582, -0.0180605, -0.0280893, -0.0215075, 0.0191357,
+    ],
+    "usleep_bottom_var_after_train": [
+        1.2254450, 1.8550060, 1.5710392, 1.3132745, 1.8134964, 0.7678240, 0.7047366, 1.3504231,
+        0.5221886, 0.5353883, 1.1816857, 1.1231976, 1.7311450, 1.3394963, 1.1956940,
+    ],
     "usleep_eval_feature_ms": 0.17259952,
     "usleep_train_feature_ms": 1.08559096,
     # (B=2, 5) logits of the narrow transformer in evaluation, and its features' mean square.
@@ -467,10 +480,15 @@ def test_usleep_matches_the_pytorch_reference():
     np.testing.assert_allclose(logits, TORCH_GOLDEN["usleep_eval"], rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(np.mean(np.square(features)), TORCH_GOLDEN["usleep_eval_feature_ms"],
                                rtol=1e-5)
-    (logits, features), _ = jax.jit(
+    (logits, features), updates = jax.jit(
         lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])
     )(variables, x)
     np.testing.assert_allclose(logits, TORCH_GOLDEN["usleep_train"], rtol=1e-5, atol=2e-6)
+    bottom = updates["batch_stats"]["bottom"]["bn"]
+    np.testing.assert_allclose(bottom["mean"], TORCH_GOLDEN["usleep_bottom_mean_after_train"],
+                               rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(bottom["var"], TORCH_GOLDEN["usleep_bottom_var_after_train"],
+                               rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(np.mean(np.square(features)),
                                TORCH_GOLDEN["usleep_train_feature_ms"], rtol=1e-5)
 

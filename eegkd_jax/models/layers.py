@@ -23,8 +23,8 @@ import jax.numpy as jnp
 # Kernel initialiser equal to PyTorch's default for Conv1d and Linear weights.
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-# PyTorch BatchNorm1d(momentum=0.1) updates running = 0.9 * running + 0.1 * batch; Flax's momentum
-# is the weight on the old value, so the same rule is momentum 0.9. eps is PyTorch's default.
+# PyTorch BatchNorm1d(momentum=0.1) updates running = 0.9 * running + 0.1 * batch; written with
+# Flax's convention (momentum = the weight on the old value) that is 0.9. eps is PyTorch's default.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 # PyTorch LayerNorm default epsilon (Flax's default is 1e-6).
@@ -61,21 +61,56 @@ def compute_dtype(name: Any) -> jnp.dtype:
     return dtype
 
 
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
-    """Batch norm over every axis but the last, with PyTorch's BatchNorm1d defaults.
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm1d over (..., features): every axis but the last is a batch axis.
 
-    In training it normalises with the statistics of the batch (over batch and time; under jit with
-    a batch sharded across devices these are statistics of the global batch) and updates the running
-    averages in the "batch_stats" collection; in evaluation it uses the running averages.
+    Training normalises with the batch mean and the biased batch variance and moves the running
+    averages a tenth of the way towards the batch mean and the *unbiased* batch variance
+    (n / (n - 1) times the biased one), as PyTorch does; Flax's ``nn.BatchNorm`` feeds the biased
+    variance to the running average, which matters at U-Sleep's deepest levels, where a batch of
+    32 single epochs has only 64 samples per channel. Evaluation uses the running averages.
+    Under jit with the batch sharded across devices the statistics are those of the global batch.
+    Statistics are computed in float32 whatever the compute dtype.
+
+    Variables: params "scale", "bias"; batch_stats "mean", "var" (the names Flax uses).
     """
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        running_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            # Two passes (mean first) rather than E[x^2] - E[x]^2: no cancellation.
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if not self.is_initializing():
+                count = math.prod(x.shape[:-1])
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.value = (self.momentum * running_mean.value
+                                      + (1.0 - self.momentum) * mean)
+                running_var.value = (self.momentum * running_var.value
+                                     + (1.0 - self.momentum) * unbiased)
+        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype if self.dtype is not None else x.dtype)
+
+
+def batch_norm(train: bool, dtype: Any, name: str | None = None) -> BatchNorm:
+    """Batch norm with PyTorch's BatchNorm1d defaults (momentum 0.1, eps 1e-5); see BatchNorm."""
+    return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def conv1d(
