@@ -35,7 +35,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,7 +104,44 @@ def supervised(model_cfg, args, mesh):
     return step, state, parallel.host_batch_to_global(host_batch, mesh)
 
 
-MODES = {"supervised": supervised}
+def _kd_setup(model_cfg, args, mesh, *, trained_teacher: bool):
+    """Teacher and student of the same configuration (as the original distils U-Sleep into
+    U-Sleep and the transformer into the transformer), one state holding both."""
+    module = models.build_model(
+        model_cfg, in_channels=CHANNELS, sampling_rate=SAMPLING_RATE, epoch_seconds=EPOCH_SECONDS
+    )
+    config = common.get_config()
+    tx = state_lib.make_optimizer(config.optimizer, total_steps=args.warmup + args.steps)
+    host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
+    input_shape = (1,) + host_batch["ear"].shape[1:]
+    init = functools.partial(models.init_variables, module, input_shape=input_shape)
+    state = jax.jit(
+        lambda key: state_lib.create_state(
+            key, init, tx, init_teacher=init, teacher_tx=tx if trained_teacher else None),
+        out_shardings=parallel.replicated_sharding(mesh),
+    )(jax.random.key(args.seed))
+    return module, tx, config.kd, state, parallel.host_batch_to_global(host_batch, mesh)
+
+
+def offline_kd(model_cfg, args, mesh):
+    """Frozen teacher forward (eval mode) + student step with CE + feature MSE + T^2 KL."""
+    module, tx, kd, state, batch = _kd_setup(model_cfg, args, mesh, trained_teacher=False)
+    kd.feature_weight, kd.response_weight = 1.0, 1.0  # every term is computed and timed
+    step = functools.partial(steps_lib.offline_kd_step, student=module, teacher=module, tx=tx,
+                             kd=kd)
+    return step, state, batch
+
+
+def online_kd(model_cfg, args, mesh):
+    """Teacher and student trained together ("mutual": every cross term is computed)."""
+    module, tx, kd, state, batch = _kd_setup(model_cfg, args, mesh, trained_teacher=True)
+    kd.variant, kd.feature_weight, kd.response_weight = "mutual", 1.0, 1.0
+    step = functools.partial(steps_lib.online_kd_step, student=module, teacher=module, tx=tx,
+                             teacher_tx=tx, kd=kd)
+    return step, state, batch
+
+
+MODES = {"supervised": supervised, "offline_kd": offline_kd, "online_kd": online_kd}
 
 
 def measure(model_name: str, mode: str, args) -> dict:
