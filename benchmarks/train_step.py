@@ -11,6 +11,7 @@ Usage (from the repository root):
 
   python benchmarks/train_step.py --model all                 # batch 32, float32, both models
   python benchmarks/train_step.py --model usleep --dtype bfloat16 --batch 64 --steps 50
+  python benchmarks/train_step.py --model all --mode all       # + offline and online KD steps
 
 One JSON line per (model, mode): model, mode, batch, devices, device_kind, dtype, params,
 compile_s (lowering + XLA compilation of the step), steps, seconds (the timed steps),
