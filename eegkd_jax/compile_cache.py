@@ -1,0 +1,67 @@
+"""JAX's persistent compilation cache, on by default for the entry points.
+
+Compiling the full-size U-Sleep training step takes tens of seconds on a CPU, longer than many
+short runs train; every later process that builds the same program (same shapes, same network,
+same jax/XLA version, same devices) can read the compiled executable from disk instead. JAX keys
+the cache on the lowered program and the compile options, so a stale entry cannot be used for a
+changed model: a changed program simply misses.
+
+Where the cache lives, first match wins:
+
+1. a directory JAX was already given (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``): left alone;
+2. ``EEGKD_COMPILATION_CACHE`` in the environment: a directory, or "" / "off" to turn it off;
+3. the ``directory`` argument;
+4. ``$XDG_CACHE_HOME/eegkd_jax/xla`` (``~/.cache/eegkd_jax/xla``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from absl import logging
+
+ENV_VAR = "EEGKD_COMPILATION_CACHE"
+_OFF = ("", "off", "0", "false", "none")
+
+
+def default_directory() -> pathlib.Path:
+    """``$XDG_CACHE_HOME/eegkd_jax/xla``, or ``~/.cache/eegkd_jax/xla`` without XDG_CACHE_HOME."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "eegkd_jax" / "xla"
+
+
+def enable(directory: str | os.PathLike | None = None, *,
+           min_compile_seconds: float = 1.0) -> pathlib.Path | None:
+    """Turns on the persistent compilation cache; returns its directory (None when off).
+
+    Call it before the first jit compiles (jax.config changes are read at compile time). Programs
+    that compiled in under ``min_compile_seconds`` are not written: they are cheaper to rebuild
+    than to read, and skipping them keeps the directory to the few large steps.
+    """
+    import jax
+
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return pathlib.Path(configured)
+    setting = os.environ.get(ENV_VAR)
+    if setting is not None:
+        if setting.strip().lower() in _OFF:
+            return None
+        path = pathlib.Path(setting).expanduser()
+    elif directory is not None:
+        path = pathlib.Path(directory).expanduser()
+    else:
+        path = default_directory()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        # A read-only home must not stop a run: it only costs the compile time.
+        logging.warning("compilation cache off: cannot create %s (%s)", path, err)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    # Entries of any size: the executables we care about are megabytes anyway.
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    logging.info("persistent compilation cache in %s", path)
+    return path

@@ -1,0 +1,66 @@
+"""The persistent compilation cache switch: where it points, how it is turned off, and that a
+second compilation of the same program in a fresh process state is read from it."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from eegkd_jax import compile_cache
+
+
+@pytest.fixture
+def clean_cache_config(monkeypatch):
+    """No cache configured before the test; whatever the test sets is undone after it."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+    yield monkeypatch
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+def test_default_directory_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_directory() == tmp_path / "eegkd_jax" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert compile_cache.default_directory().parts[-3:] == (".cache", "eegkd_jax", "xla")
+
+
+def test_enable_uses_the_argument_and_creates_it(clean_cache_config, tmp_path):
+    path = compile_cache.enable(tmp_path / "a" / "b", min_compile_seconds=2.5)
+    assert path == tmp_path / "a" / "b" and path.is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(path)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.5
+
+
+def test_environment_overrides_the_argument(clean_cache_config, tmp_path):
+    clean_cache_config.setenv(compile_cache.ENV_VAR, str(tmp_path / "env"))
+    assert compile_cache.enable(tmp_path / "arg") == tmp_path / "env"
+    assert not (tmp_path / "arg").exists()
+
+
+@pytest.mark.parametrize("word", ["", "off", "OFF", "0"])
+def test_environment_turns_it_off(clean_cache_config, tmp_path, word):
+    clean_cache_config.setenv(compile_cache.ENV_VAR, word)
+    assert compile_cache.enable(tmp_path) is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_a_directory_jax_already_has_is_kept(clean_cache_config, tmp_path):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    assert compile_cache.enable(tmp_path / "other") == tmp_path / "mine"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+
+
+def test_compiled_programs_are_written(clean_cache_config, tmp_path):
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = compile_cache.enable(tmp_path, min_compile_seconds=0.0)
+    cc.reset_cache()  # the cache object binds its directory once per process
+    try:
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0).lower(jnp.ones((7, 5))).compile()
+        assert any(path.iterdir()), "nothing written to the compilation cache"
+    finally:
+        cc.reset_cache()
