@@ -108,7 +108,7 @@ def run_workdir(checkpoint: str | pathlib.Path) -> pathlib.Path:
     """The run directory for ``--checkpoint``: a workdir, or its ``checkpoints`` directory (the
     one holding config.json)."""
     path = pathlib.Path(checkpoint).absolute()
-    if (path / ckpt_lib.CONFIG_FILE).is_file() and path.name == ckpt_lib.checkpoint_dir("x").name:
+    if ckpt_lib.checkpoint_dir(path.parent) == path and (path / ckpt_lib.CONFIG_FILE).is_file():
         return path.parent
     return path
 
@@ -130,6 +130,7 @@ def load_trained_model(
     """
     from eegkd_jax.models import build_model
     from eegkd_jax.train import loop
+    from eegkd_jax.train import steps as steps_lib
 
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
@@ -146,8 +147,6 @@ def load_trained_model(
         input_key, model_cfg = "scalp", config.teacher
         params, stats = state["teacher_params"], state.get("teacher_batch_stats")
     else:
-        from eegkd_jax.train import steps as steps_lib
-
         input_key, model_cfg = steps_lib.student_input(config), loop.trained_model_config(config)
         params, stats = state["params"], state.get("batch_stats")
     derivations = tuple(config.data[f"{input_key}_derivations"] or ())

@@ -1,0 +1,476 @@
+"""The leave-one-subject-out (LOSO) study of the paper as one resumable command.
+
+    python -m eegkd_jax.study --workdir=runs/loso [--reduced] [--data_path=DIR] [--config.*=...]
+
+For every fold (one test subject):
+
+1. validation subjects are taken from the fold's training side (the subjects that follow the test
+   subject in sorted order, wrapping around), never the test subject;
+2. each method is trained with ``train.loop.train_and_evaluate`` on the fold's split, in its own
+   sub-workdir ``<workdir>/fold-XX-<subject>/<method>``: the scalp teacher (supervised :scalp),
+   the ear baseline (supervised :ear), transfer learning and offline KD (both from that fold's
+   teacher), online KD and mutual learning;
+3. each run is scored on the test subject with ``evaluate.evaluate_checkpoint`` using its best
+   checkpoint by *validation* kappa (``study.checkpoint``); nothing is ever chosen on the test
+   subject.
+
+Results: ``<workdir>/results.md`` and ``results.csv`` (accuracy, kappa and macro-F1 per method, mean
+and sample standard deviation over folds), ``per_fold.csv`` (one row per fold and method, with the
+fold's train / validation / test subjects), ``folds/<fold>.json``.
+
+Resuming: a run whose training finished leaves ``done.json`` and one whose test evaluation finished
+``test_result.json``; both are skipped on the next invocation. A run interrupted mid-training has
+checkpoints but no ``done.json``: ``train_and_evaluate`` resumes it from its latest checkpoint. The
+study's config is stored in ``study_config.json``; re-running the same workdir with a different
+config is refused (the finished runs would no longer match it).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+SCORES = ("accuracy", "kappa", "macro_f1")
+STUDY_CONFIG = "study_config.json"
+DONE = "done.json"
+TEST_RESULT = "test_result.json"
+# Methods that start from the fold's scalp teacher.
+NEEDS_TEACHER = ("transfer", "offline_kd")
+TEACHER = "scalp_teacher"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """One LOSO fold: its index, the held-out subject and the subjects it trains / validates on."""
+
+    index: int
+    test: str
+    validation: tuple[str, ...]
+    train: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"fold-{self.index:02d}-{self.test}"
+
+
+def plan_folds(subjects: Sequence[str], study_cfg) -> list[Fold]:
+    """The folds of the study over ``subjects``.
+
+    Test subjects: ``study_cfg.test_subjects`` if given, else the first ``study_cfg.folds`` subjects
+    in sorted order (0 = all). Validation: the ``num_validation_subjects`` subjects that follow the
+    test subject in sorted order, wrapping around, so each fold validates on subjects of its own
+    training side and, over a full LOSO, every subject validates once per validation slot.
+
+    Raises:
+      ValueError: unknown or repeated test subjects, or too few subjects to train on.
+    """
+    ordered = tuple(sorted(subjects))
+    n_val = int(study_cfg.num_validation_subjects)
+    if len(ordered) < n_val + 2:
+        raise ValueError(f"LOSO needs at least {n_val + 2} subjects (1 test, {n_val} validation, "
+                         f"1 training); the cohort has {list(ordered)}")
+    tests = tuple(study_cfg.test_subjects or ())
+    if tests:
+        unknown = sorted(set(tests) - set(ordered))
+        if unknown:
+            raise ValueError(f"study.test_subjects {unknown} are not in the cohort {list(ordered)}")
+        if len(set(tests)) != len(tests):
+            raise ValueError(f"study.test_subjects repeats subjects: {list(tests)}")
+    else:
+        count = int(study_cfg.folds) or len(ordered)
+        if not 0 < count <= len(ordered):
+            raise ValueError(f"study.folds={study_cfg.folds} for a cohort of {len(ordered)}")
+        tests = ordered[:count]
+    folds = []
+    for index, test in enumerate(tests):
+        position = ordered.index(test)
+        validation = tuple(sorted(ordered[(position + k) % len(ordered)]
+                                  for k in range(1, n_val + 1)))
+        train = tuple(s for s in ordered if s != test and s not in validation)
+        folds.append(Fold(index, test, validation, train))
+    return folds
+
+
+def _mode_configs():
+    """Method name -> (mode config file, variant), from configs/loso.py."""
+    from configs import loso
+
+    return loso.METHODS
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, fold: Fold,
+                  teacher_workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The training config of one method in one fold.
+
+    Everything shared (data, networks, optimiser, steps) comes from the study config; the mode,
+    the input and the distillation settings come from the mode's own config file
+    (``configs/<mode>.py:<variant>``), so a study run trains what ``train.py`` would.
+    """
+    import importlib
+
+    methods = _mode_configs()
+    if method not in methods:
+        raise ValueError(f"unknown study method {method!r}; known: {list(methods)}")
+    file, variant = methods[method]
+    mode_cfg = importlib.import_module(f"configs.{file}").get_config(variant)
+
+    shared = config.to_dict()
+    shared.pop("study", None)
+    cfg = ml_collections.ConfigDict(shared)
+    cfg.mode = mode_cfg.mode
+    cfg.supervised_input = mode_cfg.supervised_input
+    for field in ("variant", "feature_weight", "response_weight"):
+        cfg.kd[field] = mode_cfg.kd[field]
+    cfg.kd.teacher_workdir = ""
+    if cfg.mode in NEEDS_TEACHER:
+        cfg.kd.teacher_workdir = str(teacher_workdir)
+        cfg.kd.teacher_checkpoint = config.study.checkpoint  # picked on validation, like any run
+    if cfg.mode == "transfer":
+        cfg.model = cfg.teacher.copy_and_resolve_references()  # initialised from the teacher
+    cfg.data.test_subjects = (fold.test,)
+    cfg.data.validation_subjects = fold.validation
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable steps
+
+
+def _is_main() -> bool:
+    """Process 0 writes the study's files (every process trains; see train.loop)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    if not _is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # a marker is either whole or absent
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def check_study_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Stores the study config in a new workdir; in an existing one, refuses a different config."""
+    wanted = json.loads(config.to_json_best_effort(sort_keys=True))
+    path = workdir / STUDY_CONFIG
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        old, new = _flat(stored), _flat(wanted)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a study with a different config (changed: {changed[:8]}"
+                f"{' ...' if len(changed) > 8 else ''}); its finished runs would not match. "
+                "Use a new --workdir, or delete the old one to start over.")
+        return
+    _write_json(path, wanted)
+
+
+def train_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict:
+    """Trains one run unless its ``done.json`` says it finished; returns the final validation."""
+    from eegkd_jax.train import loop
+
+    done = run_dir / DONE
+    if done.is_file():
+        logging.info("study: %s finished before, skipped", run_dir)
+        return json.loads(done.read_text())["validation"]
+    started = time.time()
+    validation = loop.train_and_evaluate(cfg, run_dir)
+    _write_json(done, {"validation": validation, "seconds": round(time.time() - started, 1)})
+    return validation
+
+
+def score_run(run_dir: pathlib.Path, fold: Fold, checkpoint: str) -> dict:
+    """Scores one run on its fold's test subject unless ``test_result.json`` exists; returns the
+    pooled summary of the test night plus "step"."""
+    from eegkd_jax import evaluate
+
+    marker = run_dir / TEST_RESULT
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    results = evaluate.evaluate_checkpoint(run_dir, run_dir / "test", checkpoint=checkpoint,
+                                           split="test")
+    scored = sorted(results["per_subject"])
+    if scored != [fold.test]:  # the run's own split must hold exactly the fold's test subject
+        raise RuntimeError(f"{run_dir}: evaluated {scored}, expected [{fold.test!r}]")
+    overall = results["overall"]
+    summary = {k: float(overall[k]) for k in SCORES}
+    summary.update(step=int(results["step"]), num_epochs=int(overall["num_epochs"]))
+    _write_json(marker, summary)
+    return summary
+
+
+def use_compilation_cache(setting: str, workdir: pathlib.Path) -> None:
+    """Turns on JAX's persistent compilation cache for the study's runs: every fold compiles the
+    same programs (same shapes, same networks), so only the first fold pays for compiling, which
+    dominates short runs. ``setting``: "auto" (``<workdir>/xla_cache``), "" (off) or a directory.
+    A cache directory the user configured already (``JAX_COMPILATION_CACHE_DIR``) is left alone."""
+    import jax
+
+    if not setting or jax.config.jax_compilation_cache_dir:
+        return
+    path = workdir / "xla_cache" if setting == "auto" else pathlib.Path(setting)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    logging.info("study: persistent compilation cache in %s", path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Runs (or resumes) the whole LOSO study in ``workdir`` and writes its tables.
+
+    Args:
+      config: a ``configs/loso.py`` config (the shared settings plus the ``study`` group).
+      workdir: the study's directory.
+
+    Returns:
+      {"folds": [fold records], "summary": {method: {metric: {"mean", "sd", "folds"}}},
+       "files": {name: path}}. A fold record holds test / validation / train subjects and, per
+      method, the validation result, the test scores and the subjects its run actually used.
+    """
+    from eegkd_jax import parallel
+    from eegkd_jax.data import pipeline
+
+    # Before anything touches a device: a multi-host study starts like each of its runs does.
+    use_compilation_cache(config.study.compilation_cache, pathlib.Path(workdir).absolute())
+    parallel.maybe_initialize_distributed(config.distributed)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    methods = tuple(config.study.methods)
+    known = _mode_configs()
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise ValueError(f"study.methods {list(methods)}: choose from {list(known)}")
+    if any(m in NEEDS_TEACHER for m in methods) and TEACHER not in methods:
+        raise ValueError(f"study.methods {list(methods)} include {list(NEEDS_TEACHER)}, which "
+                         f"start from the fold's teacher: add {TEACHER!r}")
+    # The teacher first: transfer and offline KD restore it.
+    methods = tuple(sorted(methods, key=lambda m: list(known).index(m)))
+    check_study_config(config, workdir)
+
+    cohort = pipeline.prepare_cohort(config.data)  # built once; every run reuses the shards
+    folds = plan_folds(cohort.subjects, config.study)
+    logging.info("study: %d folds x %d methods over %s", len(folds), len(methods),
+                 list(cohort.subjects))
+    records = []
+    for fold in folds:
+        fold_dir = workdir / fold.name
+        record = {"fold": fold.index, "test": fold.test, "validation": list(fold.validation),
+                  "train": list(fold.train), "methods": {}}
+        for method in methods:
+            run_dir = fold_dir / method
+            cfg = method_config(config, method, fold, fold_dir / TEACHER)
+            splits = pipeline.subject_splits(cohort.subjects, cfg.data)
+            if fold.test in splits.train + splits.validation or splits.test != (fold.test,):
+                raise RuntimeError(f"{run_dir}: split {splits} leaks the test subject {fold.test}")
+            logging.info("study: %s %s", fold.name, method)
+            validation = train_run(cfg, run_dir)
+            scores = score_run(run_dir, fold, str(config.study.checkpoint))
+            record["methods"][method] = {
+                "test": scores, "validation": validation,
+                "train_subjects": list(splits.train),
+                "validation_subjects": list(splits.validation),
+                "test_subjects": list(splits.test),
+            }
+        _write_json(workdir / "folds" / f"{fold.name}.json", record)
+        records.append(record)
+        files = write_tables(workdir, records, methods)  # partial tables after every fold
+    summary = summarize(records, methods)
+    return {"folds": records, "summary": summary, "files": files}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict[str, dict]:
+    """{method: {metric: {"mean", "sd", "folds"}}} over the folds' test scores; "sd" is the sample
+    standard deviation (ddof=1), None with a single fold."""
+    out = {}
+    for method in methods:
+        out[method] = {}
+        for metric in SCORES:
+            values = np.array([r["methods"][method]["test"][metric] for r in records
+                               if method in r["methods"]], dtype=np.float64)
+            out[method][metric] = {
+                "mean": float(values.mean()) if values.size else None,
+                "sd": float(values.std(ddof=1)) if values.size > 1 else None,
+                "folds": int(values.size),
+            }
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
+    if not _is_main():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_tables(workdir: pathlib.Path, records: Sequence[dict],
+                 methods: Sequence[str]) -> dict[str, pathlib.Path]:
+    """Writes results.md, results.csv and per_fold.csv for the folds in ``records``."""
+    summary = summarize(records, methods)
+    per_fold_rows = []
+    for r in records:
+        for method in methods:
+            entry = r["methods"][method]
+            test = entry["test"]
+            per_fold_rows.append([
+                r["fold"], r["test"], method, " ".join(entry["validation_subjects"]),
+                " ".join(entry["train_subjects"]), test["step"], test["num_epochs"],
+                *(f"{test[m]:.6f}" for m in SCORES)])
+    per_fold = _write_text(workdir / "per_fold.csv", _csv_text(
+        ["fold", "test_subject", "method", "validation_subjects", "train_subjects", "step",
+         "test_epochs", *SCORES], per_fold_rows))
+
+    result_rows = []
+    for method in methods:
+        row = [method, summary[method]["kappa"]["folds"]]
+        for metric in SCORES:
+            s = summary[method][metric]
+            row += ["" if s["mean"] is None else f"{s['mean']:.6f}",
+                    "" if s["sd"] is None else f"{s['sd']:.6f}"]
+        result_rows.append(row)
+    results_csv = _write_text(workdir / "results.csv", _csv_text(
+        ["method", "folds", *(f"{m}_{k}" for m in SCORES for k in ("mean", "sd"))], result_rows))
+
+    names = {"accuracy": "Accuracy", "kappa": "Kappa", "macro_f1": "Macro-F1"}
+    lines = [
+        "# Leave-one-subject-out study",
+        "",
+        f"{len(records)} fold(s); each method scored on its fold's held-out subject with its best "
+        "checkpoint by validation kappa. Mean ± sample SD over folds.",
+        "",
+        "| Method | " + " | ".join(names[m] for m in SCORES) + " |",
+        "|---|" + "---|" * len(SCORES),
+    ]
+    for method in methods:
+        cells = []
+        for metric in SCORES:
+            s = summary[method][metric]
+            cells.append(_fmt(s["mean"]) + ("" if s["sd"] is None else f" ± {_fmt(s['sd'])}"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per fold", "",
+              "| Fold | Test | Validation | Method | Step | Accuracy | Kappa | Macro-F1 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        for method in methods:
+            test = r["methods"][method]["test"]
+            lines.append(f"| {r['fold']} | {r['test']} | {' '.join(r['validation'])} | {method} | "
+                         f"{test['step']} | " + " | ".join(_fmt(test[m]) for m in SCORES) + " |")
+    results_md = _write_text(workdir / "results.md", "\n".join(lines) + "\n")
+    return {"results.md": results_md, "results.csv": results_csv, "per_fold.csv": per_fold}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+LOSO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "loso.py"
+
+
+_CONFIG = None
+
+
+def define_flags():
+    """Defines the flags once (not at import, so importing the library leaves absl's registry
+    alone); returns the ``--config`` holder."""
+    global _CONFIG
+    if _CONFIG is None:
+        from absl import flags
+        from ml_collections import config_flags
+
+        _CONFIG = config_flags.DEFINE_config_file(
+            "config", str(LOSO_CONFIG), "Study config (configs/loso.py[:variant]).",
+            lock_config=True)
+        flags.DEFINE_string("workdir", "runs/loso", "The study's directory (resumable).")
+        flags.DEFINE_string("data_path", None,
+                            "An EESM17 BIDS root: sets data.path (and data.source=eesm17 unless "
+                            "the config names another on-disk source).")
+    return _CONFIG
+
+
+def expand_reduced(argv: Sequence[str]) -> list[str]:
+    """``--reduced`` -> ``--config=<repo>/configs/loso.py:reduced`` (the shorthand of the command
+    line). Done on ``sys.argv`` before the flags are defined, because config_flags reads its
+    ``--config.*`` overrides from there."""
+    from absl import app
+
+    argv = list(argv)
+    if "--reduced" not in argv:
+        return argv
+    argv.remove("--reduced")
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        raise app.UsageError("--reduced selects configs/loso.py:reduced; with --config, add "
+                             "':reduced' to it instead")
+    return [argv[0], f"--config={LOSO_CONFIG}:reduced", *argv[1:]]
+
+
+def main(argv) -> None:
+    """absl main: the config comes from ``--config`` (see ``define_flags``)."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    config = define_flags().value
+    data_path = flags.FLAGS.data_path
+    if data_path:
+        config.data.path = data_path
+        if config.data.source == "simulated":
+            config.data.source = "eesm17"
+    started = time.time()
+    result = run_study(config, flags.FLAGS.workdir)
+    print(result["files"]["results.md"].read_text())
+    print(f"study finished in {time.time() - started:.0f} s: {result['files']['results.md']}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import app
+
+    sys.argv = expand_reduced(sys.argv)
+    define_flags()
+    app.run(main)

@@ -1,0 +1,288 @@
+"""The LOSO study: fold planning, per-method configs, and a tiny two-fold study end to end (every
+method trained for two steps on a three-subject simulated cohort), re-run to check that finished
+work is skipped and an interrupted run is picked up again."""
+
+import csv
+import json
+
+import jax
+import ml_collections
+import pytest
+
+from configs import loso
+from eegkd_jax import study
+
+METHODS = tuple(loso.METHODS)
+
+
+def tiny_config(cache_dir):
+    config = loso.get_config("tiny")
+    config.data.cache_dir = str(cache_dir)
+    config.data.sampling_rate = 8.0  # 240 samples per epoch
+    config.data.simulated.subjects = 3  # per fold: 1 test, 1 validation, 1 training subject
+    config.study.folds = 2
+    config.max_steps = 2
+    config.log_every_steps = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """One built tiny cohort for the whole module (the splits are not part of the shards)."""
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """Both folds compile the same programs (same shapes, same models): a persistent XLA cache lets
+    the second fold reuse the first's. (Not jax_disable_most_optimizations: it gives NaN gradients
+    for the tiny U-Sleep on XLA:CPU, see tests/test_train.py.)"""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = tmp_path_factory.mktemp("xla_cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
+
+
+def test_plan_folds_never_validates_or_trains_on_the_test_subject():
+    subjects = [f"s{i}" for i in range(5)]
+    cfg = loso.get_config().study
+    folds = study.plan_folds(reversed(subjects), cfg)
+    assert [f.test for f in folds] == subjects  # every subject held out once, sorted
+    for fold in folds:
+        assert fold.test not in fold.validation + fold.train
+        assert sorted((fold.test, *fold.validation, *fold.train)) == subjects
+        assert len(fold.validation) == 1
+    assert sorted(v for f in folds for v in f.validation) == subjects  # each validates once
+    assert folds[-1].validation == ("s0",)  # wraps around
+
+    cfg.num_validation_subjects = 2
+    cfg.test_subjects = ("s3",)
+    (fold,) = study.plan_folds(subjects, cfg)
+    assert fold.validation == ("s0", "s4") and fold.train == ("s1", "s2")
+    cfg.test_subjects = ("s9",)
+    with pytest.raises(ValueError, match=r"\['s9'\] are not in the cohort"):
+        study.plan_folds(subjects, cfg)
+    cfg.test_subjects = ()
+    with pytest.raises(ValueError, match="at least 4 subjects"):
+        study.plan_folds(subjects[:3], cfg)
+
+
+def test_method_configs_follow_the_mode_files(tmp_path):
+    from eegkd_jax.data import pipeline
+
+    config = loso.get_config("reduced")
+    fold = study.Fold(1, "sim-02", ("sim-03",), ("sim-01", "sim-04"))
+    teacher = tmp_path / "fold" / "scalp_teacher"
+    made = {m: study.method_config(config, m, fold, teacher) for m in METHODS}
+    assert {m: (c.mode, c.supervised_input) for m, c in made.items() if c.mode == "supervised"} == {
+        "scalp_teacher": ("supervised", "scalp"), "ear_baseline": ("supervised", "ear")}
+    assert made["transfer"].mode == "transfer" and made["transfer"].kd.teacher_workdir == str(teacher)
+    assert made["transfer"].model.to_dict() == config.teacher.to_dict()
+    assert made["offline_kd"].kd.teacher_workdir == str(teacher)
+    assert made["offline_kd"].kd.teacher_checkpoint == "best"
+    assert made["online_kd"].kd.variant == "original" and made["mutual"].kd.variant == "mutual"
+    assert made["mutual"].kd.response_weight > 0 and made["online_kd"].kd.response_weight == 0
+    assert made["online_kd"].kd.teacher_workdir == ""
+    for m, c in made.items():
+        assert "study" not in c
+        # The shared settings are the study's, not the mode file's own CPU defaults.
+        assert c.data.simulated.hours == config.data.simulated.hours and c.max_steps == 40
+        assert c.model.depth == config.model.depth == 4
+        splits = pipeline.subject_splits([f"sim-0{i}" for i in range(1, 5)], c.data)
+        assert splits.test == ("sim-02",) and splits.validation == ("sim-03",)
+        assert splits.train == ("sim-01", "sim-04")
+    with pytest.raises(ValueError, match="unknown study method 'kd'"):
+        study.method_config(config, "kd", fold, teacher)
+
+
+def fake_training(monkeypatch, calls):
+    """Replaces training and scoring with instant stand-ins that record what they were asked and
+    return scores that identify the (fold, method): kappa = 0.1 * (test subject number) + 0.01 *
+    (method index)."""
+    from eegkd_jax import checkpoint as ckpt_lib
+    from eegkd_jax import evaluate
+    from eegkd_jax.train import loop
+
+    def train(cfg, run_dir):
+        calls.append(("train", run_dir.parent.name, run_dir.name, cfg))
+        ckpt_lib.save_config(cfg, run_dir)
+        return {"step": 2, "kappa": 0.5}
+
+    def score(run_dir, out_dir, *, checkpoint, split):
+        cfg = ckpt_lib.load_config(run_dir)
+        calls.append(("eval", run_dir.parent.name, run_dir.name, checkpoint, split))
+        (test,) = cfg.data.test_subjects
+        kappa = 0.1 * int(test[-2:]) + 0.01 * METHODS.index(run_dir.name)
+        overall = {"accuracy": kappa + 0.2, "kappa": kappa, "macro_f1": kappa + 0.1,
+                   "num_epochs": 24}
+        return {"overall": overall, "per_subject": {test: overall}, "step": 2}
+
+    monkeypatch.setattr(loop, "train_and_evaluate", train)
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", score)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_method_every_fold_in_order_with_clean_splits(tmp_path, monkeypatch, tfds_dir):
+    config = tiny_config(tfds_dir)
+    config.study.folds = 0  # all three subjects
+    calls = []
+    fake_training(monkeypatch, calls)
+    result = study.run_study(config, tmp_path / "loso")
+
+    trained = [c for c in calls if c[0] == "train"]
+    assert [(fold, method) for _, fold, method, _ in trained] == [
+        (f"fold-{i:02d}-sim-0{i + 1}", m) for i in range(3) for m in METHODS]
+    for _, fold, method, cfg in trained:
+        test = fold[-6:]
+        assert cfg.data.test_subjects == (test,) and test not in cfg.data.validation_subjects
+        if method in ("transfer", "offline_kd"):  # from this fold's own teacher
+            assert cfg.kd.teacher_workdir == str(tmp_path / "loso" / fold / "scalp_teacher")
+    assert all(c[3:] == ("best", "test") for c in calls if c[0] == "eval")
+
+    per_fold = read_csv(tmp_path / "loso" / "per_fold.csv")
+    assert len(per_fold) == 3 * len(METHODS)
+    for row in per_fold:
+        assert row["test_subject"] not in row["validation_subjects"].split()
+        assert row["test_subject"] not in row["train_subjects"].split()
+        assert sorted([row["test_subject"], *row["validation_subjects"].split(),
+                       *row["train_subjects"].split()]) == ["sim-01", "sim-02", "sim-03"]
+    results = read_csv(tmp_path / "loso" / "results.csv")
+    assert list(results[0]) == ["method", "folds", "accuracy_mean", "accuracy_sd", "kappa_mean",
+                                "kappa_sd", "macro_f1_mean", "macro_f1_sd"]
+    for i, (row, method) in enumerate(zip(results, METHODS, strict=True)):
+        assert row["method"] == method and row["folds"] == "3"
+        assert float(row["kappa_mean"]) == pytest.approx(0.2 + 0.01 * i)  # folds 0.1, 0.2, 0.3
+        assert float(row["kappa_sd"]) == pytest.approx(0.1)  # sample SD of 0.1, 0.2, 0.3
+        assert float(row["accuracy_mean"]) == pytest.approx(0.4 + 0.01 * i)
+    md = (tmp_path / "loso" / "results.md").read_text()
+    assert "| offline_kd | 0.430 ± 0.100 | 0.230 ± 0.100 | 0.330 ± 0.100 |" in md
+    assert len([line for line in md.splitlines() if line.startswith("| 2 | sim-03 |")]) == 6
+    assert result["summary"]["mutual"]["kappa"]["folds"] == 3
+
+    calls.clear()
+    again = study.run_study(config, tmp_path / "loso")  # all finished: nothing runs
+    assert calls == [] and again["summary"] == result["summary"]
+
+
+def test_teacher_dependent_methods_need_the_teacher(tmp_path, tfds_dir):
+    config = tiny_config(tfds_dir)
+    config.study.methods = ("ear_baseline", "offline_kd")
+    with pytest.raises(ValueError, match="add 'scalp_teacher'"):
+        study.run_study(config, tmp_path / "loso")
+    config.study.methods = ("ear_baseline", "kd")
+    with pytest.raises(ValueError, match="choose from"):
+        study.run_study(config, tmp_path / "loso")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, compilation_cache, tfds_dir):
+    """Two folds of real two-step training and scoring of the scalp teacher. The other methods run
+    through the same train_and_evaluate / evaluate_checkpoint (tested in test_train / test_eval),
+    and compiling each one's steps costs ~30 s on a loaded 2-core CPU, so the test above checks
+    all six, and their wiring to the fold's teacher, with stand-ins."""
+    root = tmp_path_factory.mktemp("study")
+    config = tiny_config(tfds_dir)
+    config.study.methods = ("scalp_teacher",)
+    result = study.run_study(config, root / "loso")
+    return config, root / "loso", result
+
+
+def test_tiny_study_trains_scores_and_tabulates(finished):
+    config, workdir, result = finished
+    per_fold = read_csv(workdir / "per_fold.csv")
+    assert [(r["test_subject"], r["method"]) for r in per_fold] == [
+        ("sim-01", "scalp_teacher"), ("sim-02", "scalp_teacher")]
+    for row in per_fold:
+        assert row["test_subject"] not in row["validation_subjects"].split()
+        assert row["test_subject"] not in row["train_subjects"].split()
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+        assert int(row["test_epochs"]) > 0 and int(row["step"]) == 2  # validated at step 2
+    (row,) = read_csv(workdir / "results.csv")
+    assert row["method"] == "scalp_teacher" and row["folds"] == "2"
+    kappas = [float(p["kappa"]) for p in per_fold]
+    assert float(row["kappa_mean"]) == pytest.approx(sum(kappas) / 2, abs=1e-6)
+    saved = json.loads((workdir / "folds" / "fold-01-sim-02.json").read_text())
+    assert saved["validation"] == ["sim-03"] and saved["train"] == ["sim-01"]
+    # The run's own saved config holds the fold's split, and its report the test night.
+    run = workdir / "fold-01-sim-02" / "scalp_teacher"
+    run_config = json.loads((run / "checkpoints" / "config.json").read_text())
+    assert run_config["data"]["test_subjects"] == ["sim-02"]
+    assert run_config["data"]["validation_subjects"] == ["sim-03"]
+    report = json.loads((run / "test" / "report.json").read_text())
+    assert list(report["per_subject"]) == ["sim-02"] and report["metadata"]["input"] == "scalp"
+
+
+def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(finished, monkeypatch):
+    config, workdir, result = finished
+    from eegkd_jax import evaluate
+    from eegkd_jax.train import loop
+
+    calls = {"train": [], "eval": []}
+    real_train, real_eval = loop.train_and_evaluate, evaluate.evaluate_checkpoint
+
+    def counting_train(cfg, run_dir):
+        calls["train"].append(run_dir)
+        return real_train(cfg, run_dir)
+
+    def counting_eval(run_dir, *args, **kwargs):
+        calls["eval"].append(run_dir)
+        return real_eval(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", counting_train)
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", counting_eval)
+    again = study.run_study(config, workdir)
+    assert calls == {"train": [], "eval": []}  # everything was finished
+    assert again["summary"] == result["summary"]
+
+    # A run "killed" after its last checkpoint but before it was marked done: only it is trained
+    # (resumed from its checkpoint, so no new steps) and scored again, to the same result.
+    run = workdir / "fold-00-sim-01" / "scalp_teacher"
+    (run / study.DONE).unlink()
+    (run / study.TEST_RESULT).unlink()
+    again = study.run_study(config, workdir)
+    assert calls["train"] == [run] and calls["eval"] == [run]
+    assert again["summary"] == result["summary"]
+
+    changed = config.copy_and_resolve_references()
+    changed.max_steps = 3
+    with pytest.raises(ValueError, match=r"different config \(changed: \['max_steps'\]\)"):
+        study.run_study(changed, workdir)
+
+
+def test_cli_flags_reduced_and_overrides(monkeypatch):
+    from absl import app, flags
+
+    argv = study.expand_reduced(["study", "--reduced", "--workdir=/tmp/x", "--config.max_steps=7",
+                                 "--data_path=/data/eesm17"])
+    assert argv[1] == f"--config={study.LOSO_CONFIG}:reduced"
+    monkeypatch.setattr("sys.argv", argv)  # config_flags finds the --config.* overrides there
+    before = set(flags.FLAGS)
+    try:
+        holder = study.define_flags()
+        flags.FLAGS(argv)
+        config = holder.value
+        assert config.study.folds == 3 and config.max_steps == 7 and flags.FLAGS.workdir == "/tmp/x"
+        assert flags.FLAGS.data_path == "/data/eesm17"
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        study._CONFIG = None
+    with pytest.raises(app.UsageError, match="add ':reduced'"):
+        study.expand_reduced(["study", "--reduced", "--config=configs/loso.py"])
+
+
+def test_config_variants():
+    assert isinstance(loso.get_config(), ml_collections.ConfigDict)
+    assert loso.get_config().study.folds == 0  # full LOSO
+    with pytest.raises(ValueError, match="do not combine"):
+        loso.get_config("reduced,tiny")
