@@ -28,6 +28,6 @@ def get_config(arg: str = ""):
         m.depth = 8
         m.initial_filters = 5
         m.complexity_factor = 1.0
-    c.num_epochs = 6
+    c.num_epochs = 4
     c.log_every_steps = 20
     return common.apply_size_variant(c, words)
