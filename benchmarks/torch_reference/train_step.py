@@ -90,12 +90,14 @@ def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
     load_before = _load()
     step_seconds = []
     losses = []
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         losses.append(step())
         step_seconds.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     if not all(math.isfinite(v) for v in losses):
         raise RuntimeError(f"{name}: non-finite loss during the benchmark: {losses}")
     return {
@@ -111,6 +113,9 @@ def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
         "host": socket.gethostname(),
         # Context for reading the number on a shared machine.
         "median_step_s": round(statistics.median(step_seconds), 4),
+        # CPU time of this process over the timed steps (all its threads, spin-waits included):
+        # with threads=1 on a loaded machine, batch * steps / cpu_s approximates the idle rate.
+        "cpu_s": round(cpu_seconds, 3),
         "min_step_s": round(min(step_seconds), 4),
         "warmup": warmup,
         "interop_threads": torch.get_num_interop_threads(),
