@@ -41,43 +41,59 @@ def fast_compiles():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def save_run(workdir, config, input_key, seed, steps=((1, 0.5),)):
-    """Writes config.json and checkpoints of a freshly initialised model; returns {step: state}."""
+def save_run(workdir, config, state, scale, steps=((1, 0.5),)):
+    """Writes config.json and checkpoints of ``state`` with its parameters scaled by
+    ``scale * (1 + 0.3 * step)``, so that every run and step is a different network."""
+    ckpt_lib.save_config(config, workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=5)
+    saved = {}
+    for step, kappa in steps:
+        params = jax.tree.map(lambda p, s=step: p * scale * (1.0 + 0.3 * s), state.params)
+        saved[step] = state.replace(step=state.step + step, params=params)
+        checkpointer.save(saved[step], metrics={"kappa": kappa})
+    checkpointer.close()
+    return saved
+
+
+def fresh_state(config, seed):
+    """(module, TrainState) of the config's trained model, freshly initialised."""
     from eegkd_jax.models import build_model, init_variables
     from eegkd_jax.train import loop
 
-    n_in = len(config.data[f"{input_key}_derivations"])
+    n_in = len(config.data[f"{config.supervised_input}_derivations"])
     module = build_model(loop.trained_model_config(config), in_channels=n_in,
                          sampling_rate=MODEL_RATE)
     tx = state_lib.make_optimizer(config.optimizer, 10)
     state = jax.jit(lambda key: state_lib.create_state(
         key, lambda k: init_variables(module, k, (1, 300, n_in)), tx))(jax.random.PRNGKey(seed))
-    ckpt_lib.save_config(config, workdir)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=5)
-    saved = {}
-    for step, kappa in steps:
-        params = jax.tree.map(lambda p, s=step: p * (1.0 + 0.3 * s), state.params)
-        saved[step] = state.replace(step=state.step + step, params=params)
-        checkpointer.save(saved[step], metrics={"kappa": kappa})
-    checkpointer.close()
-    return module, saved
+    return module, state
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Three runs: "ear" (U-Sleep on ear-EEG, best step 1, latest 2), "scalp" (U-Sleep on scalp),
+    "cmt" (a narrow transformer on ear-EEG). Their data configs build a 10-Hz simulated cohort in
+    the tmp dir (used by the test against evaluate_checkpoint)."""
     root = tmp_path_factory.mktemp("runs")
-    made = {}
-    for name, variant, model in (("ear", "ear,tiny", "usleep"), ("scalp", "scalp,tiny", "usleep"),
-                                 ("cmt", "ear,tiny", "cmt")):
+    configs = {}
+    for name, variant in (("ear", "ear,tiny"), ("scalp", "scalp,tiny"), ("cmt", "ear,tiny")):
         config = supervised.get_config(variant)
         config.data.sampling_rate = MODEL_RATE
-        if model == "cmt":
+        config.data.cache_dir = str(root / "tfds")
+        if name == "cmt":
             config.model = common.cmt_config()
             config.model.update(d_model=16, num_heads=2, d_ff=32)
-        steps = ((1, 0.5), (2, 0.1)) if name == "ear" else ((1, 0.5),)
-        module, saved = save_run(root / name, config, config.supervised_input, 3 + len(made), steps)
-        made[name] = (root / name, module, saved)
-    return made
+        configs[name] = config
+    # Scalp and ear U-Sleeps have the same shapes (three derivations each): one init serves both.
+    usleep, usleep_state = fresh_state(configs["ear"], 3)
+    cmt, cmt_state = fresh_state(configs["cmt"], 4)
+    return {
+        "ear": (root / "ear", usleep,
+                save_run(root / "ear", configs["ear"], usleep_state, 1.0, ((1, 0.5), (2, 0.1)))),
+        "scalp": (root / "scalp", usleep, save_run(root / "scalp", configs["scalp"], usleep_state,
+                                                   0.8)),
+        "cmt": (root / "cmt", cmt, save_run(root / "cmt", configs["cmt"], cmt_state, 1.0)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +210,36 @@ def test_usleep_in_pieces_when_asked(runs, edf_dir):
     assert probabilities.shape == (SCORED_EPOCHS, 5) and predicted.shape == (SCORED_EPOCHS,)
     first_two, _ = predict.predict_probabilities(model, night.ear[: 2 * 300], night.labels[:2])
     np.testing.assert_allclose(probabilities[:2], first_two, atol=1e-5)
+
+
+def test_an_exported_simulated_night_is_staged_as_evaluation_staged_it(runs, tmp_path):
+    """The cohort's night sim-01, written to EDF and staged by the predict tool, gets the stages and
+    probabilities evaluate_checkpoint gave it from the training pipeline's shards: the tool feeds
+    the model what it was trained on (derivations, rejections, filtering, rate, scaling)."""
+    import mne
+
+    from eegkd_jax import evaluate
+    from eegkd_jax.data import simulate
+
+    workdir = runs["ear"][0]
+    evaluate.evaluate_checkpoint(workdir, tmp_path / "eval", subjects=["sim-01"], batch_size=8)
+    _, want_stages, want_probabilities = report.read_hypnogram_tsv(
+        tmp_path / "eval" / "hypnograms" / "sim-01.tsv")
+
+    config = ckpt_lib.load_config(workdir)
+    night = simulate.simulate_recording("sim-01", seed=config.data.simulated.seed,
+                                        hours=config.data.simulated.hours)
+    signal = np.concatenate([night.scalp, night.ear], axis=1).T.astype(np.float64) * 1e-6
+    names = [*night.scalp_channels, *night.ear_channels]
+    raw = mne.io.RawArray(signal, mne.create_info(names, night.sampling_rate, "eeg"),
+                          verbose="error")
+    mne.export.export_raw(str(tmp_path / "sim-01-PSG.edf"), raw, fmt="edf", verbose="error")
+    # The training windows were single epochs (sequence_length 1): stage the same way.
+    result = predict.predict_recording(workdir, tmp_path / "sim-01-PSG.edf", tmp_path / "pred",
+                                       max_sequence_epochs=1)
+    _, stages, probabilities = report.read_hypnogram_tsv(result["tsv"])
+    np.testing.assert_array_equal(stages, want_stages)
+    np.testing.assert_allclose(probabilities, want_probabilities, atol=2e-4)
 
 
 def test_wrong_channels_and_rate_name_the_file(runs, tmp_path):
