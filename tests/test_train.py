@@ -214,6 +214,10 @@ def test_teacher_then_offline_kd_and_transfer(fake_pipeline, tmp_path):
                                 tmp_path / "kd0")
     teacher = loop.train_and_evaluate(tiny("supervised", "scalp,tiny", max_steps=2), tmp_path / "t")
     assert "teacher_kappa" not in teacher
+    with pytest.raises(ValueError, match="--config.teacher.initial_filters=3"):
+        loop.train_and_evaluate(tiny("offline_kd", max_steps=1, **{
+            "kd.teacher_workdir": str(tmp_path / "t"), "teacher.initial_filters": 4}),
+            tmp_path / "mismatch")
     kd = loop.train_and_evaluate(
         tiny("offline_kd", max_steps=2, **{"kd.teacher_workdir": str(tmp_path / "t"),
                                            "kd.response_weight": 1.0}), tmp_path / "kd")

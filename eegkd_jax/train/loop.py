@@ -57,6 +57,20 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
     return total
 
 
+def check_same_architecture(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict,
+                            where: str, field: str) -> None:
+    """Raises unless the model config saved with the teacher run equals ``wanted`` (so that this
+    run's config.json describes the networks its checkpoints really hold)."""
+    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
+    diff = {k: (saved_d.get(k), wanted_d.get(k)) for k in set(saved_d) | set(wanted_d)
+            if saved_d.get(k) != wanted_d.get(k)}
+    if diff:
+        overrides = " ".join(f"--config.{field}.{k}={v[0]}" for k, v in sorted(diff.items()))
+        raise ValueError(f"the scalp model in {where} differs from config.{field}: "
+                         f"{ {k: f'{a} vs {b}' for k, (a, b) in sorted(diff.items())} }; "
+                         f"pass {overrides}")
+
+
 def _place_replicated(tree: Any, abstract: Any, mesh, what: str) -> Any:
     """Host arrays -> replicated global arrays, checking them against the expected shapes (works on
     several hosts: each builds its addressable shards from its own copy)."""
@@ -172,6 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         teacher_cfg, t_params, t_stats, t_step = ckpt_lib.restore_teacher(
             config.kd.teacher_workdir, config.kd.teacher_checkpoint)
         teacher_params = {"params": t_params, "batch_stats": t_stats}
+        check_same_architecture(teacher_cfg, config.teacher if config.mode == "offline_kd"
+                                else config.model, config.kd.teacher_workdir,
+                                "teacher" if config.mode == "offline_kd" else "model")
         logging.info("restored scalp model from %s (step %d)", config.kd.teacher_workdir, t_step)
     if config.mode in KD_MODES:
         teacher = make(teacher_cfg, "scalp")
