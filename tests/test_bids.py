@@ -312,3 +312,22 @@ def test_missing_files_and_directories(tmp_path):
     events.unlink()
     with pytest.raises(DataError, match="_events.tsv: file is missing"):
         bids.read_recording(path)
+
+
+def test_unscored_night_reads_to_the_end_of_the_signal(tmp_path):
+    path, signal, names = make_night(tmp_path, epochs=3, extra_seconds=65.0)
+    files = bids.BidsFiles.for_set(path)
+    start = bids.scoring_start(files)
+    assert start == float(int(bids.read_lights_off(files.events_tsv)))
+    files.scoring_tsv.unlink()
+    with pytest.raises(DataError, match="acq-scoring_events.tsv: file is missing"):
+        bids.read_recording(path)  # scoring is required unless asked otherwise
+    rec = bids.read_recording(path, require_scoring=False)
+    assert rec.labels.tolist() == [-1] * 5  # 3 epochs + 65 s: two more whole epochs
+    first = int(start * 200)
+    np.testing.assert_allclose(rec.scalp[:, 0], signal[first: first + 5 * 6000, names.index(
+        rec.scalp_channels[0])], atol=1e-3)
+    files.events_tsv.unlink()  # nor any events: the grid starts at the first sample
+    assert bids.scoring_start(files, scored=False) == 0.0
+    assert bids.read_recording(path, require_scoring=False).labels.size == int(
+        signal.shape[0] // 6000)

@@ -230,3 +230,27 @@ def test_eeg_keeps_its_own_rate_beside_faster_and_slower_channels(tmp_path):
     rec = edf.read_subject(tmp_path, "x")
     assert rec.sampling_rate == 100.0 and rec.scalp_channels == ("EEG Fpz-Cz",)
     np.testing.assert_allclose(rec.scalp[:, 0], eeg, atol=0.05)
+
+
+def test_unscored_psg_and_finding_its_hypnogram(tmp_path):
+    # A night nobody scored: the grid starts at the first sample, every whole epoch, all -1.
+    data = write_psg(tmp_path / "x-PSG.edf", 100.0)
+    rec = edf.read_psg(tmp_path / "x-PSG.edf", None)
+    assert rec.labels.tolist() == [-1, -1, -1] and rec.subject == "x"
+    np.testing.assert_allclose(rec.scalp[:, 1], data[1], atol=0.05)  # from sample 0
+    assert edf.find_hypnogram(tmp_path / "x-PSG.edf") is None
+    assert edf.scoring_start(tmp_path / "x-PSG.edf", None) == 0.0
+    write_psg(tmp_path / "short-PSG.edf", 20.0)
+    with pytest.raises(DataError, match="short-PSG.edf: signal is shorter than one 30-s epoch"):
+        edf.read_psg(tmp_path / "short-PSG.edf", None)
+
+    # The pairing rule of a directory, for one PSG; epoch 0 on the PSG's clock.
+    write_hypnogram(tmp_path / "xY-Hypnogram.edf", [(0, 60, "Sleep stage 2")],
+                    start=START + datetime.timedelta(seconds=30))
+    write_psg(tmp_path / "xZ-PSG.edf", 100.0)
+    assert edf.find_hypnogram(tmp_path / "xZ-PSG.edf") == tmp_path / "xY-Hypnogram.edf"
+    assert edf.scoring_start(tmp_path / "xZ-PSG.edf", tmp_path / "xY-Hypnogram.edf") == 30.0
+    (tmp_path / "xW-Hypnogram.edf").touch()
+    with pytest.raises(DataError, match="xZ-PSG.edf: several hypnograms"):
+        edf.find_hypnogram(tmp_path / "xZ-PSG.edf")
+    assert edf.find_hypnogram(tmp_path / "night.edf") is None  # not named *-PSG.edf
