@@ -3,7 +3,8 @@
     python -m eegkd_jax.study --workdir=runs/loso                        # full setting (GPU / TPU)
     python -m eegkd_jax.study --workdir=runs/loso_reduced --reduced      # minutes on a 2-core CPU
     python -m eegkd_jax.study --workdir=runs/loso_eesm --data_path=/data/eesm17
-    python -m eegkd_jax.study --workdir=runs/loso --config.study.methods='("scalp_teacher","offline_kd")'
+    python -m eegkd_jax.study --workdir=runs/kd_only \
+        --config.study.methods='("scalp_teacher","offline_kd")'
 
 The fields outside ``study`` are the shared settings of every run (data, both networks, optimiser,
 schedule): all methods are compared on the same data with the same networks. What differs per method

@@ -212,7 +212,7 @@ def read_new_recording(
         files = bids.subject_files(path.parent, path.name)
     elif path.suffix.lower() == ".set":
         files = bids.BidsFiles.for_set(path)
-    elif path.suffix.lower() in (".edf", ".bdf", ".rec"):
+    elif path.suffix.lower() == ".edf":
         files = None
     else:
         raise DataError(path, "not an EDF/EDF+ file, an EEGLAB .set or a BIDS subject directory")
@@ -327,7 +327,8 @@ def predict_probabilities(
 
     Args:
       model: the restored network.
-      signal: (epochs * S, C) float32 derivations at the model rate (``PairedNight.ear`` / ``.scalp``).
+      signal: (epochs * S, C) float32 derivations at the model rate (``PairedNight.ear`` or
+        ``.scalp``).
       labels: (epochs,) true stages (-1 = unscored), passed along for the collector's checks;
         default all -1.
       batch_size: sequences per global batch when the night is split (rounded up to a multiple of
@@ -341,7 +342,8 @@ def predict_probabilities(
     """
     s = model.epoch_samples
     if signal.ndim != 2 or signal.shape[1] != len(model.derivations):
-        raise DataError(name, f"signal must be (time, {len(model.derivations)}), got {signal.shape}")
+        raise DataError(name, f"signal must be (time, {len(model.derivations)}), "
+                              f"got {signal.shape}")
     if signal.shape[0] == 0 or signal.shape[0] % s:
         raise DataError(name, f"{signal.shape[0]} samples are not whole {s}-sample epochs")
     num_epochs = signal.shape[0] // s
@@ -493,9 +495,11 @@ def define_flags():
         flags.DEFINE_string("which", "best", 'Which checkpoint: "best", "latest" or a step.')
         flags.DEFINE_string("out", None, "Output directory (default <workdir>/predictions/<name>).")
         flags.DEFINE_enum("network", "model", list(NETWORKS),
-                          "model: the run's trained network; teacher: the scalp teacher of a KD run.")
+                          "model: the run's trained network; teacher: the scalp teacher of a KD "
+                          "run.")
         flags.DEFINE_string("hypnogram", "auto",
-                            'EDF only: "auto" (the paired *-Hypnogram.edf if any), "none", or a path.')
+                            'EDF only: "auto" (the paired *-Hypnogram.edf if any), "none", or a '
+                            "path.")
         flags.DEFINE_integer("batch_size", None, "Sequences per batch when a night is split.")
         flags.DEFINE_integer("max_sequence_epochs", 0,
                              "U-Sleep: 0 stages the whole night at once; n > 0 in n-epoch pieces.")

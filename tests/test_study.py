@@ -81,7 +81,8 @@ def test_method_configs_follow_the_mode_files(tmp_path):
     made = {m: study.method_config(config, m, fold, teacher) for m in METHODS}
     assert {m: (c.mode, c.supervised_input) for m, c in made.items() if c.mode == "supervised"} == {
         "scalp_teacher": ("supervised", "scalp"), "ear_baseline": ("supervised", "ear")}
-    assert made["transfer"].mode == "transfer" and made["transfer"].kd.teacher_workdir == str(teacher)
+    assert made["transfer"].mode == "transfer"
+    assert made["transfer"].kd.teacher_workdir == str(teacher)
     assert made["transfer"].model.to_dict() == config.teacher.to_dict()
     assert made["offline_kd"].kd.teacher_workdir == str(teacher)
     assert made["offline_kd"].kd.teacher_checkpoint == "best"
