@@ -41,9 +41,6 @@ def get_config(arg: str = ""):
     c.study.test_subjects = ()  # explicit test subjects, one fold each (overrides folds)
     c.study.num_validation_subjects = 1  # per fold, taken from that fold's training side
     c.study.checkpoint = "best"  # evaluated checkpoint: best validation kappa (or "latest")
-    # Persistent XLA cache shared by the runs ("auto": <workdir>/xla_cache, "": off, or a path):
-    # the folds compile identical programs, and compiling dominates short runs.
-    c.study.compilation_cache = "auto"
     if "reduced" in words:
         if words & {"tiny", "paper"}:
             raise ValueError("loso.py: :reduced is its own size; do not combine it with tiny/paper")
