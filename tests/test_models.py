@@ -502,3 +502,83 @@ def test_cmt_matches_the_pytorch_reference():
     np.testing.assert_allclose(logits[:, 0], TORCH_GOLDEN["cmt_eval"], rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(np.mean(np.square(features)), TORCH_GOLDEN["cmt_eval_feature_ms"],
                                rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast convolution forms (layers.Conv1D) compute the plain convolution.
+
+
+def _plain_conv(x, kernel, stride, padding):
+    k = kernel.shape[0]
+    pad = [((k - 1) // 2, k // 2)] if padding == "SAME" else padding
+    return jax.lax.conv_general_dilated(x, kernel, (stride,), pad,
+                                        dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@pytest.mark.parametrize(
+    "length, in_features, features, kernel, stride, padding, form",
+    [
+        (1024, 3, 6, 9, 1, "SAME", "folded by 4"),
+        (1026, 12, 6, 9, 1, "SAME", "folded by 2"),
+        (1024, 9, 6, 2, 1, "SAME", "folded by 4, even kernel"),
+        (255, 5, 7, 9, 1, "SAME", "plain (too short to fold)"),
+        (512, 40, 8, 9, 1, "SAME", "plain (too wide to fold)"),
+        (6, 30, 20, 9, 1, "SAME", "im2col"),
+        (3, 30, 20, 2, 1, "SAME", "plain (k=2)"),
+        (120, 16, 24, 1, 1, "SAME", "pointwise matmul"),
+        (6000, 1, 16, 50, 50, "VALID", "patches"),
+        (253, 4, 5, 5, 5, "VALID", "patches, remainder dropped"),
+        (61, 4, 5, 5, 2, "VALID", "plain strided"),
+    ],
+)
+def test_conv1d_forms_match_the_plain_convolution(length, in_features, features, kernel, stride,
+                                                  padding, form):
+    from eegkd_jax.models import layers
+
+    conv = layers.conv1d(features, kernel, in_features, jnp.float32, strides=stride,
+                         padding=padding)
+    x = _signal(1, (2, length, in_features))
+    variables = conv.init(jax.random.key(2), x)
+    params = variables["params"]
+    assert params["kernel"].shape == (kernel, in_features, features)
+    assert params["bias"].shape == (features,)
+
+    def ours(p, x):
+        return conv.apply({"params": p}, x)
+
+    def plain(p, x):
+        return _plain_conv(x, p["kernel"], stride, padding) + p["bias"]
+
+    np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5, atol=1e-5,
+                               err_msg=form)
+    weights = _signal(3, ours(params, x).shape)
+    grads = [jax.grad(lambda p, x, f=f: jnp.sum(f(p, x) * weights), argnums=(0, 1))(params, x)
+             for f in (ours, plain)]
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=form)
+
+
+def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
+    """A U-Sleep whose levels take every conv form (folded at 768 and 384 samples, im2col at the
+    6-sample bottom, plain in between) gives the outputs, batch statistics and gradients of plain
+    convolutions."""
+    from eegkd_jax.models import layers
+
+    module = usleep_lib.USleep(in_channels=3, widths=(4, 5, 6, 7, 8, 9, 10, 11),
+                               epoch_samples=768)
+    x = _signal(4, (2, 768, 3))
+    labels = jnp.array([[1], [3]])
+    variables = jax.jit(lambda r: models.init_variables(module, r, x.shape))(jax.random.key(5))
+
+    def loss(params):
+        (logits, features), updates = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+            mutable=["batch_stats"])
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1).mean()
+        return ce + jnp.mean(features ** 2), updates
+
+    fast = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    monkeypatch.setattr(layers, "_conv_same", lambda x, kernel: _plain_conv(x, kernel, 1, "SAME"))
+    plain = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

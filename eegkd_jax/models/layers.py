@@ -13,12 +13,14 @@ point matters for how the first epochs go, so the models here reproduce the PyTo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Kernel initialiser equal to PyTorch's default for Conv1d and Linear weights.
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -122,19 +124,18 @@ def conv1d(
     strides: int = 1,
     padding: str = "SAME",
     name: str | None = None,
-) -> nn.Conv:
+) -> Conv1D:
     """A 1-D convolution over (batch, time, channels) with PyTorch's default initialisation.
 
     ``padding="SAME"`` pads ``k - 1`` samples in total with the smaller half on the left, which is
     what PyTorch's ``padding="same"`` does (it matters for the decoder's even k=2 kernel).
     """
-    return nn.Conv(
+    return Conv1D(
         features=features,
-        kernel_size=(kernel_size,),
-        strides=(strides,),
+        kernel_size=kernel_size,
+        strides=strides,
         padding=padding,
         dtype=dtype,
-        param_dtype=jnp.float32,
         kernel_init=torch_kernel_init,
         bias_init=torch_bias_init(in_features * kernel_size),
         name=name,
@@ -151,3 +152,122 @@ def dense(features: int, in_features: int, dtype: Any, name: str | None = None) 
         bias_init=torch_bias_init(in_features),
         name=name,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# 1-D convolution. The arithmetic is a plain cross-correlation; *how* it is handed to XLA is chosen
+# from the shapes, because XLA's CPU convolution is slow on exactly the shapes U-Sleep is made of.
+# Measured on the 2-core CPU (forward + backward of one conv at batch 32, best of 7, loaded machine):
+#   thin full-resolution convs, T=6000 C=12->6 k=9: 95 ms -> 51 ms folded by 4; T=6000 C=3->6:
+#     50 -> 16 ms; the decoder's k=2 conv T=6000 C=9->6: 56 -> 20 ms; T=1500 C=22->11: 27 -> 11 ms;
+#   short wide convs, T=6 C=304->152 k=9: 110 ms -> 6.6 ms as one matmul; T=6 C=108->152: 27 ->
+#     1.7 ms (XLA's conv loops over taps that only see padding).
+# All three forms compute the same sums (only their order differs, so results agree to float32
+# rounding), and the parameters are nn.Conv's: "kernel" (k, C_in, F), "bias" (F,).
+
+_FOLD_MAX_CHANNELS = 32  # fold only thin inputs (wider ones already vectorise well)
+_FOLD_MIN_LENGTH = 256   # ... and only long signals, where the per-sample cost dominates
+
+
+def _same_padding(kernel_size: int) -> tuple[int, int]:
+    """PyTorch's and XLA's "same": k - 1 samples, the smaller half on the left."""
+    total = kernel_size - 1
+    return total // 2, total - total // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _fold_taps(kernel_size: int, fold: int) -> np.ndarray:
+    """0/1 array P (2m + 1, fold, fold, k): P[d, i, o, j] = 1 where input sample i of block b + d - m
+    reaches output sample o of block b through tap j of a "same" k-tap convolution."""
+    left, right = _same_padding(kernel_size)
+    m = -(-max(left, right) // fold)
+    taps = np.zeros((2 * m + 1, fold, fold, kernel_size), np.float32)
+    for d in range(2 * m + 1):
+        for i in range(fold):
+            for o in range(fold):
+                j = (d - m) * fold + i - o + left
+                if 0 <= j < kernel_size:
+                    taps[d, i, o, j] = 1.0
+    return taps
+
+
+def _fold_factor(length: int, in_features: int, kernel_size: int) -> int:
+    """Samples per block for the folded form (1: don't fold)."""
+    if length < _FOLD_MIN_LENGTH or in_features > _FOLD_MAX_CHANNELS or kernel_size < 2:
+        return 1
+    for fold in (4, 2):
+        if length % fold == 0:
+            return fold
+    return 1
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 "same" cross-correlation (B, T, C) x (k, C, F) -> (B, T, F), in the form that is
+    fastest for the shape (see the table above)."""
+    b, length, channels = x.shape
+    k, _, features = kernel.shape
+    left, right = _same_padding(k)
+    fold = _fold_factor(length, channels, k)
+    if fold > 1:
+        # Space-to-depth: (B, T, C) -> (B, T / s, s * C) is a free reshape of the same bytes. A
+        # k-tap conv over samples is then a (2m + 1)-tap conv over blocks whose kernel is the
+        # original one scattered into a block-Toeplitz pattern (mostly zeros: ~1.3-2x the FLOPs),
+        # but with s times the channels XLA's CPU conv runs several times faster.
+        taps = jnp.asarray(_fold_taps(k, fold), kernel.dtype)
+        m = taps.shape[0] // 2
+        folded = jnp.einsum("dioj,jcf->dicof", taps, kernel).reshape(
+            taps.shape[0], fold * channels, fold * features)
+        y = jax.lax.conv_general_dilated(
+            x.reshape(b, length // fold, fold * channels), folded, (1,), [(m, m)],
+            dimension_numbers=("NWC", "WIO", "NWC"))
+        return y.reshape(b, length, features)
+    if k == 1:
+        return x @ kernel[0]  # a pointwise conv is a matmul over the channel axis
+    if k > 2 and length <= k:
+        # Short signal, long kernel: im2col. The patches are tiny here (T <= k), and one matmul
+        # replaces a convolution that XLA's CPU backend runs 15x slower than its FLOPs warrant.
+        padded = jnp.pad(x, ((0, 0), (left, right), (0, 0)))
+        patches = jnp.concatenate([padded[:, j:j + length] for j in range(k)], axis=-1)
+        return patches @ kernel.reshape(k * channels, features)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1,), [(left, right)], dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+class Conv1D(nn.Module):
+    """A 1-D convolution over (B, T, C_in) -> (B, T', features) with nn.Conv's variables.
+
+    Stride 1 with "SAME" padding (U-Sleep) goes through :func:`_conv_same`; a kernel equal to its
+    stride with "VALID" padding (the transformer's patch tokeniser) is a reshape and one matmul;
+    anything else is XLA's convolution. Parameters are float32; the computation runs in ``dtype``.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: str = "SAME"
+    dtype: Any = jnp.float32
+    kernel_init: nn.initializers.Initializer = torch_kernel_init
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, stride = self.kernel_size, self.strides
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (k, in_features, self.features),
+                            jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        dtype = self.dtype if self.dtype is not None else x.dtype
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        if stride == 1 and self.padding == "SAME":
+            y = _conv_same(x, kernel)
+        elif stride == k and self.padding == "VALID":
+            # Non-overlapping windows: the same bytes reshaped, then one matmul (no patches).
+            b, length, _ = x.shape
+            windows = length // k
+            patches = x[:, : windows * k].reshape(b, windows, k * in_features)
+            y = patches @ kernel.reshape(k * in_features, self.features)
+        else:
+            pad = [_same_padding(k)] if self.padding == "SAME" else self.padding
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (stride,), pad, dimension_numbers=("NWC", "WIO", "NWC"))
+        return y + bias
