@@ -17,7 +17,9 @@ One JSON line per (model, mode): model, mode, batch, devices, device_kind, dtype
 compile_s (lowering + XLA compilation of the step), steps, seconds (the timed steps),
 windows_per_s (= batch * L * steps / seconds; a window is one 30-s epoch), median_step_s,
 min_step_s, sequence_length, host, cpu, load_1min_before / load_1min_after (the numbers mean little
-on a shared machine without them), jax.
+on a shared machine without them), jax; xla_temp_mb / xla_argument_mb / xla_output_mb / xla_alias_mb
+(XLA's buffer assignment for the compiled step: what it will allocate, known before running) and,
+on an accelerator, peak_device_mb (the allocator's peak after the timed steps).
 
 Each mode is one function ``mode(model_cfg, args, mesh) -> (step, state, batch)`` registered in
 ``MODES``; KD modes go beside ``supervised``.
@@ -145,6 +147,23 @@ def online_kd(model_cfg, args, mesh):
 MODES = {"supervised": supervised, "offline_kd": offline_kd, "online_kd": online_kd}
 
 
+def compiled_memory_mb(compiled) -> dict:
+    """XLA's buffer sizes for a compiled function, in MB (empty where the backend gives none)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    return {f"xla_{name}_mb": round(getattr(stats, f"{name}_size_in_bytes") / 2**20, 1)
+            for name in ("temp", "argument", "output", "alias")}
+
+
+def peak_device_memory_mb() -> dict:
+    """{"peak_device_mb": ...} from the first device's allocator; {} on CPU (no such statistic)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return {}
+    return {"peak_device_mb": round(stats["peak_bytes_in_use"] / 2**20, 1)}
+
+
 def measure(model_name: str, mode: str, args) -> dict:
     """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns a record."""
     mesh = parallel.make_mesh()
@@ -157,6 +176,7 @@ def measure(model_name: str, mode: str, args) -> dict:
     start = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled_memory_mb(compiled)
 
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
@@ -194,6 +214,8 @@ def measure(model_name: str, mode: str, args) -> dict:
         "load_1min_before": load_before,
         "load_1min_after": _load(),
         "jax": jax.__version__,
+        **memory,
+        **peak_device_memory_mb(),
     }
 
 
