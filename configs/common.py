@@ -156,11 +156,16 @@ def apply_size_variant(c: ml_collections.ConfigDict, words: set[str]) -> ml_coll
         c.log_every_steps = 2
         c.eval_every_steps = 2
         c.checkpoint_every_steps = 2
+        c.optimizer.schedule = "constant"  # a warm-up would spend the few steps at ~0 rate
+        c.optimizer.warmup_steps = 0
     if "paper" in words:
         c.data.simulated.hours = 7.5
         for m in (c.model, c.teacher):
             m.update(usleep_config())  # depth 12, 5 filters, complexity 1.67: 3.1 M parameters
         c.batch_size = 32
+        c.num_epochs = get_config().num_epochs  # undo a mode's CPU-sized default
         c.max_steps = -1
         c.log_every_steps = 100
+        c.optimizer.schedule = "constant"  # the original's Adam: no schedule
+        c.optimizer.warmup_steps = 0
     return c
