@@ -26,7 +26,7 @@ config is refused (the finished runs would no longer match it).
 
 The command turns on the persistent compilation cache (``eegkd_jax.compile_cache``): every fold
 compiles the same programs, so only the first fold pays for compiling, which dominates short runs
-(the reduced study: the first fold ~6 min, each later one ~2.5 min on a loaded 2-core CPU).
+(the reduced study, measured: first fold ~5 min, each later one ~2 min on a loaded 2-core CPU).
 """
 
 from __future__ import annotations
