@@ -137,6 +137,15 @@ def test_training_order_is_deterministic_and_resumable(cohort, cfg):
         )
         for key in resumed:
             np.testing.assert_array_equal(resumed[key], run[start][key])
+    # a bounded run ends after exactly the batches an endless one would have given it
+    bounded = list(
+        pipeline.train_batches(
+            cohort, train, cfg, global_batch_size=8, seed=5, start_step=1, stop_step=3
+        )
+    )
+    assert len(bounded) == 2
+    for got, want in zip(bounded, run[1:3], strict=True):
+        np.testing.assert_array_equal(got["scalp"], want["scalp"])
     other_seed = next(pipeline.train_batches(cohort, train, cfg, global_batch_size=8, seed=6))
     assert not np.array_equal(other_seed["scalp"], run[0]["scalp"])
 

@@ -93,13 +93,13 @@ class FakePipeline:
 
     @classmethod
     def train_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, seed, start_step=0,
-                      process_index=0, process_count=1):
+                      stop_step=None, process_index=0, process_count=1):
         seq_len = data_cfg.sequence_length
         items = cls._sequences(cohort, subjects, seq_len)
         per_pass = max(1, len(items) // global_batch_size)
         b = global_batch_size // process_count
         step = start_step
-        while True:
+        while stop_step is None or step < stop_step:
             order = np.random.default_rng([seed, step // per_pass]).permutation(len(items))
             chosen = order[(step % per_pass) * global_batch_size:][:global_batch_size]
             chosen = chosen[process_index * b:(process_index + 1) * b]

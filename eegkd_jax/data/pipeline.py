@@ -297,10 +297,15 @@ def train_batches(
     global_batch_size: int,
     seed: int,
     start_step: int = 0,
+    stop_step: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict]:
-    """Infinite training batches: this host's share of global batch ``start_step``, then the next...
+    """Training batches: this host's share of global batch ``start_step``, then the next...
+
+    Endless unless ``stop_step`` is given (then batches ``start_step .. stop_step - 1``). A run that
+    knows its length should pass it: closing an endless tf.data iterator waits for the batches
+    still in flight, which cost 10-17 s at the end of every run on a loaded 2-core host.
 
     Yields:
       {"scalp": (b, L*S, n_scalp) float32, "ear": (b, L*S, n_ear) float32, "labels": (b, L) int32}
@@ -311,6 +316,8 @@ def train_batches(
     b = _host_share(global_batch_size, process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if stop_step is not None and stop_step < start_step:
+        raise ValueError(f"stop_step {stop_step} is before start_step {start_step}")
     seq_len = _sequence_length(data_cfg)
     windows = training_windows(cohort, subjects, data_cfg)
     n = windows.shape[0]
@@ -329,7 +336,7 @@ def train_batches(
     return _stream(
         make_batch,
         int(start_step),
-        None,
+        None if stop_step is None else int(stop_step),
         ("scalp", "ear", "labels"),
         ("float32", "float32", "int32"),
         data_cfg,

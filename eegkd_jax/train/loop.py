@@ -249,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     start = int(jax.device_get(state.step))
     batches = pipeline.train_batches(
         cohort, splits.train, config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start, process_index=jax.process_index(), process_count=jax.process_count())
+        start_step=start, stop_step=total_steps, process_index=jax.process_index(),
+        process_count=jax.process_count())
     sums, count, validation = None, 0, {}
 
     def check_and_log(step: int) -> None:
