@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
-from eegkd_jax import models, parallel  # noqa: E402
+from eegkd_jax import compile_cache, models, parallel  # noqa: E402
 from eegkd_jax.train import state as state_lib  # noqa: E402
 from eegkd_jax.train import steps as steps_lib  # noqa: E402
 
@@ -98,11 +98,11 @@ def supervised(model_cfg, args, mesh):
     host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
     input_shape = (1,) + host_batch["ear"].shape[1:]
     init = functools.partial(models.init_variables, module, input_shape=input_shape)
-    # Created under jit straight into its replicated sharding, as the training loop does.
-    state = jax.jit(
-        lambda key: state_lib.create_state(key, init, tx),
-        out_shardings=parallel.replicated_sharding(mesh),
-    )(jax.random.key(args.seed))
+    # Created under jit straight into its replicated sharding, as the training loop does (with
+    # cheap compiler options: it runs once, see compile_cache.run_once).
+    state = compile_cache.run_once(
+        lambda key: state_lib.create_state(key, init, tx), jax.random.key(args.seed),
+        out_shardings=parallel.replicated_sharding(mesh))
     step = functools.partial(steps_lib.supervised_step, model=module, tx=tx, input_key="ear")
     return step, state, parallel.host_batch_to_global(host_batch, mesh)
 
@@ -118,11 +118,10 @@ def _kd_setup(model_cfg, args, mesh, *, trained_teacher: bool):
     host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
     input_shape = (1,) + host_batch["ear"].shape[1:]
     init = functools.partial(models.init_variables, module, input_shape=input_shape)
-    state = jax.jit(
+    state = compile_cache.run_once(
         lambda key: state_lib.create_state(
             key, init, tx, init_teacher=init, teacher_tx=tx if trained_teacher else None),
-        out_shardings=parallel.replicated_sharding(mesh),
-    )(jax.random.key(args.seed))
+        jax.random.key(args.seed), out_shardings=parallel.replicated_sharding(mesh))
     return module, tx, config.kd, state, parallel.host_batch_to_global(host_batch, mesh)
 
 
