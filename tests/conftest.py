@@ -26,3 +26,32 @@ def pytest_configure(config):
 def test_data_dir() -> pathlib.Path:
     """The folder of real reference files copied from public datasets (see tests/data/README.md)."""
     return DATA
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Skips most of XLA's optimisations for one test module, where compiling dominates the run
+    time and the programs run once or twice (use with ``pytest.mark.usefixtures``)."""
+    import jax
+
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache shared by every program of one test module (and the subprocesses it
+    starts, through JAX_COMPILATION_CACHE_DIR): runs that compile the same few programs reuse them,
+    and compiling dominates such tests on a 2-core machine."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = tmp_path_factory.mktemp("xla_cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()

@@ -18,12 +18,7 @@ from eegkd_jax import models
 from eegkd_jax.models import usleep as usleep_lib
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _cfg(name, **overrides):
@@ -582,3 +577,21 @@ def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
     plain = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_usleep_gradients_are_finite_without_xla_optimisations():
+    # Regression: max-pooling through a reshape + reduction max gave NaN gradients in encoder_0 when
+    # XLA:CPU compiled without optimisations (as this module does, see fast_compiles).
+    cfg = _cfg("usleep", depth=1, initial_filters=3, complexity_factor=1.0)
+    module = models.build_model(cfg, in_channels=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6000, 3)), jnp.float32)
+    variables = models.init_variables(module, jax.random.key(0), x.shape)
+
+    def loss(params):
+        (logits, _), _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                      x, train=True, mutable=["batch_stats"])
+        return logits.sum()
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)

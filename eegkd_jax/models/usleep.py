@@ -61,8 +61,10 @@ def _max_pool_by_two(x: jnp.ndarray) -> jnp.ndarray:
     """(B, T, C) -> (B, ceil(T / 2), C); an odd T gets one zero on the left (see module doc)."""
     if x.shape[1] % 2:
         x = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))
-    b, t, c = x.shape
-    return x.reshape(b, t // 2, 2, c).max(axis=2)
+    # An element-wise maximum of the even and odd samples rather than reshape + max: the gradient of
+    # a reduction max divides by the number of elements equal to the result, which came out as 0/0
+    # (NaN gradients in the first encoder block) when XLA:CPU compiled without optimisations.
+    return jnp.maximum(x[:, 0::2], x[:, 1::2])
 
 
 class ConvBlock(nn.Module):
