@@ -27,14 +27,8 @@ def tiny_config(cache_dir):
     return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    # Compilation dominates these tests and they only run forward passes (the NaN-gradient caveat
-    # of this flag in tests/test_train.py concerns training), so skip XLA's optimisations.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+# Compilation dominates these tests and they only run forward passes.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,8 @@ STAGES = [(30, 60, "Sleep stage W"), (90, 90, "Sleep stage 2"), (180, 30, "Sleep
           (210, 60, "Sleep stage R"), (270, 30, "Sleep stage 1")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    # Only forward passes run here, and compilation dominates; see tests/test_eval.py.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+# Only forward passes run here, and compilation dominates.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def save_run(workdir, config, state, scale, steps=((1, 0.5),)):

@@ -32,22 +32,6 @@ def tfds_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """Both folds compile the same programs (same shapes, same models): a persistent XLA cache lets
-    the second fold reuse the first's. (Not jax_disable_most_optimizations: it gives NaN gradients
-    for the tiny U-Sleep on XLA:CPU, see tests/test_train.py.)"""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", None)
-    cc.reset_cache()
-
-
 def test_plan_folds_never_validates_or_trains_on_the_test_subject():
     subjects = [f"s{i}" for i in range(5)]
     cfg = loso.get_config().study

@@ -154,21 +154,6 @@ def tiny(module_name, arg="tiny", **overrides):
     return config
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache shared by every run of this module (and its subprocesses): the runs
-    compile the same few programs, and compiling dominates these tests on a 2-core machine."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    path = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", None)
-    cc.reset_cache()
-
-
 @pytest.fixture
 def fake_pipeline(monkeypatch, compilation_cache):
     import eegkd_jax.data
