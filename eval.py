@@ -12,6 +12,7 @@ run's saved config; see ``eegkd_jax.evaluate.evaluate_checkpoint``.
 from absl import app, flags, logging
 
 from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import compile_cache
 from eegkd_jax import evaluate, metrics, parallel
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    compile_cache.enable()
     checkpoint = FLAGS.checkpoint
     if checkpoint not in ("best", "latest"):
         try:

@@ -29,7 +29,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    from eegkd_jax import compile_cache
     from eegkd_jax.train.loop import train_and_evaluate
+
+    compile_cache.enable()  # a rerun skips the tens of seconds of step compilation
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{config.mode}"

@@ -524,6 +524,9 @@ def main(argv) -> None:
     hypnogram = flag_values.hypnogram
     hypnogram = {"auto": "auto", "none": None}.get(hypnogram.lower(), hypnogram)
     logging.set_verbosity(logging.INFO)
+    from eegkd_jax import compile_cache
+
+    compile_cache.enable()
     try:
         result = predict_recording(
             flag_values.checkpoint, argv[1], flag_values.out, which=which,
