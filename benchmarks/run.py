@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from benchmarks import train_step  # noqa: E402
+from benchmarks import machine, train_step  # noqa: E402
 from configs import common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,7 +304,7 @@ def main(argv=None) -> None:
     emit({"kind": "summary", "peak_host_rss_mb": round(usage, 1),
           "peak_child_rss_mb": round(children, 1), **train_step.peak_device_memory_mb(),
           "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
-          "host": socket.gethostname(), "cpu": train_step._cpu_name(), "cpu_count": os.cpu_count(),
+          "host": socket.gethostname(), "cpu": machine.cpu_name(), "cpu_count": os.cpu_count(),
           "memory_budget_mb": round(budget / 2**20), "memory_bounded_by": bounded_by,
           "load_1min": round(os.getloadavg()[0], 2), "jax": jax.__version__,
           "wall_s": round(time.perf_counter() - _PROCESS_START, 1)})

@@ -31,7 +31,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -43,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
+from benchmarks import machine  # noqa: E402
 from eegkd_jax import compile_cache, models, parallel  # noqa: E402
 from eegkd_jax.train import state as state_lib  # noqa: E402
 from eegkd_jax.train import steps as steps_lib  # noqa: E402
@@ -51,24 +51,6 @@ CHANNELS = 3
 SAMPLING_RATE = 200.0
 EPOCH_SECONDS = 30.0
 NUM_CLASSES = 5
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _load() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return float("nan")
 
 
 def model_config(name: str, dtype: str):
@@ -167,7 +149,7 @@ def measure(model_name: str, mode: str, args) -> dict:
     """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns a record."""
     mesh = parallel.make_mesh()
     parallel.check_global_batch_size(args.batch, mesh)
-    load_before = _load()
+    load_before = machine.load_average()
     step, state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
     params = models.count_params(state.params)
 
@@ -209,9 +191,9 @@ def measure(model_name: str, mode: str, args) -> dict:
         "min_step_s": round(min(durations), 4),
         "last_loss": round(loss, 5),
         "host": socket.gethostname(),
-        "cpu": _cpu_name(),
+        "cpu": machine.cpu_name(),
         "load_1min_before": load_before,
-        "load_1min_after": _load(),
+        "load_1min_after": machine.load_average(),
         "jax": jax.__version__,
         **memory,
         **peak_device_memory_mb(),

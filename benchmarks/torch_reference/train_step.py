@@ -36,28 +36,11 @@ if not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(_here)))
 
 from benchmarks.torch_reference.models import build, count_parameters
+from benchmarks import machine
 
 NUM_CLASSES = 5
 CHANNELS = 3
 EPOCH_SAMPLES = 6000  # 30 s at 200 Hz
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _load() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return float("nan")
 
 
 def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
@@ -87,7 +70,7 @@ def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
 
     for _ in range(warmup):
         step()
-    load_before = _load()
+    load_before = machine.load_average()
     step_seconds = []
     losses = []
     cpu_start = time.process_time()
@@ -119,9 +102,9 @@ def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
         "min_step_s": round(min(step_seconds), 4),
         "warmup": warmup,
         "interop_threads": torch.get_num_interop_threads(),
-        "cpu": f"{_cpu_name()} x{os.cpu_count()}",
+        "cpu": f"{machine.cpu_name()} x{os.cpu_count()}",
         "load_1min_before": load_before,
-        "load_1min_after": _load(),
+        "load_1min_after": machine.load_average(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "first_loss": round(losses[0], 4),
