@@ -289,6 +289,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(fake_pipeline, tmp_pa
     assert "resumed from" in out
     got = json.loads((tmp_path / "run" / "result.json").read_text())
     assert got == json.loads(json.dumps(want)) and got["step"] == 6
+    # The log has each step once, as the uninterrupted run's has (steps re-run after the kill
+    # replace the records the killed run wrote past its last checkpoint).
+    logged = [[(r["step"], r["split"]) for r in _lines(tmp_path / name / "metrics.jsonl")]
+              for name in ("ref", "run")]
+    assert logged[1] == logged[0]
     # Not only the metrics: the final weights of both networks are bit-identical.
     finals = [checkpoint.Checkpointer(tmp_path / name, read_only=True).restore_raw("latest")
               for name in ("ref", "run")]
@@ -332,3 +337,18 @@ if __name__ == "__main__":
 
     result = loop.train_and_evaluate(_sigkill_config(), workdir)
     (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
+
+
+def test_resumed_log_drops_records_past_the_checkpoint(tmp_path):
+    # A run killed after logging step 4 but before checkpointing it resumes from step 2 and logs
+    # steps 3 and 4 again; the log must not hold them twice.
+    from eegkd_jax.train import loop
+
+    with (tmp_path / "metrics.jsonl").open("w") as f:
+        for step in (1, 2, 3, 4):
+            f.write(json.dumps({"step": step, "split": "train", "loss": float(step)}) + "\n")
+    logger = loop._Logger(tmp_path, resume_step=2)
+    logger.write(3, "train", {"loss": 30.0})
+    logger.close()
+    records = _lines(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]

@@ -94,10 +94,21 @@ def _place_replicated(tree: Any, abstract: Any, mesh, what: str) -> Any:
 class _Logger:
     """CLU writer (TensorBoard + absl log) plus the JSON-lines file; process 0 writes."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, resume_step: int):
         self.is_main = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.is_main)
-        self.jsonl = (workdir / "metrics.jsonl").open("a") if self.is_main else None
+        self.jsonl = None
+        if self.is_main:
+            path = workdir / "metrics.jsonl"
+            if path.exists():
+                # A run killed after logging step k but before checkpointing it resumes below k and
+                # logs those steps again: drop the records past the checkpoint it resumes from.
+                kept = [line for line in path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(path)
+            self.jsonl = path.open("a")
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         self.writer.write_scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
@@ -248,8 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         return evaluate(eval_fn, state, batches, splits.validation, mesh)
 
     # ---- loop
-    logger = _Logger(workdir)
     start = int(jax.device_get(state.step))
+    logger = _Logger(workdir, resume_step=start)
     batches = pipeline.train_batches(
         cohort, splits.train, config.data, global_batch_size=config.batch_size, seed=config.seed,
         start_step=start, stop_step=total_steps, process_index=jax.process_index(),
