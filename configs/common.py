@@ -44,7 +44,6 @@ def data_config() -> ml_collections.ConfigDict:
     d.num_test_subjects = 1
     d.num_validation_subjects = 1
 
-    d.shuffle_buffer = 4096
     d.prefetch = 2
     return d
 

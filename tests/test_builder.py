@@ -64,7 +64,7 @@ def test_changed_preprocessing_rebuilds_elsewhere(built):
     # fields that do not change what is written keep the name ...
     same = tiny_cfg(cfg.cache_dir)
     same.sequence_length = 5
-    same.shuffle_buffer = 7
+    same.prefetch = 7
     same.test_subjects = ("sim-01",)
     assert builder.config_name(same) == builder.config_name(cfg)
     # ... fields that do change it give a new one
