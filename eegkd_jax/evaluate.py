@@ -37,20 +37,6 @@ SPLITS = ("train", "validation", "test")
 _PASSED_THROUGH = ("labels", "subject", "epoch", "valid")
 
 
-def _scored_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config of the network in ``state.params`` (the scalp one for supervised :scalp runs)."""
-    if config.mode == "supervised" and steps_lib.student_input(config) == "scalp":
-        return config.teacher
-    return config.model
-
-
-def _variables(params: Any, batch_stats: Any) -> dict:
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    return variables
-
-
 def make_predict_fn(module, input_key: str, mesh):
     """Jitted ``(variables, batch) -> {"probabilities": (B, L, 5) float32, labels, subject, epoch,
     valid}``: variables replicated, the batch sharded on ``data``, the output replicated so every
@@ -180,7 +166,7 @@ def evaluate_checkpoint(
 
     input_key = steps_lib.student_input(config)
     n_channels = {"scalp": len(cohort.scalp_names), "ear": len(cohort.ear_names)}
-    scored = [("", input_key, _scored_model_config(config), "params", "batch_stats")]
+    scored = [("", input_key, steps_lib.trained_model_config(config), "params", "batch_stats")]
     if teacher:
         if state.get("teacher_params") is None:
             raise ValueError(f"{workdir} ({config.mode}) holds no teacher to evaluate")
@@ -195,7 +181,7 @@ def evaluate_checkpoint(
             epoch_seconds=config.data.epoch_seconds,
         )
         variables = parallel.replicate(
-            _variables(state[params_key], state.get(stats_key)), mesh
+            steps_lib.model_variables(state[params_key], state.get(stats_key)), mesh
         )
         collector = metrics_lib.NightCollector(
             {s: cohort.num_epochs[s] for s in subjects}, subjects, source=f"{workdir} step {step}"

@@ -129,7 +129,6 @@ def load_trained_model(
       ValueError: ``network="teacher"`` on a run without a teacher.
     """
     from eegkd_jax.models import build_model
-    from eegkd_jax.train import loop
     from eegkd_jax.train import steps as steps_lib
 
     if network not in NETWORKS:
@@ -147,7 +146,8 @@ def load_trained_model(
         input_key, model_cfg = "scalp", config.teacher
         params, stats = state["teacher_params"], state.get("teacher_batch_stats")
     else:
-        input_key, model_cfg = steps_lib.student_input(config), loop.trained_model_config(config)
+        input_key = steps_lib.student_input(config)
+        model_cfg = steps_lib.trained_model_config(config)
         params, stats = state["params"], state.get("batch_stats")
     derivations = tuple(config.data[f"{input_key}_derivations"] or ())
     if not derivations:
@@ -158,7 +158,7 @@ def load_trained_model(
     return TrainedModel(
         workdir=workdir, config=config, step=int(step), which=which, network=network,
         input_key=input_key, derivations=derivations, model_config=model_cfg, module=module,
-        variables=evaluate._variables(params, stats),
+        variables=steps_lib.model_variables(params, stats),
     )
 
 
@@ -235,16 +235,16 @@ def _missing_electrodes(recording: Recording, spec: str) -> list[str]:
     if spec in montage.EAR_DERIVATIONS:
         missing = []
         for side in montage.EAR_DERIVATIONS[spec]:
-            present = [e for e in side if montage._find_channel(recording, e) is not None]
+            present = [e for e in side if montage.find_channel(recording, e) is not None]
             if not present:  # one kept electrode per side is enough for the mean
                 missing.append("any of " + "/".join(side))
         return missing
-    if montage._find_channel(recording, spec) is not None:
+    if montage.find_channel(recording, spec) is not None:
         return []
     parts = spec.split("-")
     if len(parts) != 2:
         return [spec]
-    return [p for p in parts if montage._find_channel(recording, p) is None]
+    return [p for p in parts if montage.find_channel(recording, p) is None]
 
 
 def check_compatible(new: NewRecording, model: TrainedModel) -> None:

@@ -53,10 +53,10 @@ def save_run(workdir, config, state, scale, steps=((1, 0.5),)):
 def fresh_state(config, seed):
     """(module, TrainState) of the config's trained model, freshly initialised."""
     from eegkd_jax.models import build_model, init_variables
-    from eegkd_jax.train import loop
+    from eegkd_jax.train import steps
 
     n_in = len(config.data[f"{config.supervised_input}_derivations"])
-    module = build_model(loop.trained_model_config(config), in_channels=n_in,
+    module = build_model(steps.trained_model_config(config), in_channels=n_in,
                          sampling_rate=MODEL_RATE)
     tx = state_lib.make_optimizer(config.optimizer, 10)
     state = jax.jit(lambda key: state_lib.create_state(

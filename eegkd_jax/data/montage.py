@@ -156,7 +156,7 @@ def rejection_mask(
     return frozenset(rejections(recording, ear_rejections, auto=auto))
 
 
-def _find_channel(recording: Recording, name: str) -> tuple[str, int] | None:
+def find_channel(recording: Recording, name: str) -> tuple[str, int] | None:
     """("scalp" | "ear", column) of a channel called ``name`` or ``"EEG name"`` (case-insensitive)."""
     wanted = {name.upper(), f"EEG {name}".upper()}
     for group, names in (("scalp", recording.scalp_channels), ("ear", recording.ear_channels)):
@@ -176,7 +176,7 @@ def _mean_of(recording, spec, side, rejected) -> np.ndarray:
     for e in side:
         if e in rejected:
             continue
-        where = _find_channel(recording, e)
+        where = find_channel(recording, e)
         if where is None:
             raise DataError(
                 recording.subject, f"derivation {spec}: electrode {e} is missing and not rejected"
@@ -233,12 +233,12 @@ def derive(
             out[:, k] = _mean_of(recording, spec, plus, rejected)
             out[:, k] -= _mean_of(recording, spec, minus, rejected)
             continue
-        whole = _find_channel(recording, spec)
+        whole = find_channel(recording, spec)
         if whole is not None:
             out[:, k] = _checked(recording, spec, spec, whole, rejected)
             continue
         parts = spec.split("-")
-        ends = [(p, _find_channel(recording, p)) for p in parts]
+        ends = [(p, find_channel(recording, p)) for p in parts]
         if len(parts) != 2 or any(w is None for _, w in ends):
             raise DataError(
                 recording.subject,

@@ -40,14 +40,6 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN / infinite loss; the checkpoints on disk predate it."""
 
 
-def trained_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config of the model the optimiser trains in ``state.params``: the scalp network
-    (``config.teacher``) for supervised :scalp, else the ear network (``config.model``)."""
-    if config.mode == "supervised" and steps_lib.student_input(config) == "scalp":
-        return config.teacher
-    return config.model
-
-
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     total = int(config.num_epochs) * int(steps_per_epoch)
     if config.max_steps > 0:
@@ -191,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                            epoch_seconds=config.data.epoch_seconds)
 
     input_key = steps_lib.student_input(config)
-    student = make(trained_model_config(config), input_key)
+    student = make(steps_lib.trained_model_config(config), input_key)
     teacher = teacher_params = None
     teacher_cfg = config.teacher
     if config.mode in ("offline_kd", "transfer"):

@@ -29,11 +29,17 @@ Metrics = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
-def _forward(module, params, batch_stats, x, *, train: bool, key=None):
-    """-> (logits, features, new_batch_stats). In eval mode batch statistics are read, not updated."""
+def model_variables(params: Any, batch_stats: Any) -> dict:
+    """The variables dict ``module.apply`` takes; "batch_stats" only for models that have them."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
+    return variables
+
+
+def _forward(module, params, batch_stats, x, *, train: bool, key=None):
+    """-> (logits, features, new_batch_stats). In eval mode batch statistics are read, not updated."""
+    variables = model_variables(params, batch_stats)
     if not train:
         logits, features = module.apply(variables, x, train=False)
         return logits, features, batch_stats
@@ -191,6 +197,14 @@ def student_input(config: ml_collections.ConfigDict) -> str:
                 f"config.supervised_input must be scalp or ear, got {config.supervised_input!r}")
         return config.supervised_input
     return "ear"
+
+
+def trained_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of the model the optimiser trains in ``state.params``: the scalp network
+    (``config.teacher``) for supervised :scalp, else the ear network (``config.model``)."""
+    if config.mode == "supervised" and student_input(config) == "scalp":
+        return config.teacher
+    return config.model
 
 
 def build_train_step(config: ml_collections.ConfigDict, *, student, tx, teacher=None,
