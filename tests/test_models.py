@@ -553,6 +553,42 @@ def test_conv1d_forms_match_the_plain_convolution(length, in_features, features,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=form)
 
 
+@pytest.mark.parametrize("length, in_features, features", [
+    (7, 5, 3),       # odd length: the last output sample sees the right-hand zero
+    (384, 9, 6),     # the half-resolution conv folds (long and thin)
+    (40, 48, 24),    # ... and does not
+])
+def test_upsampling_conv_equals_conv_of_the_repeated_signal(length, in_features, features):
+    from eegkd_jax.models import layers
+
+    conv = layers.conv1d(features, 2, in_features, jnp.float32, upsample=2)
+    x = _signal(6, (2, length, in_features))
+    params = conv.init(jax.random.key(7), x)["params"]
+    assert params["kernel"].shape == (2, in_features, features)
+
+    def ours(p, x):
+        return conv.apply({"params": p}, x)
+
+    def plain(p, x):
+        return _plain_conv(jnp.repeat(x, 2, axis=1), p["kernel"], 1, "SAME") + p["bias"]
+
+    assert ours(params, x).shape == (2, 2 * length, features)
+    np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
+    weights = _signal(8, (2, 2 * length, features))
+    grads = [jax.grad(lambda p, x, f=f: jnp.sum(f(p, x) * weights), argnums=(0, 1))(params, x)
+             for f in (ours, plain)]
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_upsampling_conv_rejects_kernels_it_does_not_implement():
+    from eegkd_jax.models import layers
+
+    conv = layers.conv1d(4, 3, 2, jnp.float32, upsample=2)
+    with pytest.raises(ValueError, match="upsample=2"):
+        conv.init(jax.random.key(0), jnp.zeros((1, 8, 2)))
+
+
 def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
     """A U-Sleep whose levels take every conv form (folded at 768 and 384 samples, im2col at the
     6-sample bottom, plain in between) gives the outputs, batch statistics and gradients of plain
@@ -574,6 +610,8 @@ def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
 
     fast = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
     monkeypatch.setattr(layers, "_conv_same", lambda x, kernel: _plain_conv(x, kernel, 1, "SAME"))
+    monkeypatch.setattr(layers, "upsample_conv_k2", lambda x, kernel: _plain_conv(
+        jnp.repeat(x, 2, axis=1), kernel, 1, "SAME"))
     plain = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

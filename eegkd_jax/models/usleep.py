@@ -68,15 +68,21 @@ def _max_pool_by_two(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class ConvBlock(nn.Module):
-    """conv -> ELU -> batch norm over (B, T, C_in) -> (B, T, features)."""
+    """conv -> ELU -> batch norm over (B, T, C_in) -> (B, T * upsample, features).
+
+    ``upsample=2`` repeats every input sample twice before the conv (the decoder's nearest-neighbour
+    upsampling), folded into the conv so the repeated signal is never built (k=2 only).
+    """
 
     features: int
     kernel_size: int
     dtype: Any = jnp.float32
+    upsample: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype, name="conv")(x)
+        x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype,
+                          upsample=self.upsample, name="conv")(x)
         x = nn.elu(x)
         return layers.batch_norm(train, self.dtype, name="bn")(x)
 
@@ -90,8 +96,8 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, skip: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = jnp.repeat(x, 2, axis=1)  # nearest-neighbour upsampling
-        x = ConvBlock(self.features, 2, self.dtype, name="upconv")(x, train)
+        # Nearest-neighbour upsampling x2, then the k=2 conv (one op, see layers.upsample_conv_k2).
+        x = ConvBlock(self.features, 2, self.dtype, upsample=2, name="upconv")(x, train)
         # The encoder padded odd lengths before pooling, so the upsampled signal can be one sample
         # longer than the skip; keep the first samples as the original does.
         x = x[:, : skip.shape[1]]
