@@ -21,8 +21,9 @@ on a shared machine without them), jax; xla_temp_mb / xla_argument_mb / xla_outp
 (XLA's buffer assignment for the compiled step: what it will allocate, known before running) and,
 on an accelerator, peak_device_mb (the allocator's peak after the timed steps).
 
-Each mode is one function ``mode(model_cfg, args, mesh) -> (step, state, batch)`` registered in
-``MODES``; KD modes go beside ``supervised``.
+Each mode is one function ``mode(model_cfg, args, mesh) -> (step, init_state, batch)`` registered
+in ``MODES`` (``init_state(key) -> TrainState``, see :func:`create_state`); KD modes go beside
+``supervised``.
 """
 
 from __future__ import annotations
@@ -80,13 +81,9 @@ def supervised(model_cfg, args, mesh):
     host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
     input_shape = (1,) + host_batch["ear"].shape[1:]
     init = functools.partial(models.init_variables, module, input_shape=input_shape)
-    # Created under jit straight into its replicated sharding, as the training loop does (with
-    # cheap compiler options: it runs once, see compile_cache.run_once).
-    state = compile_cache.run_once(
-        lambda key: state_lib.create_state(key, init, tx), jax.random.key(args.seed),
-        out_shardings=parallel.replicated_sharding(mesh))
     step = functools.partial(steps_lib.supervised_step, model=module, tx=tx, input_key="ear")
-    return step, state, parallel.host_batch_to_global(host_batch, mesh)
+    return (step, lambda key: state_lib.create_state(key, init, tx),
+            parallel.host_batch_to_global(host_batch, mesh))
 
 
 def _kd_setup(model_cfg, args, mesh, *, trained_teacher: bool):
@@ -100,32 +97,40 @@ def _kd_setup(model_cfg, args, mesh, *, trained_teacher: bool):
     host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
     input_shape = (1,) + host_batch["ear"].shape[1:]
     init = functools.partial(models.init_variables, module, input_shape=input_shape)
-    state = compile_cache.run_once(
-        lambda key: state_lib.create_state(
-            key, init, tx, init_teacher=init, teacher_tx=tx if trained_teacher else None),
-        jax.random.key(args.seed), out_shardings=parallel.replicated_sharding(mesh))
-    return module, tx, config.kd, state, parallel.host_batch_to_global(host_batch, mesh)
+    def init_state(key):
+        return state_lib.create_state(key, init, tx, init_teacher=init,
+                                      teacher_tx=tx if trained_teacher else None)
+
+    return module, tx, config.kd, init_state, parallel.host_batch_to_global(host_batch, mesh)
 
 
 def offline_kd(model_cfg, args, mesh):
     """Frozen teacher forward (eval mode) + student step with CE + feature MSE + T^2 KL."""
-    module, tx, kd, state, batch = _kd_setup(model_cfg, args, mesh, trained_teacher=False)
+    module, tx, kd, init_state, batch = _kd_setup(model_cfg, args, mesh, trained_teacher=False)
     kd.feature_weight, kd.response_weight = 1.0, 1.0  # every term is computed and timed
     step = functools.partial(steps_lib.offline_kd_step, student=module, teacher=module, tx=tx,
                              kd=kd)
-    return step, state, batch
+    return step, init_state, batch
 
 
 def online_kd(model_cfg, args, mesh):
     """Teacher and student trained together ("mutual": every cross term is computed)."""
-    module, tx, kd, state, batch = _kd_setup(model_cfg, args, mesh, trained_teacher=True)
+    module, tx, kd, init_state, batch = _kd_setup(model_cfg, args, mesh, trained_teacher=True)
     kd.variant, kd.feature_weight, kd.response_weight = "mutual", 1.0, 1.0
     step = functools.partial(steps_lib.online_kd_step, student=module, teacher=module, tx=tx,
                              teacher_tx=tx, kd=kd)
-    return step, state, batch
+    return step, init_state, batch
 
 
 MODES = {"supervised": supervised, "offline_kd": offline_kd, "online_kd": online_kd}
+
+
+def create_state(init_state, seed: int, mesh) -> compile_cache.RunOnce:
+    """The state's creation, traced: ``.abstract`` is its shapes, calling it creates the state
+    under jit straight into its replicated sharding as the training loop does (with cheap compiler
+    options: it runs once, see compile_cache.RunOnce)."""
+    return compile_cache.RunOnce(init_state, jax.random.key(seed),
+                                 out_shardings=parallel.replicated_sharding(mesh))
 
 
 def compiled_memory_mb(compiled) -> dict:
@@ -150,7 +155,8 @@ def measure(model_name: str, mode: str, args) -> dict:
     mesh = parallel.make_mesh()
     parallel.check_global_batch_size(args.batch, mesh)
     load_before = machine.load_average()
-    step, state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
+    step, init_state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
+    state = create_state(init_state, args.seed, mesh)()
     params = models.count_params(state.params)
 
     jitted = parallel.jit_train_step(step, mesh)

@@ -80,14 +80,78 @@ RUN_ONCE_COMPILER_OPTIONS = {
 }
 
 
+class RunOnce:
+    """``fn(*args)`` traced once under ``jax.jit(fn, **jit_kwargs)``: :attr:`abstract` is the shape,
+    dtype and sharding of its result (what ``jax.eval_shape`` would give, without tracing a second
+    time), and calling the object compiles it with :data:`RUN_ONCE_COMPILER_OPTIONS` and runs it.
+
+    For functions run once per process, such as creating the training state, whose result's shapes
+    are needed first (to restore a checkpoint into, or to compile the train step from).
+    """
+
+    def __init__(self, fn, *args, **jit_kwargs):
+        import jax
+
+        self._args = args
+        self._traced = jax.jit(fn, **jit_kwargs).trace(*args)
+        self.abstract = self._traced.out_info
+
+    def __call__(self):
+        compiled = self._traced.lower().compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+        return compiled(*self._args)
+
+
 def run_once(fn, *args, **jit_kwargs):
     """``jax.jit(fn, **jit_kwargs)(*args)``, compiled with :data:`RUN_ONCE_COMPILER_OPTIONS`.
 
     For functions called once per process (state initialisation); ``jit_kwargs`` such as
     ``out_shardings`` pass through to ``jax.jit``.
     """
-    import jax
+    return RunOnce(fn, *args, **jit_kwargs)()
 
-    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile(
-        compiler_options=RUN_ONCE_COMPILER_OPTIONS)
-    return compiled(*args)
+
+class AheadOfTime:
+    """A jitted function compiled in a background thread for given abstract arguments.
+
+    Start-up of a run is two compilations back to back: the state initialisation and the train
+    step. The step's inputs are known as shapes before the state exists (``jax.eval_shape`` of the
+    initialiser), so its compilation can start first and run beside the initialisation, the data
+    pipeline's start and (on a resume) the checkpoint restore. XLA compiles outside the GIL, so on a
+    multi-core host the two compilations overlap.
+
+    Calling the object waits for the compilation and runs the compiled executable. The arguments
+    must have the abstract shapes, dtypes and shardings it was compiled for; if they do not (a
+    bug), it warns and falls back to the jitted function, which compiles again for what it got.
+    """
+
+    def __init__(self, jitted, *abstract_args, name: str = "step"):
+        import concurrent.futures
+
+        self._jitted = jitted
+        self._name = name
+        self._compiled = None
+        self._fallback = False
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"compile-{name}")
+        self._future = executor.submit(lambda: jitted.lower(*abstract_args).compile())
+        executor.shutdown(wait=False)
+
+    def compiled(self):
+        """Waits for and returns the ``jax.stages.Compiled`` (re-raises a compilation error)."""
+        if self._compiled is None:
+            self._compiled = self._future.result()
+        return self._compiled
+
+    def __call__(self, *args):
+        if self._fallback:
+            return self._jitted(*args)
+        compiled = self.compiled()
+        try:
+            return compiled(*args)
+        except TypeError as err:
+            # Raised while checking the arguments, before anything runs or is donated.
+            import warnings
+
+            warnings.warn(f"the ahead-of-time compiled {self._name} does not take these "
+                          f"arguments ({err}); compiling it again for them", RuntimeWarning)
+            self._fallback = True
+            return self._jitted(*args)

@@ -80,3 +80,40 @@ def test_run_once_gives_what_jit_gives():
         # Same random bits; a scaled uniform may round its last bit differently (fused mul-add).
         np.testing.assert_allclose(a, b, rtol=0, atol=float(jnp.finfo(a.dtype).eps))
     np.testing.assert_array_equal(ours["n"], reference["n"])
+
+
+def _donating_step():
+    return jax.jit(lambda state, batch: (state + batch.sum(0), jnp.mean(batch)), donate_argnums=0)
+
+
+def test_ahead_of_time_runs_the_program_compiled_from_shapes():
+    step = _donating_step()
+    ahead = compile_cache.AheadOfTime(step, jax.ShapeDtypeStruct((3,), jnp.float32),
+                                      jax.ShapeDtypeStruct((4, 3), jnp.float32))
+    batch = jnp.arange(12.0).reshape(4, 3)
+    state, mean = ahead(jnp.ones(3), batch)
+    np.testing.assert_array_equal(state, 1.0 + np.arange(12.0).reshape(4, 3).sum(0))
+    assert float(mean) == 5.5
+    # Nothing retraced: the executable is the one compiled from the shapes.
+    assert ahead.compiled() is ahead.compiled()
+    assert step._cache_size() == 0
+
+
+def test_ahead_of_time_warns_and_recompiles_for_other_shapes():
+    ahead = compile_cache.AheadOfTime(_donating_step(), jax.ShapeDtypeStruct((3,), jnp.float32),
+                                      jax.ShapeDtypeStruct((4, 3), jnp.float32), name="toy step")
+    with pytest.warns(RuntimeWarning, match="toy step does not take these arguments"):
+        state, _ = ahead(jnp.ones(3), jnp.ones((5, 3)))
+    np.testing.assert_array_equal(state, [6.0, 6.0, 6.0])
+    state, _ = ahead(state, jnp.ones((5, 3)))  # later calls go straight to the jitted function
+    np.testing.assert_array_equal(state, [11.0, 11.0, 11.0])
+
+
+def test_ahead_of_time_reraises_a_tracing_error_when_called():
+    def broken(state, batch):
+        raise ValueError("bad model")
+
+    ahead = compile_cache.AheadOfTime(jax.jit(broken), jax.ShapeDtypeStruct((3,), jnp.float32),
+                                      jax.ShapeDtypeStruct((4, 3), jnp.float32))
+    with pytest.raises(ValueError, match="bad model"):
+        ahead(jnp.ones(3), jnp.ones((4, 3)))
