@@ -104,6 +104,55 @@ def test_usleep_parameter_count_matches_the_original():
         "bottom", "classifier"}
 
 
+def test_initial_weights_follow_pytorchs_default_limits(monkeypatch):
+    """init_variables draws the uniform initialisers from a shared pool (layers.uniform_pool); with
+    a small chunk, so that the pool rolls over many times, every conv kernel and bias still lies in
+    +-1/sqrt(fan_in), spreads over it as a uniform does, and no two parameters share numbers."""
+    from eegkd_jax.models import layers
+
+    monkeypatch.setattr(layers, "_POOL_CHUNK", 1000)
+    module = usleep_lib.USleep(in_channels=3, widths=(4, 6, 8, 10), epoch_samples=256)
+    params = jax.jit(lambda r: models.init_variables(module, r, (1, 256, 3)))(
+        jax.random.key(3))["params"]
+    seen = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        leaf = np.asarray(leaf)
+        if "bn" in name:
+            expected = 1.0 if name.endswith("['scale']") else 0.0
+            np.testing.assert_array_equal(leaf, expected, err_msg=name)
+            continue
+        kernel = params
+        for key in path[:-1]:
+            kernel = kernel[key.key]
+        fan_in = int(np.prod(kernel["kernel"].shape[:-1]))
+        limit = 1.0 / np.sqrt(fan_in)
+        assert np.all(np.abs(leaf) <= limit), name
+        if leaf.size >= 200:
+            assert abs(leaf.std() - limit / np.sqrt(3.0)) < 0.15 * limit, name
+            assert abs(leaf.mean()) < 0.15 * limit, name
+        first = tuple(np.round(leaf.ravel()[:4] / limit, 6))
+        assert first not in seen, f"{name} repeats another parameter's numbers"
+        seen.add(first)
+
+
+def test_initialisation_is_a_function_of_the_key_and_plain_outside_the_pool():
+    from eegkd_jax.models import layers
+
+    module = usleep_lib.USleep(in_channels=3, widths=(4, 6, 8), epoch_samples=128)
+    init = jax.jit(lambda r: models.init_variables(module, r, (1, 128, 3)))
+    a, b, c = init(jax.random.key(0)), init(jax.random.key(0)), init(jax.random.key(1))
+    for x, y, z in zip(*(jax.tree_util.tree_leaves(v["params"]) for v in (a, b, c))):
+        np.testing.assert_array_equal(x, y)
+        if x.size > 1 and np.any(x != 1.0) and np.any(x != 0.0):
+            assert np.any(np.asarray(x) != np.asarray(z))
+    # Outside init_variables the initialisers draw from their own key, as Flax initialisers do.
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(
+        layers.torch_kernel_init(key, (9, 4, 6)),
+        jax.random.uniform(key, (9, 4, 6), minval=-1 / 6.0, maxval=1 / 6.0))
+
+
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_usleep_full_size_output_shapes(epochs):
     """Shapes only (traced, not compiled) for single epochs and a 3-epoch sequence."""

@@ -13,17 +13,16 @@ point matters for how the first epochs go, so the models here reproduce the PyTo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# Kernel initialiser equal to PyTorch's default for Conv1d and Linear weights.
-torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # PyTorch BatchNorm1d(momentum=0.1) updates running = 0.9 * running + 0.1 * batch; written with
 # Flax's convention (momentum = the weight on the old value) that is 0.9. eps is PyTorch's default.
@@ -35,13 +34,71 @@ LN_EPSILON = 1e-5
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# --------------------------------------------------------------------------------------------------
+# Uniform draws for initialisation. Drawn one by one, every parameter costs two threefry calls (the
+# key Flax derives for it, then the draw), which on CPU are a rolled loop of small kernels each: a
+# depth-8 U-Sleep's initialiser was ~760 kernels, 4 s of compilation even without optimisations
+# and ~2 s to load from the compilation cache. Inside ``uniform_pool`` the uniform initialisers
+# instead cut consecutive slices out of a few large draws (chunks of ``_POOL_CHUNK`` numbers, chunk
+# i drawn with ``fold_in(key, i)``); the per-parameter keys are then unused and XLA drops them.
+# The draws stay U(-limit, limit), independent, and a pure function of the key (threefry gives the
+# same numbers on every backend); only which numbers land in which parameter differs from
+# drawing them one by one.
+
+_POOL_CHUNK = 1 << 20
+_POOL = threading.local()
+
+
+class _UniformPool:
+    def __init__(self, key: jax.Array):
+        self._key = key
+        self._chunks = 0
+        self._numbers = None
+        self._used = 0
+
+    def take(self, shape, limit: float, dtype) -> jax.Array:
+        n = math.prod(shape)
+        if self._numbers is None or self._used + n > self._numbers.shape[0]:
+            self._numbers = jax.random.uniform(
+                jax.random.fold_in(self._key, self._chunks), (max(n, _POOL_CHUNK),), jnp.float32,
+                minval=-1.0, maxval=1.0)
+            self._chunks += 1
+            self._used = 0
+        numbers = self._numbers[self._used:self._used + n]
+        self._used += n
+        return (numbers.reshape(shape) * limit).astype(dtype)
+
+
+@contextlib.contextmanager
+def uniform_pool(key: jax.Array):
+    """Within this block (in this thread), :func:`uniform_init` and :data:`torch_kernel_init` draw
+    from a few large uniform draws made from ``key`` instead of their own keys (see above)."""
+    previous = getattr(_POOL, "pool", None)
+    _POOL.pool = _UniformPool(key)
+    try:
+        yield
+    finally:
+        _POOL.pool = previous
+
+
 def uniform_init(limit: float) -> nn.initializers.Initializer:
     """U(-limit, limit) initialiser (any shape)."""
 
     def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        pool = getattr(_POOL, "pool", None)
+        if pool is not None:
+            return pool.take(tuple(shape), limit, dtype)
         return jax.random.uniform(key, shape, dtype, minval=-limit, maxval=limit)
 
     return init
+
+
+def torch_kernel_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """PyTorch's default Conv1d / Linear weight initialiser, kaiming-uniform with a = sqrt(5):
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = the product of all but the last axis (the
+    kernel is (..., in, out)); the same as ``variance_scaling(1/3, "fan_in", "uniform")``."""
+    fan_in = math.prod(shape[:-1])
+    return uniform_init(1.0 / math.sqrt(fan_in))(key, shape, dtype)
 
 
 def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
