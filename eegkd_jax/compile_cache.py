@@ -114,8 +114,8 @@ class AheadOfTime:
     """A jitted function compiled in a background thread for given abstract arguments.
 
     Start-up of a run is two compilations back to back: the state initialisation and the train
-    step. The step's inputs are known as shapes before the state exists (``jax.eval_shape`` of the
-    initialiser), so its compilation can start first and run beside the initialisation, the data
+    step. The step's inputs are known as shapes before the state exists (:attr:`RunOnce.abstract`
+    of the initialiser), so its compilation can start first and run beside the initialisation, the data
     pipeline's start and (on a resume) the checkpoint restore. XLA compiles outside the GIL, so on a
     multi-core host the two compilations overlap.
 

@@ -71,7 +71,7 @@ class _UniformPool:
 
 @contextlib.contextmanager
 def uniform_pool(key: jax.Array):
-    """Within this block (in this thread), :func:`uniform_init` and :data:`torch_kernel_init` draw
+    """Within this block (in this thread), :func:`uniform_init` and :func:`torch_kernel_init` draw
     from a few large uniform draws made from ``key`` instead of their own keys (see above)."""
     previous = getattr(_POOL, "pool", None)
     _POOL.pool = _UniformPool(key)
