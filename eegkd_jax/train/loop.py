@@ -214,20 +214,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             init_once.abstract)
 
-    # ---- the train step, compiled from shapes in a background thread while the state is created
-    # or restored and the input pipeline starts (see compile_cache.AheadOfTime)
-    step_fn = steps_lib.build_train_step(config, student=student, tx=tx, teacher=teacher,
-                                         teacher_tx=teacher_tx)
-    train_step = compile_cache.AheadOfTime(
-        parallel.jit_train_step(step_fn, mesh), abstract,
-        parallel.abstract_batch(config.batch_size, window, config.data.sequence_length,
-                                n_scalp=n_in["scalp"], n_ear=n_in["ear"], mesh=mesh),
-        name="train step")
-
-    # ---- state: resume or start
     ckpt_lib.save_config(config, workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
+    resume_step = checkpointer.latest_step()
+
+    # ---- the train step, compiled from shapes in a background thread while the state is created
+    # or restored and the input pipeline starts (see compile_cache.AheadOfTime); a finished run is
+    # only re-evaluated, so nothing is compiled for it
+    step_fn = steps_lib.build_train_step(config, student=student, tx=tx, teacher=teacher,
+                                         teacher_tx=teacher_tx)
+    train_step = parallel.jit_train_step(step_fn, mesh)
+    if resume_step is None or resume_step < total_steps:
+        train_step = compile_cache.AheadOfTime(
+            train_step, abstract,
+            parallel.abstract_batch(config.batch_size, window, config.data.sequence_length,
+                                    n_scalp=n_in["scalp"], n_ear=n_in["ear"], mesh=mesh),
+            name="train step")
+
+    # ---- state: resume or start
+    if resume_step is not None:
         state = checkpointer.restore(abstract, "latest")
         logging.info("resumed from %s at step %d", checkpointer.directory, int(state.step))
     else:
