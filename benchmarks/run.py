@@ -147,7 +147,10 @@ def first_step_child(config_name: str, batch: int) -> None:
     ahead = compile_cache.AheadOfTime(
         parallel.jit_train_step(step, mesh), create.abstract,
         jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                     host_batch))
+                     host_batch),
+        export_key=json.dumps({"benchmark online_kd step": model_cfg.to_json_best_effort(
+            sort_keys=True), "args": vars(args)}, sort_keys=True, default=str),
+        donate_argnums=0)
     state = create()
     jax.block_until_ready(state)
     initialised = time.perf_counter()

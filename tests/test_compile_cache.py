@@ -1,9 +1,13 @@
 """The persistent compilation cache switch: where it points, how it is turned off, and that a
 second compilation of the same program in a fresh process state is read from it."""
 
+from typing import Any
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from eegkd_jax import compile_cache
@@ -117,3 +121,151 @@ def test_ahead_of_time_reraises_a_tracing_error_when_called():
                                       jax.ShapeDtypeStruct((4, 3), jnp.float32))
     with pytest.raises(ValueError, match="bad model"):
         ahead(jnp.ones(3), jnp.ones((4, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Traced programs kept on disk (exported_jit)
+
+
+@flax.struct.dataclass
+class _State:
+    """A custom pytree node with an optax state inside, as the train state has."""
+    weights: jax.Array
+    opt_state: Any
+
+
+def _make_step(traces: list, scale: float = 2.0):
+    """A fresh jitted, donating step each call (a new Python function, so no trace is shared);
+    every trace of its body is counted in ``traces``."""
+    tx = optax.sgd(0.1)
+
+    def step(state, batch):
+        traces.append(1)
+        grads = jax.grad(lambda w: jnp.sum((batch @ w) ** 2))(state.weights)
+        updates, opt_state = tx.update(grads, state.opt_state)
+        new = _State(optax.apply_updates(state.weights, updates) * scale, opt_state)
+        return new, {"loss": jnp.sum(batch @ state.weights), "n": jnp.asarray(batch.shape[0])}
+
+    return jax.jit(step, donate_argnums=0), tx
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
+@pytest.fixture
+def export_cache(clean_cache_config, tmp_path):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    return tmp_path / "xla" / "exported"
+
+
+def _inputs(tx):
+    state = _State(jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), tx.init(jnp.zeros((4, 3))))
+    return state, jnp.arange(32.0).reshape(8, 4) / 10
+
+
+def test_exported_jit_reads_the_program_back_without_tracing(export_cache):
+    traces = []
+    jitted, tx = _make_step(traces)
+    state, batch = _inputs(tx)
+    abstract = (_abstract(state), _abstract(batch))
+    reference = jitted(*_inputs(tx))
+
+    first = compile_cache.exported_jit(jitted, *abstract, key="toy", donate_argnums=0)
+    assert len(list(export_cache.glob("*.jaxexport"))) == 1
+    traced_before = len(traces)
+    assert traced_before >= 1
+
+    # A later process: a new function object, a fresh trace counter, the same key.
+    later_traces = []
+    later_jitted, _ = _make_step(later_traces)
+    later = compile_cache.exported_jit(later_jitted, *abstract, key="toy", donate_argnums=0)
+    for program in (first, later):
+        state, batch = _inputs(tx)
+        new_state, metrics = program(state, batch)
+        assert isinstance(new_state, _State) and set(metrics) == {"loss", "n"}
+        for ours, theirs in zip(jax.tree.leaves((new_state, metrics)), jax.tree.leaves(reference)):
+            np.testing.assert_array_equal(ours, theirs)
+        assert state.weights.is_deleted(), "the state's buffers were not donated"
+    assert later_traces == [], "the step was traced although its exported program was on disk"
+
+
+def test_exported_jit_traces_again_for_another_key_or_shape(export_cache):
+    traces = []
+    jitted, tx = _make_step(traces)
+    state, batch = _inputs(tx)
+    abstract = (_abstract(state), _abstract(batch))
+    compile_cache.exported_jit(jitted, *abstract, key="a")
+    compile_cache.exported_jit(_make_step(traces)[0], *abstract, key="b")
+    wider = (abstract[0], jax.ShapeDtypeStruct((16, 4), jnp.float32))
+    compile_cache.exported_jit(_make_step(traces)[0], *wider, key="a")
+    assert len(list(export_cache.glob("*.jaxexport"))) == 3
+    digests = {compile_cache.export_digest(k, a) for k, a in
+               (("a", abstract), ("b", abstract), ("a", wider))}
+    assert len(digests) == 3
+
+
+def test_exported_programs_depend_on_our_source(export_cache, monkeypatch):
+    jitted, tx = _make_step([])
+    abstract = tuple(_abstract(x) for x in _inputs(tx))
+    before = compile_cache.export_digest("k", abstract)
+    monkeypatch.setattr(compile_cache, "source_digest", lambda: "edited")
+    assert compile_cache.export_digest("k", abstract) != before
+
+
+def test_a_damaged_exported_program_is_logged_and_traced_again(export_cache, caplog):
+    jitted, tx = _make_step([])
+    abstract = tuple(_abstract(x) for x in _inputs(tx))
+    compile_cache.exported_jit(jitted, *abstract, key="toy", donate_argnums=0)
+    (path,) = export_cache.glob("*.jaxexport")
+    path.write_bytes(path.read_bytes()[:200])
+
+    traces = []
+    with caplog.at_level("WARNING"):
+        program = compile_cache.exported_jit(_make_step(traces)[0], *abstract, key="toy")
+    assert traces, "a damaged program must be traced again"
+    assert any("ignoring the exported program" in r.getMessage() and path.name in r.getMessage()
+               for r in caplog.records)
+    new_state, _ = program(*_inputs(tx))
+    np.testing.assert_array_equal(new_state.weights, jitted(*_inputs(tx))[0].weights)
+    assert path.stat().st_size > 200, "the damaged file was not replaced"
+
+
+def test_exported_jit_without_a_cache_is_the_jitted_function(clean_cache_config):
+    jitted, tx = _make_step([])
+    abstract = tuple(_abstract(x) for x in _inputs(tx))
+    assert compile_cache.exported_jit(jitted, *abstract, key="toy") is jitted
+
+
+def test_exported_jit_keeps_the_shardings_on_a_mesh(export_cache):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    traces = []
+    step, tx = _make_step(traces)
+    jitted = jax.jit(step, donate_argnums=0, in_shardings=(replicated, split),
+                     out_shardings=(replicated, replicated))
+    state, batch = _inputs(tx)
+    batch = jnp.tile(batch, (len(jax.devices()), 1))
+    abstract = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                             state),
+                jax.ShapeDtypeStruct(batch.shape, batch.dtype, sharding=split))
+    compile_cache.exported_jit(jitted, *abstract, key="mesh", donate_argnums=0)
+    later = compile_cache.exported_jit(_make_step([])[0], *abstract, key="mesh", donate_argnums=0)
+    put = lambda tree, s: jax.device_put(tree, s)  # noqa: E731
+    new_state, metrics = later(put(state, replicated), put(batch, split))
+    reference = jitted(put(_inputs(tx)[0], replicated), put(batch, split))
+    for ours, theirs in zip(jax.tree.leaves((new_state, metrics)), jax.tree.leaves(reference)):
+        assert ours.sharding.is_equivalent_to(theirs.sharding, ours.ndim)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_ahead_of_time_goes_through_the_exported_program(export_cache):
+    jitted, tx = _make_step([])
+    abstract = tuple(_abstract(x) for x in _inputs(tx))
+    ahead = compile_cache.AheadOfTime(jitted, *abstract, export_key="toy", donate_argnums=0)
+    new_state, _ = ahead(*_inputs(tx))
+    assert len(list(export_cache.glob("*.jaxexport"))) == 1
+    np.testing.assert_array_equal(new_state.weights, jitted(*_inputs(tx))[0].weights)
