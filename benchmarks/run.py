@@ -143,14 +143,15 @@ def first_step_child(config_name: str, batch: int) -> None:
     step, init_state, host_batch = train_step.MODES["online_kd"](model_cfg, args, mesh)
     # As train_and_evaluate does: the step compiles from shapes in a background thread while the
     # state is created.
-    create = train_step.create_state(init_state, 0, mesh)
+    # Both programs kept on disk under the same key as train_and_evaluate keeps them.
+    key = json.dumps({"benchmark online_kd": model_cfg.to_json_best_effort(sort_keys=True),
+                      "args": vars(args)}, sort_keys=True, default=str)
+    create = train_step.create_state(init_state, 0, mesh, export_key="state " + key)
     ahead = compile_cache.AheadOfTime(
         parallel.jit_train_step(step, mesh), create.abstract,
         jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                      host_batch),
-        export_key=json.dumps({"benchmark online_kd step": model_cfg.to_json_best_effort(
-            sort_keys=True), "args": vars(args)}, sort_keys=True, default=str),
-        donate_argnums=0)
+        export_key="step " + key, donate_argnums=0)
     state = create()
     jax.block_until_ready(state)
     initialised = time.perf_counter()

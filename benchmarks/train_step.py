@@ -125,11 +125,13 @@ def online_kd(model_cfg, args, mesh):
 MODES = {"supervised": supervised, "offline_kd": offline_kd, "online_kd": online_kd}
 
 
-def create_state(init_state, seed: int, mesh) -> compile_cache.RunOnce:
+def create_state(init_state, seed: int, mesh, export_key: str | None = None
+                 ) -> compile_cache.RunOnce:
     """The state's creation, traced: ``.abstract`` is its shapes, calling it creates the state
     under jit straight into its replicated sharding as the training loop does (with cheap compiler
-    options: it runs once, see compile_cache.RunOnce)."""
-    return compile_cache.RunOnce(init_state, jax.random.key(seed),
+    options: it runs once, see compile_cache.RunOnce; ``export_key`` keeps the traced program on
+    disk, as the loop does)."""
+    return compile_cache.RunOnce(init_state, jax.random.key(seed), export_key=export_key,
                                  out_shardings=parallel.replicated_sharding(mesh))
 
 

@@ -95,13 +95,21 @@ class RunOnce:
 
     For functions run once per process, such as creating the training state, whose result's shapes
     are needed first (to restore a checkpoint into, or to compile the train step from).
+
+    With ``export_key`` the traced program is kept on disk (:func:`exported_jit`; the arguments'
+    values are inputs of the program, only their shapes are part of its key).
     """
 
-    def __init__(self, fn, *args, **jit_kwargs):
+    def __init__(self, fn, *args, export_key: str | None = None, **jit_kwargs):
         import jax
 
         self._args = args
-        self._traced = jax.jit(fn, **jit_kwargs).trace(*args)
+        jitted = jax.jit(fn, **jit_kwargs)
+        if export_key is not None:
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+            jitted = exported_jit(jitted, *shapes, key=export_key,
+                                  out_shardings=jit_kwargs.get("out_shardings"))
+        self._traced = jitted.trace(*args)
         self.abstract = self._traced.out_info
 
     def __call__(self):
@@ -312,11 +320,13 @@ def _export(jitted, abstract_args):
     return jax.export.export(flat_jit)(*in_leaves).serialize(), in_treedef, out_treedef
 
 
-def exported_jit(jitted, *abstract_args, key: str, donate_argnums: int | tuple[int, ...] = ()):
+def exported_jit(jitted, *abstract_args, key: str, donate_argnums: int | tuple[int, ...] = (),
+                 out_shardings=None):
     """``jitted`` (a ``jax.jit`` function) as a jitted call of its exported program for
     ``abstract_args`` (ShapeDtypeStructs with shardings): read from :func:`exported_directory`
     when a previous process traced it for the same ``key``, else traced, exported and written
-    there. Without a cache directory it returns ``jitted`` itself.
+    there. Without a cache directory it returns ``jitted`` itself. ``donate_argnums`` and
+    ``out_shardings`` (what ``jitted`` was given) apply to the returned function.
 
     ``key`` must name everything the function's Python closes over (for a train step: the config
     and the values derived from the data); :func:`export_digest` adds the rest. The result runs
@@ -346,4 +356,6 @@ def exported_jit(jitted, *abstract_args, key: str, donate_argnums: int | tuple[i
             raise TypeError(f"the exported program takes {in_treedef}, not {treedef}")
         return jax.tree.unflatten(out_treedef, exported.call(*leaves))
 
-    return jax.jit(call, donate_argnums=donate_argnums)
+    if out_shardings is None:
+        return jax.jit(call, donate_argnums=donate_argnums)
+    return jax.jit(call, donate_argnums=donate_argnums, out_shardings=out_shardings)

@@ -269,3 +269,34 @@ def test_ahead_of_time_goes_through_the_exported_program(export_cache):
     new_state, _ = ahead(*_inputs(tx))
     assert len(list(export_cache.glob("*.jaxexport"))) == 1
     np.testing.assert_array_equal(new_state.weights, jitted(*_inputs(tx))[0].weights)
+
+
+def test_run_once_keeps_its_program_on_disk(export_cache):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P())
+    traces = []
+
+    def make_init():
+        def init(key):
+            traces.append(1)
+            a, b = jax.random.split(key)
+            return {"w": jax.random.uniform(a, (33, 7)), "rng": b, "z": jnp.zeros((4,))}
+        return init
+
+    first = compile_cache.RunOnce(make_init(), jax.random.key(3), export_key="init",
+                                  out_shardings=replicated)
+    assert traces and len(list(export_cache.glob("*.jaxexport"))) == 1
+    traces.clear()
+    later = compile_cache.RunOnce(make_init(), jax.random.key(4), export_key="init",
+                                  out_shardings=replicated)
+    assert traces == [], "traced although the program was on disk"
+    assert later.abstract["w"].shape == (33, 7) and later.abstract["w"].sharding == replicated
+    ours = later()
+    reference = compile_cache.run_once(make_init(), jax.random.key(4), out_shardings=replicated)
+    np.testing.assert_allclose(ours["w"], reference["w"], rtol=0,
+                               atol=float(jnp.finfo(jnp.float32).eps))
+    np.testing.assert_array_equal(jax.random.key_data(ours["rng"]),
+                                  jax.random.key_data(reference["rng"]))
+    assert ours["w"].sharding == replicated
+    assert first.abstract == later.abstract

@@ -207,10 +207,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             teacher_tx=teacher_tx)
 
     replicated = parallel.replicated_sharding(mesh)
+    # The state's creation and the train step are kept traced on disk (compile_cache.exported_jit)
+    # under this key: what their Python closes over beyond the config, i.e. everything build_model
+    # and make_optimizer got from the data.
+    program_key = json.dumps({
+        "config": config.to_json_best_effort(sort_keys=True),
+        "total_steps": total_steps, "channels": n_in, "window": window,
+        "sampling_rate": float(cohort.sampling_rate),
+        "teacher": (teacher_cfg.to_json_best_effort(sort_keys=True)
+                    if teacher is not None else None),
+    }, sort_keys=True)
     # Traced once: its shapes serve the restore and the step's compilation; it runs only for a fresh
     # start, compiled without XLA's optimisations (23 s -> 6 s for the online-KD state).
     init_once = compile_cache.RunOnce(init, jax.random.PRNGKey(config.seed),
-                                      out_shardings=replicated)
+                                      export_key="state " + program_key, out_shardings=replicated)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             init_once.abstract)
 
@@ -225,20 +235,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                          teacher_tx=teacher_tx)
     train_step = parallel.jit_train_step(step_fn, mesh)
     if resume_step is None or resume_step < total_steps:
-        # What the step's Python closes over beyond the config: everything build_model and
-        # make_optimizer got from the data (see compile_cache.exported_jit).
-        export_key = json.dumps({
-            "train step": config.to_json_best_effort(sort_keys=True),
-            "total_steps": total_steps, "channels": n_in, "window": window,
-            "sampling_rate": float(cohort.sampling_rate),
-            "teacher": (teacher_cfg.to_json_best_effort(sort_keys=True)
-                        if teacher is not None else None),
-        }, sort_keys=True)
         train_step = compile_cache.AheadOfTime(
             train_step, abstract,
             parallel.abstract_batch(config.batch_size, window, config.data.sequence_length,
                                     n_scalp=n_in["scalp"], n_ear=n_in["ear"], mesh=mesh),
-            name="train step", export_key=export_key, donate_argnums=0)
+            name="train step", export_key="train step " + program_key, donate_argnums=0)
 
     # ---- state: resume or start
     if resume_step is not None:
