@@ -49,4 +49,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from eegkd_jax import hugepages
+
+    hugepages.ensure()  # first: it may re-execute this command (huge pages for XLA's buffers)
     app.run(main)

@@ -324,4 +324,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from eegkd_jax import hugepages
+
+    hugepages.ensure()  # measure what train.py runs with (the children inherit it)
     main()

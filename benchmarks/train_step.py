@@ -232,4 +232,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from eegkd_jax import hugepages
+
+    hugepages.ensure()  # measure what train.py runs with
     main()

@@ -545,5 +545,8 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from eegkd_jax import hugepages
+
+    hugepages.ensure()  # first: it may re-execute this command (huge pages for XLA's buffers)
     define_flags()
     app.run(main)

@@ -471,6 +471,9 @@ if __name__ == "__main__":
 
     from absl import app
 
+    from eegkd_jax import hugepages
+
+    hugepages.ensure()  # first: it may re-execute this command (huge pages for XLA's buffers)
     sys.argv = expand_reduced(sys.argv)
     define_flags()
     app.run(main)
