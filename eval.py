@@ -56,7 +56,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from eegkd_jax import hugepages
+    from eegkd_jax import host_memory
 
-    hugepages.ensure()  # first: it may re-execute this command (huge pages for XLA's buffers)
+    host_memory.ensure()  # first: it may re-execute this command (malloc tunables)
     app.run(main)

@@ -324,7 +324,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from eegkd_jax import hugepages
+    from eegkd_jax import host_memory
 
-    hugepages.ensure()  # measure what train.py runs with (the children inherit it)
+    host_memory.ensure()  # measure what train.py runs with (the children inherit it)
     main()

@@ -232,7 +232,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from eegkd_jax import hugepages
+    from eegkd_jax import host_memory
 
-    hugepages.ensure()  # measure what train.py runs with
+    host_memory.ensure()  # measure what train.py runs with
     main()

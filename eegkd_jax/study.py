@@ -471,9 +471,9 @@ if __name__ == "__main__":
 
     from absl import app
 
-    from eegkd_jax import hugepages
+    from eegkd_jax import host_memory
 
-    hugepages.ensure()  # first: it may re-execute this command (huge pages for XLA's buffers)
+    host_memory.ensure()  # first: it may re-execute this command (malloc tunables)
     sys.argv = expand_reduced(sys.argv)
     define_flags()
     app.run(main)
