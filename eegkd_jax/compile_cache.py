@@ -13,8 +13,9 @@ Where the cache lives, first match wins:
 3. the ``directory`` argument;
 4. ``$XDG_CACHE_HOME/eegkd_jax/xla`` (``~/.cache/eegkd_jax/xla``).
 
-The same directory's ``exported/`` holds traced train steps (:func:`exported_jit`): a rerun
-that finds one skips Python's tracing of the step, which is most of a warm start.
+The same directory's ``exported/`` holds traced programs, the train step and the state's creation
+(:func:`exported_jit`): a rerun that finds them skips Python's tracing, which was most of a warm
+start.
 """
 
 from __future__ import annotations
