@@ -142,8 +142,7 @@ def first_step_child(config_name: str, batch: int) -> None:
     args = step_args(batch, 1, 0, "float32")
     step, init_state, host_batch = train_step.MODES["online_kd"](model_cfg, args, mesh)
     # As train_and_evaluate does: the step compiles from shapes in a background thread while the
-    # state is created.
-    # Both programs kept on disk under the same key as train_and_evaluate keeps them.
+    # state is created, and both programs are kept traced on disk under one key.
     key = json.dumps({"benchmark online_kd": model_cfg.to_json_best_effort(sort_keys=True),
                       "args": vars(args)}, sort_keys=True, default=str)
     create = train_step.create_state(init_state, 0, mesh, export_key="state " + key)

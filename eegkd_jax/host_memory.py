@@ -20,8 +20,9 @@ most of that:
 
 glibc reads its tunables when a process starts, so the entry points call :func:`ensure` first: it
 re-executes the same command once with the tunables added to ``GLIBC_TUNABLES`` (a user's own are
-kept, and none of ours replaces one the user set), then switches JAX's CPU dispatch to inline if the
-heap settings are in effect. It does nothing outside Linux or glibc, or with ``EEGKD_TUNE_MALLOC=0``.
+kept, and none of ours replaces one the user set), then switches JAX's CPU dispatch to inline if
+the heap settings are in effect. It does nothing outside Linux or glibc, or with
+``EEGKD_TUNE_MALLOC=0``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _switched_off(environ: Mapping[str, str]) -> bool:
+    return environ.get(ENV_VAR, "").strip().lower() in _OFF
+
+
 def _names(tunables: str) -> set[str]:
     return {item.split("=", 1)[0] for item in tunables.split(":") if item}
 
@@ -68,7 +73,7 @@ def tunables_to_set(environ: Mapping[str, str], thp_mode: str | None,
 
     ``libc`` is ``platform.libc_ver()``. The heap settings need glibc >= 2.26 (tunables), huge pages
     glibc >= 2.35 and the kernel's "madvise" mode ("always" gives them without asking)."""
-    if environ.get(ENV_VAR, "").strip().lower() in _OFF:
+    if _switched_off(environ):
         return None
     name, version = libc
     if name != "glibc" or _version(version) < (2, 26):
@@ -105,8 +110,7 @@ def ensure() -> None:
             os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=value))
         except OSError:
             return  # e.g. an interpreter path that cannot be executed again: run as it is
-    if heap_reuse_in_effect(os.environ.get("GLIBC_TUNABLES", "")) and \
-            os.environ.get(ENV_VAR, "").strip().lower() not in _OFF:
+    if heap_reuse_in_effect(os.environ.get("GLIBC_TUNABLES", "")) and not _switched_off(os.environ):
         import jax
 
         jax.config.update("jax_cpu_enable_async_dispatch", False)
