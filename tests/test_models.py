@@ -682,3 +682,19 @@ def test_usleep_gradients_are_finite_without_xla_optimisations():
     grads = jax.jit(jax.grad(loss))(variables["params"])
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+
+
+def test_elu_matches_flax_elu_in_value_and_gradient():
+    """layers.elu (exp - 1, derivative from the output) agrees with nn.elu (expm1) to float32
+    rounding, including second derivatives, and stays finite far out on both sides."""
+    from eegkd_jax.models import layers
+
+    x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 20001), jnp.array([-1e30, 1e30, 0.0, -0.0])])
+    np.testing.assert_allclose(layers.elu(x), jax.nn.elu(x), rtol=0, atol=2e-7)
+    grad = jax.vmap(jax.grad(layers.elu))
+    np.testing.assert_allclose(grad(x), jax.vmap(jax.grad(jax.nn.elu))(x), rtol=0, atol=2e-7)
+    assert np.all(np.isfinite(grad(x)))
+    assert float(jax.grad(layers.elu)(0.0)) == 1.0  # x = 0 is on the exp side: exp(0) = 1
+    # The derivative is written from y; its own derivative (higher order) is exp(x) for x < 0.
+    second = jax.vmap(jax.grad(jax.grad(layers.elu)))(jnp.array([-2.0, -0.5, 0.5, 2.0]))
+    np.testing.assert_allclose(second, [np.exp(-2.0), np.exp(-0.5), 0.0, 0.0], rtol=1e-6)

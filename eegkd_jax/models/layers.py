@@ -167,6 +167,26 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype if self.dtype is not None else x.dtype)
 
 
+@jax.custom_jvp
+def elu(x: jax.Array) -> jax.Array:
+    """ELU with alpha 1 (PyTorch's ``nn.ELU()``): x for x > 0, exp(x) - 1 otherwise.
+
+    Written with ``exp(x) - 1`` rather than ``expm1`` (as ``nn.elu`` is): XLA:CPU's expm1 is the
+    slow part of that fusion (1.5 -> 1.1 ms forward on a (32, 3000, 9) array, 2-core CPU). Near 0,
+    where expm1 is more accurate, the absolute difference is below 1e-7: float32 rounding of x.
+    The derivative is taken from the output (1 where y > 0, y + 1 elsewhere), so the backward pass
+    needs no second exp (grad 1.96 -> 1.19 ms on that array).
+    """
+    return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0)) - 1)
+
+
+@elu.defjvp
+def _elu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = elu(x)
+    return y, t * jnp.where(y > 0, jnp.ones_like(y), y + 1)
+
+
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> BatchNorm:
     """Batch norm with PyTorch's BatchNorm1d defaults (momentum 0.1, eps 1e-5); see BatchNorm."""
     return BatchNorm(use_running_average=not train, dtype=dtype, name=name)

@@ -83,7 +83,7 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype,
                           upsample=self.upsample, name="conv")(x)
-        x = nn.elu(x)
+        x = layers.elu(x)
         return layers.batch_norm(train, self.dtype, name="bn")(x)
 
 
@@ -125,7 +125,7 @@ class SegmentClassifier(nn.Module):
         # inputs in float32, so bfloat16 does not lose the 6000-sample sum.
         x = x.reshape(b, t // self.epoch_samples, self.epoch_samples, f).mean(axis=2)
         x = layers.dense(self.num_classes, f, self.dtype, name="hidden")(x)
-        x = nn.elu(x)
+        x = layers.elu(x)
         return layers.dense(self.num_classes, self.num_classes, self.dtype, name="logits")(x)
 
 
