@@ -698,3 +698,41 @@ def test_elu_matches_flax_elu_in_value_and_gradient():
     # The derivative is written from y; its own derivative (higher order) is exp(x) for x < 0.
     second = jax.vmap(jax.grad(jax.grad(layers.elu)))(jnp.array([-2.0, -0.5, 0.5, 2.0]))
     np.testing.assert_allclose(second, [np.exp(-2.0), np.exp(-0.5), 0.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_backward_matches_autodiff_of_the_formula(dtype):
+    """The hand-written backward of training-mode batch norm gives autodiff's gradients for the
+    input, scale and bias, including what flows in through the returned mean and variance."""
+    from eegkd_jax.models import layers
+
+    def formula(x, scale, bias):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean((0, 1))
+        var = jnp.square(xf - mean).mean((0, 1))
+        return (xf - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (4, 50, 3)), dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=3), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(4, 50, 3)), jnp.float32)
+
+    def loss(norm):
+        def value(x, scale, bias):
+            y, mean, var = norm(x, scale, bias)
+            return (jnp.sum(y * weights) + 0.01 * jnp.sum(y ** 3) + jnp.sum(mean * jnp.arange(3.0))
+                    + jnp.sum(var ** 2))
+        return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
+
+    ours = loss(lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5))(x, scale, bias)
+    want = loss(formula)(x, scale, bias)
+    assert ours[0].dtype == dtype
+    for a, b in zip(ours, want):
+        tol = 1e-2 if dtype == jnp.bfloat16 else 2e-5
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.max(jnp.abs(b))))
+    y, mean, var = layers.batch_norm_train(x, scale, bias, 1e-5)
+    y_want, mean_want, var_want = formula(x, scale, bias)
+    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, var_want, rtol=1e-6)

@@ -120,6 +120,57 @@ def compute_dtype(name: Any) -> jnp.dtype:
     return dtype
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm over (..., F): (y float32, batch mean (F,), biased variance (F,)).
+
+    Every axis but the last is a batch axis. The same function as writing the formula out (two
+    passes for the variance, no cancellation), with the backward pass written by hand: autodiff of
+    the formula took 5-6 passes over each activation and was the largest item of the U-Sleep step
+    profile (BN backward 31 ms of 151 ms of traced thunk time, 2-core CPU). The hand-written
+    backward reads the input and the output gradient twice: one pass for the two per-channel sums,
+    one for the input gradient (BN backward 31 -> 19 ms; the whole step 4-5% faster, in 69 of 80
+    alternating steps). Gradients flowing into the returned mean and variance are included.
+    """
+    y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    return (xf - mean) * (rstd * scale) + bias, mean, var, rstd
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    y, mean, var, rstd = _batch_norm_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, rstd)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+    del epsilon
+    x, scale, mean, rstd = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    count = math.prod(x.shape[:-1])
+    centred = x.astype(jnp.float32) - mean
+    dy = dy.astype(jnp.float32)
+    dbias = jnp.sum(dy, axis=axes)
+    dscale = jnp.sum(dy * (centred * rstd), axis=axes)
+    # d/dx of y = (x - m) r s + b through x, m and r (= (v + eps)^-1/2), then the direct
+    # cotangents of m (1/N each) and v (2 (x - m) / N each).
+    dx = ((scale * rstd) * (dy - dbias / count - centred * (rstd * dscale / count))
+          + dmean / count + centred * (2.0 * dvar / count))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
     """PyTorch's BatchNorm1d over (..., features): every axis but the last is a batch axis.
 
@@ -148,22 +199,18 @@ class BatchNorm(nn.Module):
             "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         running_var = self.variable(
             "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        xf = x.astype(jnp.float32)
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
+            y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axis=axes)
-            # Two passes (mean first) rather than E[x^2] - E[x]^2: no cancellation.
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 count = math.prod(x.shape[:-1])
-                unbiased = var * (count / max(count - 1, 1))
+                unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
                 running_mean.value = (self.momentum * running_mean.value
-                                      + (1.0 - self.momentum) * mean)
+                                      + (1.0 - self.momentum) * jax.lax.stop_gradient(mean))
                 running_var.value = (self.momentum * running_var.value
                                      + (1.0 - self.momentum) * unbiased)
-        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.astype(self.dtype if self.dtype is not None else x.dtype)
 
 
