@@ -20,6 +20,11 @@ DATA = pathlib.Path(__file__).parent / "data"
 def pytest_configure(config):
     # "Warnings that we cause are bugs": any warning raised from our package fails the test.
     config.addinivalue_line("filterwarnings", "error::Warning:eegkd_jax")
+    # ml_collections' config_flags loads a --config file with the deprecated loader.load_module()
+    # (raised from importlib, on Python < 3.12 only); not ours, and users never see it.
+    config.addinivalue_line(
+        "filterwarnings",
+        r"ignore:the load_module\(\) method is deprecated:DeprecationWarning")
 
 
 @pytest.fixture
