@@ -12,6 +12,9 @@ Each line has a "kind":
   sizes, peak_device_mb on an accelerator, load averages) plus how the batch was chosen.
 * ``torch_step`` (with --torch): the reference step of ``benchmarks/torch_reference``, run in its
   own venv right after our supervised step for the same model, so both see the same load.
+* ``online_kd_cost``: a supervised and an online-KD step of the same network compiled in one
+  process and run alternately (so both see the same load), with their median step times and the
+  online-KD step's ratio to two supervised steps (a teacher step plus a student step).
 * ``first_step``: seconds from launching a fresh Python process to the end of its first training
   step (imports, state initialisation with the step compiling beside it in a background thread as
   in ``train_and_evaluate``, then whatever compilation is left, one step), once with an empty persistent
@@ -121,6 +124,29 @@ def torch_step(model: str, batch: int, steps: int, warmup: int) -> dict | None:
          "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)],
         cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def online_kd_cost(model: str, steps: int, dtype: str) -> dict:
+    """Online KD against teacher step + student step: the two programs alternate step by step."""
+    args = step_args(32, 1, 0, dtype)
+    programs = {mode: list(train_step.compiled_step(model, mode, args)[:3])
+                for mode in ("supervised", "online_kd")}
+    times = {mode: [] for mode in programs}
+    for i in range(steps + 1):  # the first round warms up
+        for mode in (("supervised", "online_kd") if i % 2 else ("online_kd", "supervised")):
+            compiled, state, batch = programs[mode]
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            programs[mode][1] = state
+            if i:
+                times[mode].append(time.perf_counter() - start)
+    supervised, online = (float(np.median(times[m])) for m in ("supervised", "online_kd"))
+    return {"kind": "online_kd_cost", "model": model, "batch": 32, "dtype": dtype,
+            "steps": steps, "supervised_median_s": round(supervised, 4),
+            "online_kd_median_s": round(online, 4),
+            "online_kd_over_two_supervised": round(online / (2 * supervised), 3),
+            "load_1min": round(os.getloadavg()[0], 2)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,8 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-batch", type=int, default=1024)
     parser.add_argument("--memory-budget-gb", type=float, default=None)
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to leave out: train_step,largest,first_step,"
-                             "night_inference,pipeline")
+                        help="comma-separated parts to leave out: train_step,largest,"
+                             "online_kd_cost,first_step,night_inference,pipeline")
     parser.add_argument("--first-step-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -288,6 +314,10 @@ def main(argv=None) -> None:
                         emit({"kind": "train_step", "batch_role": "largest",
                               "budget_mb": round(budget / 2**20), "bounded_by": bounded_by,
                               **big})
+
+    if "online_kd_cost" not in skip:
+        for name in names:
+            emit(online_kd_cost(name, max(args.steps, 10), args.dtype))
 
     if "first_step" not in skip:
         configs = ("online_kd",) if args.quick else ("online_kd", "usleep_full")

@@ -152,19 +152,24 @@ def peak_device_memory_mb() -> dict:
     return {"peak_device_mb": round(stats["peak_bytes_in_use"] / 2**20, 1)}
 
 
-def measure(model_name: str, mode: str, args) -> dict:
-    """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns a record."""
+def compiled_step(model_name: str, mode: str, args):
+    """(compiled step, fresh state, batch, compile seconds) for ``mode`` of ``model_name``."""
     mesh = parallel.make_mesh()
     parallel.check_global_batch_size(args.batch, mesh)
-    load_before = machine.load_average()
     step, init_state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
     state = create_state(init_state, args.seed, mesh)()
-    params = models.count_params(state.params)
-
     jitted = parallel.jit_train_step(step, mesh)
     start = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+    return compiled, state, batch, time.perf_counter() - start
+
+
+def measure(model_name: str, mode: str, args) -> dict:
+    """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns a record."""
+    load_before = machine.load_average()
+    compiled, state, batch, compile_s = compiled_step(model_name, mode, args)
+    mesh = parallel.make_mesh()
+    params = models.count_params(state.params)
     memory = compiled_memory_mb(compiled)
 
     for _ in range(args.warmup):
