@@ -137,13 +137,18 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
     return y, mean, var
 
 
+def _normalize(x, mean, rstd, scale, bias):
+    """(x - mean) / std * scale + bias in float32, with rstd = 1 / std."""
+    return (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
+
+
 def _batch_norm_forward(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=axes)
     var = jnp.mean(jnp.square(xf - mean), axis=axes)
     rstd = jax.lax.rsqrt(var + epsilon)
-    return (xf - mean) * (rstd * scale) + bias, mean, var, rstd
+    return _normalize(xf, mean, rstd, scale, bias), mean, var, rstd
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon):
@@ -200,8 +205,8 @@ class BatchNorm(nn.Module):
         running_var = self.variable(
             "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
-            y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+            y = _normalize(x, running_mean.value,
+                           jax.lax.rsqrt(running_var.value + self.epsilon), scale, bias)
         else:
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():
