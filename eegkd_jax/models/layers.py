@@ -296,6 +296,10 @@ def dense(features: int, in_features: int, dtype: Any, name: str | None = None) 
 # All three forms compute the same sums (only their order differs, so results agree to float32
 # rounding), and the parameters are nn.Conv's: "kernel" (k, C_in, F), "bias" (F,).
 
+# Whether Conv1D picks the shaped forms below (the default) or hands every convolution to XLA as
+# it is (repeat-then-convolve for the decoder's upsampling): read when a model is traced, so a
+# benchmark can compare the two on another backend (see use_shaped_convolutions).
+_SHAPED_CONVOLUTIONS = True
 _FOLD_MAX_CHANNELS = 32  # fold only thin inputs (wider ones already vectorise well)
 _FOLD_MIN_LENGTH = 256   # ... and only long signals, where the per-sample cost dominates
 
@@ -304,6 +308,27 @@ def _same_padding(kernel_size: int) -> tuple[int, int]:
     """PyTorch's and XLA's "same": k - 1 samples, the smaller half on the left."""
     total = kernel_size - 1
     return total // 2, total - total // 2
+
+
+def use_shaped_convolutions(enabled: bool) -> bool:
+    """Turns the shape-dependent forms of U-Sleep's convolutions on (default) or off for models
+    traced from now on; returns the previous setting. Both compute the same function; the forms
+    were chosen on XLA:CPU, and this lets an accelerator's benchmark measure plain XLA against
+    them (``benchmarks/run.py --plain-convolutions``)."""
+    global _SHAPED_CONVOLUTIONS
+    previous, _SHAPED_CONVOLUTIONS = _SHAPED_CONVOLUTIONS, bool(enabled)
+    return previous
+
+
+def shaped_convolutions() -> bool:
+    """The current setting of :func:`use_shaped_convolutions`."""
+    return _SHAPED_CONVOLUTIONS
+
+
+def _conv_plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 "same" cross-correlation as one XLA convolution."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1,), [_same_padding(kernel.shape[0])], dimension_numbers=("NWC", "WIO", "NWC"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,6 +360,8 @@ def _fold_factor(length: int, in_features: int, kernel_size: int) -> int:
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 "same" cross-correlation (B, T, C) x (k, C, F) -> (B, T, F), in the form that is
     fastest for the shape (see the table above)."""
+    if not _SHAPED_CONVOLUTIONS:
+        return _conv_plain(x, kernel)
     b, length, channels = x.shape
     k, _, features = kernel.shape
     left, right = _same_padding(k)
@@ -360,8 +387,7 @@ def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
         padded = jnp.pad(x, ((0, 0), (left, right), (0, 0)))
         patches = jnp.concatenate([padded[:, j:j + length] for j in range(k)], axis=-1)
         return patches @ kernel.reshape(k * channels, features)
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1,), [(left, right)], dimension_numbers=("NWC", "WIO", "NWC"))
+    return _conv_plain(x, kernel)
 
 
 def upsample_conv_k2(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -377,6 +403,8 @@ def upsample_conv_k2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     if kernel.shape[0] != 2:
         raise ValueError(f"upsample_conv_k2 takes a (2, C, F) kernel, got {kernel.shape}")
+    if not _SHAPED_CONVOLUTIONS:
+        return _conv_plain(jnp.repeat(x, 2, axis=1), kernel)
     b, length, _ = x.shape
     w0, w1 = kernel[0], kernel[1]
     half = jnp.stack([jnp.concatenate([w0 + w1, w0], axis=-1),
