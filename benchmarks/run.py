@@ -6,10 +6,13 @@
 
 Each line has a "kind":
 
+* ``matmul_peak`` (accelerators only): the device's measured float32 and bfloat16 matrix-product
+  rate, the ceiling that a train step's ``tflop_per_s`` is read against.
 * ``train_step``: ``benchmarks/train_step.measure`` for U-Sleep and the transformer in every mode
   (supervised, offline KD, online KD) at batch 32, then at the largest batch that fits
   ("batch_role": "largest"); the fields are train_step's (windows_per_s, compile_s, XLA buffer
-  sizes, peak_device_mb on an accelerator, load averages) plus how the batch was chosen.
+  sizes, XLA's FLOP count and the rate it implies, peak_device_mb on an accelerator, load
+  averages) plus how the batch was chosen.
 * ``torch_step`` (with --torch): the reference step of ``benchmarks/torch_reference``, run in its
   own venv right after our supervised step for the same model, so both see the same load.
 * ``online_kd_cost``: a supervised and an online-KD step of the same network compiled in one
@@ -39,6 +42,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,6 +61,8 @@ from benchmarks import machine, train_step  # noqa: E402
 from configs import common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The reference step's interpreter: the separate torch venv by default (--torch-python overrides,
+# e.g. a machine's own python3 that already holds PyTorch).
 TORCH_PYTHON = os.path.join(ROOT, ".venv-torch", "bin", "python")
 MODELS = ("usleep", "cmt")
 
@@ -114,16 +120,63 @@ def largest_batch(model: str, mode: str, base: dict, budget: int, args) -> dict 
     return None
 
 
-def torch_step(model: str, batch: int, steps: int, warmup: int) -> dict | None:
-    """One run of the PyTorch reference step in its venv; None (with a note) if it is not there."""
-    if not os.path.exists(TORCH_PYTHON):
-        emit({"kind": "note", "problem": f"{TORCH_PYTHON} not found; skipping the torch step"})
+def torch_step(model: str, batch: int, steps: int, warmup: int,
+               python: str = TORCH_PYTHON) -> dict | None:
+    """One run of the PyTorch reference step in its venv; None (with a note) if it is not there.
+
+    On the same kind of device as ours: the first GPU when JAX runs on one, else the CPU."""
+    found = shutil.which(python)  # a path, or a bare name looked up on PATH
+    if found is None:
+        emit({"kind": "note", "problem": f"{python} not found; skipping the torch step"})
         return None
+    device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
     out = subprocess.run(
-        [TORCH_PYTHON, "-m", "benchmarks.torch_reference.train_step", "--model", model,
-         "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+        [found, "-m", "benchmarks.torch_reference.train_step", "--model", model,
+         "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
+         "--device", device],
+        cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        emit({"kind": "note", "problem": f"the torch step failed (exit {out.returncode})",
+              "stderr_tail": out.stderr[-2000:]})
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak(steps: int = 20, n: int = 8192) -> list[dict]:
+    """The device's measured arithmetic ceiling: an n^3 matrix product in float32 (JAX's default
+    precision, which on a recent NVIDIA GPU lets XLA use TF32 tensor cores) and in bfloat16, each
+    the median of ``steps`` products after a warm-up, on random data. An accelerator's train-step
+    rate (train_step's ``tflop_per_s``) is read against these rather than against a datasheet."""
+    import jax.numpy as jnp
+
+    records = []
+    for dtype in ("float32", "bfloat16"):
+        keys = jax.random.split(jax.random.key(0), 2)
+        a, b = (jax.random.normal(k, (n, n), dtype) for k in keys)
+        product = jax.jit(jnp.matmul)
+        jax.block_until_ready(product(a, b))
+        durations = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(product(a, b))
+            durations.append(time.perf_counter() - start)
+        seconds = float(np.median(durations))
+        records.append({"kind": "matmul_peak", "dtype": dtype, "n": n,
+                        "tflop_per_s": round(2 * n**3 / seconds / 1e12, 1),
+                        "device_kind": jax.devices()[0].device_kind})
+    # Memory bandwidth: x + 1 over 2 GiB of float32 (bytes read plus bytes written).
+    x = jax.random.normal(jax.random.key(1), (2**29,), jnp.float32)
+    add_one = jax.jit(lambda v: v + 1)
+    jax.block_until_ready(add_one(x))
+    durations = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(add_one(x))
+        durations.append(time.perf_counter() - start)
+    records.append({"kind": "copy_peak", "gib": 2, "tb_per_s": round(
+        2 * x.nbytes / float(np.median(durations)) / 1e12, 2),
+        "device_kind": jax.devices()[0].device_kind})
+    return records
 
 
 def online_kd_cost(model: str, steps: int, dtype: str) -> dict:
@@ -261,6 +314,11 @@ def main(argv=None) -> None:
                         help="batch 32 only, 3 timed steps, a 1-h night, a small cohort")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch reference step, alternating with ours")
+    parser.add_argument("--torch-python", default=TORCH_PYTHON,
+                        help="interpreter with PyTorch for --torch (default: .venv-torch)")
+    parser.add_argument("--plain-convolutions", action="store_true",
+                        help="U-Sleep's convolutions as plain XLA convolutions instead of the "
+                             "forms chosen on XLA:CPU (to compare the two on an accelerator)")
     parser.add_argument("--models", default="usleep,cmt")
     parser.add_argument("--modes", default=",".join(train_step.MODES))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -269,8 +327,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-batch", type=int, default=1024)
     parser.add_argument("--memory-budget-gb", type=float, default=None)
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to leave out: train_step,largest,"
-                             "online_kd_cost,first_step,night_inference,pipeline")
+                        help="comma-separated parts to leave out: matmul_peak (accelerators "
+                             "only),train_step,largest,online_kd_cost,first_step,"
+                             "night_inference,pipeline")
     parser.add_argument("--first-step-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,6 +337,9 @@ def main(argv=None) -> None:
         first_step_child(args.first_step_child, args.batch)
         return
     args.steps = args.steps or (3 if args.quick else 10)
+    if args.plain_convolutions:
+        from eegkd_jax.models import layers
+        layers.use_shaped_convolutions(False)
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         skip.add("largest")
@@ -290,6 +352,9 @@ def main(argv=None) -> None:
         if mode not in train_step.MODES:
             parser.error(f"unknown mode {mode!r}")
     budget, bounded_by = memory_budget_bytes(args.memory_budget_gb)
+    if jax.devices()[0].platform != "cpu" and "matmul_peak" not in skip:
+        for record in matmul_peak():
+            emit(record)
 
     if "train_step" not in skip:
         for name in names:
@@ -298,9 +363,10 @@ def main(argv=None) -> None:
                                                                   args.dtype))
                 emit({"kind": "train_step", "batch_role": "32", **record})
                 if args.torch and mode == "supervised":
-                    theirs = torch_step(name, 32, args.steps, args.warmup)
+                    theirs = torch_step(name, 32, args.steps, args.warmup, args.torch_python)
                     if theirs:
                         emit({"kind": "torch_step", **theirs})
+                    if theirs and record["platform"] == "cpu":  # a shared CPU drifts: time ours again
                         again = train_step.measure(name, mode, step_args(
                             32, args.steps, args.warmup, args.dtype))
                         emit({"kind": "train_step", "batch_role": "32 (after torch)", **again})

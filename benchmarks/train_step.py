@@ -19,7 +19,9 @@ windows_per_s (= batch * L * steps / seconds; a window is one 30-s epoch), media
 min_step_s, sequence_length, host, cpu, load_1min_before / load_1min_after (the numbers mean little
 on a shared machine without them), jax; xla_temp_mb / xla_argument_mb / xla_output_mb / xla_alias_mb
 (XLA's buffer assignment for the compiled step: what it will allocate, known before running) and,
-on an accelerator, peak_device_mb (the allocator's peak after the timed steps).
+on an accelerator, peak_device_mb (the allocator's peak of the process after the timed steps);
+convolutions (U-Sleep's conv forms, see layers.use_shaped_convolutions); gflop_per_step and
+tflop_per_s (XLA's FLOP count of the traced step, see program_flops, and the rate it implies).
 
 Each mode is one function ``mode(model_cfg, args, mesh) -> (step, init_state, batch)`` registered
 in ``MODES`` (``init_state(key) -> TrainState``, see :func:`create_state`); KD modes go beside
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from eegkd_jax import compile_cache, models, parallel  # noqa: E402
+from eegkd_jax.models import layers  # noqa: E402
 from eegkd_jax.train import state as state_lib  # noqa: E402
 from eegkd_jax.train import steps as steps_lib  # noqa: E402
 
@@ -144,8 +147,30 @@ def compiled_memory_mb(compiled) -> dict:
             for name in ("temp", "argument", "output", "alias")}
 
 
+def program_flops(lowered) -> float | None:
+    """XLA's count of floating-point operations in one call of a lowered program (None if the
+    backend gives none).
+
+    Counted on the program as traced, before the backend's optimisations: a GPU's compiled
+    program hands its convolutions and many matmuls to cuDNN / cuBLAS as custom calls that its
+    cost analysis does not count (U-Sleep's step: 2.0 of 13 GFLOP at batch 32 on an H200), so the
+    compiled count is not comparable across backends, while this one is (the CPU's compiled count
+    agrees with it within 1 - 2%). The zeros of folded convolution kernels are counted."""
+    try:
+        analysis = lowered.cost_analysis()
+    except Exception:  # some backends raise instead of returning nothing
+        return None
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def peak_device_memory_mb() -> dict:
-    """{"peak_device_mb": ...} from the first device's allocator; {} on CPU (no such statistic)."""
+    """{"peak_device_mb": ...} from the first device's allocator; {} on CPU (no such statistic).
+
+    The allocator's peak over the whole process so far (JAX cannot reset it): in a run of several
+    records it is the largest step measured yet, not this one's; xla_*_mb are this program's."""
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" not in stats:
         return {}
@@ -153,21 +178,24 @@ def peak_device_memory_mb() -> dict:
 
 
 def compiled_step(model_name: str, mode: str, args):
-    """(compiled step, fresh state, batch, compile seconds) for ``mode`` of ``model_name``."""
+    """(compiled step, fresh state, batch, seconds to lower and compile, FLOPs per call) for
+    ``mode`` of ``model_name``."""
     mesh = parallel.make_mesh()
     parallel.check_global_batch_size(args.batch, mesh)
     step, init_state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
     state = create_state(init_state, args.seed, mesh)()
     jitted = parallel.jit_train_step(step, mesh)
     start = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
-    return compiled, state, batch, time.perf_counter() - start
+    lowered = jitted.lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    return compiled, state, batch, compile_s, program_flops(lowered)
 
 
 def measure(model_name: str, mode: str, args) -> dict:
     """Compiles and times ``args.steps`` steps of ``mode`` for ``model_name``; returns a record."""
     load_before = machine.load_average()
-    compiled, state, batch, compile_s = compiled_step(model_name, mode, args)
+    compiled, state, batch, compile_s, flops = compiled_step(model_name, mode, args)
     params = models.count_params(state.params)
     memory = compiled_memory_mb(compiled)
 
@@ -194,6 +222,8 @@ def measure(model_name: str, mode: str, args) -> dict:
         "device_kind": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform,
         "dtype": args.dtype,
+        # U-Sleep's convolution forms (layers.use_shaped_convolutions); the transformer has none.
+        "convolutions": "shaped" if layers.shaped_convolutions() else "plain",
         "params": params,
         "compile_s": round(compile_s, 3),
         "steps": args.steps,
@@ -202,6 +232,11 @@ def measure(model_name: str, mode: str, args) -> dict:
         "median_step_s": round(statistics.median(durations), 4),
         "min_step_s": round(min(durations), 4),
         "last_loss": round(loss, 5),
+        # XLA's FLOP count of the traced step (program_flops; per device on a mesh); over the
+        # median step time, the arithmetic rate one device sustains.
+        **({"gflop_per_step": round(flops / 1e9, 2),
+            "tflop_per_s": round(flops / statistics.median(durations) / 1e12, 3)}
+           if flops else {}),
         "host": socket.gethostname(),
         "cpu": machine.cpu_name(),
         "load_1min_before": load_before,

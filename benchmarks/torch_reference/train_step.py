@@ -44,14 +44,17 @@ EPOCH_SAMPLES = 6000  # 30 s at 200 Hz
 
 
 def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, device: str = "cpu") -> dict:
     """Builds `name`, runs `warmup` untimed then `steps` timed training steps on one fixed batch.
 
     The batch is x (batch, 3, 6000) float32 standard normal and labels (batch,) in 0..4, made
     once up front so that only the step itself is timed. Returns the JSON record (see module doc).
+    On "cuda" the model and batch live on the GPU; the step's ``loss.item()`` waits for it, so
+    each step's time is the GPU's, with PyTorch's default settings (cuDNN's own algorithm choice,
+    its default TF32 convolutions, no benchmark mode).
     """
     torch.manual_seed(seed)
-    model = build(name)
+    model = build(name).to(device)
     model.train()  # dropout and BatchNorm batch statistics on, as in training
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-9,
                                  weight_decay=1e-4)
@@ -59,6 +62,7 @@ def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, CHANNELS, EPOCH_SAMPLES, generator=generator)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    x, labels = x.to(device), labels.to(device)
 
     def step() -> float:
         optimizer.zero_grad()
@@ -88,6 +92,8 @@ def time_train_step(name: str, *, batch: int, steps: int, warmup: int,
         "mode": "supervised",
         "framework": "torch",
         "batch": batch,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
         "threads": torch.get_num_threads(),
         "params": count_parameters(model),
         "windows_per_s": round(batch * steps / seconds, 2),
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads; 0 keeps torch's default for this machine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help='"cpu" or "cuda" (the first GPU)')
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ("usleep", "cmt") if args.model == "all" else (args.model,)
     for name in names:
         record = time_train_step(name, batch=args.batch, steps=args.steps,
-                                 warmup=args.warmup, seed=args.seed)
+                                 warmup=args.warmup, seed=args.seed, device=args.device)
         print(json.dumps(record), flush=True)
     return 0
 
