@@ -12,7 +12,7 @@
 # In order of what matters most, each part under its own time limit so that one slow compile
 # cannot take the rest with it:
 #   f32    every model and mode at batch 32 and at the largest batch up to 512, the PyTorch
-#          reference step on the same GPU, and the card's measured matrix-product ceilings
+#          reference step on the same GPU, and the card's measured ceilings (matrix products, copy)
 #   bf16   the supervised steps in bfloat16 (batch 32 and largest)
 #   plain  U-Sleep's supervised step with plain XLA convolutions instead of the CPU-chosen forms
 #   start  whole-night inference, time to the first step (default online-KD config), cold / warm
@@ -43,12 +43,12 @@ part() {  # part NAME SECONDS run.py-arguments...
 part f32 ${F32_S:-250} --torch --torch-python python3 --steps 20 --max-batch 512 \
   --skip online_kd_cost,first_step,night_inference,pipeline
 part bf16 ${BF16_S:-80} --dtype bfloat16 --modes supervised --steps 20 --max-batch 512 \
-  --skip matmul_peak,online_kd_cost,first_step,night_inference,pipeline
+  --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
 part plain ${PLAIN_S:-50} --plain-convolutions --models usleep --modes supervised --steps 20 \
-  --max-batch 512 --skip matmul_peak,online_kd_cost,first_step,night_inference,pipeline
+  --max-batch 512 --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
 # The first-step children start their own JAX: no process may take three quarters of the card.
 XLA_PYTHON_CLIENT_PREALLOCATE=false part start ${START_S:-60} --quick --models usleep,cmt \
-  --skip matmul_peak,train_step,online_kd_cost,pipeline
+  --skip ceilings,train_step,online_kd_cost,pipeline
 
 # A short table last (the lease's reply carries the end of the output).
 python3 - "$OUT" <<'EOF'

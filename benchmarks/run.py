@@ -6,8 +6,9 @@
 
 Each line has a "kind":
 
-* ``matmul_peak`` (accelerators only): the device's measured float32 and bfloat16 matrix-product
-  rate, the ceiling that a train step's ``tflop_per_s`` is read against.
+* ``matmul_peak`` and ``copy_peak`` (accelerators only): the device's measured float32 and
+  bfloat16 matrix-product rates and its memory bandwidth, the ceilings that a train step's
+  ``tflop_per_s`` is read against.
 * ``train_step``: ``benchmarks/train_step.measure`` for U-Sleep and the transformer in every mode
   (supervised, offline KD, online KD) at batch 32, then at the largest batch that fits
   ("batch_role": "largest"); the fields are train_step's (windows_per_s, compile_s, XLA buffer
@@ -142,40 +143,38 @@ def torch_step(model: str, batch: int, steps: int, warmup: int,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def matmul_peak(steps: int = 20, n: int = 8192) -> list[dict]:
-    """The device's measured arithmetic ceiling: an n^3 matrix product in float32 (JAX's default
-    precision, which on a recent NVIDIA GPU lets XLA use TF32 tensor cores) and in bfloat16, each
-    the median of ``steps`` products after a warm-up, on random data. An accelerator's train-step
-    rate (train_step's ``tflop_per_s``) is read against these rather than against a datasheet."""
-    import jax.numpy as jnp
-
-    records = []
-    for dtype in ("float32", "bfloat16"):
-        keys = jax.random.split(jax.random.key(0), 2)
-        a, b = (jax.random.normal(k, (n, n), dtype) for k in keys)
-        product = jax.jit(jnp.matmul)
-        jax.block_until_ready(product(a, b))
-        durations = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            jax.block_until_ready(product(a, b))
-            durations.append(time.perf_counter() - start)
-        seconds = float(np.median(durations))
-        records.append({"kind": "matmul_peak", "dtype": dtype, "n": n,
-                        "tflop_per_s": round(2 * n**3 / seconds / 1e12, 1),
-                        "device_kind": jax.devices()[0].device_kind})
-    # Memory bandwidth: x + 1 over 2 GiB of float32 (bytes read plus bytes written).
-    x = jax.random.normal(jax.random.key(1), (2**29,), jnp.float32)
-    add_one = jax.jit(lambda v: v + 1)
-    jax.block_until_ready(add_one(x))
+def _median_seconds(fn, *args, steps: int) -> float:
+    """Median wall time of ``fn(*args)`` over ``steps`` calls after one warm-up call."""
+    jax.block_until_ready(fn(*args))
     durations = []
     for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(add_one(x))
+        jax.block_until_ready(fn(*args))
         durations.append(time.perf_counter() - start)
-    records.append({"kind": "copy_peak", "gib": 2, "tb_per_s": round(
-        2 * x.nbytes / float(np.median(durations)) / 1e12, 2),
-        "device_kind": jax.devices()[0].device_kind})
+    return float(np.median(durations))
+
+
+def device_ceilings(steps: int = 20, n: int = 8192) -> list[dict]:
+    """The device's measured ceilings, which an accelerator's train-step rate (train_step's
+    ``tflop_per_s``) is read against rather than a datasheet: an n^3 matrix product in float32
+    (JAX's default precision, which on a recent NVIDIA GPU lets XLA use TF32 tensor cores) and in
+    bfloat16 ("matmul_peak"), and ``x + 1`` over 2 GiB of float32, bytes read plus written
+    ("copy_peak"); each the median of ``steps`` calls after a warm-up, on random data."""
+    import jax.numpy as jnp
+
+    device_kind = jax.devices()[0].device_kind
+    records = []
+    product = jax.jit(jnp.matmul)
+    for dtype in ("float32", "bfloat16"):
+        a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
+        seconds = _median_seconds(product, a, b, steps=steps)
+        records.append({"kind": "matmul_peak", "dtype": dtype, "n": n,
+                        "tflop_per_s": round(2 * n**3 / seconds / 1e12, 1),
+                        "device_kind": device_kind})
+    x = jax.random.normal(jax.random.key(1), (2**29,), jnp.float32)
+    seconds = _median_seconds(jax.jit(lambda v: v + 1), x, steps=steps)
+    records.append({"kind": "copy_peak", "gib": 2, "device_kind": device_kind,
+                    "tb_per_s": round(2 * x.nbytes / seconds / 1e12, 2)})
     return records
 
 
@@ -327,7 +326,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-batch", type=int, default=1024)
     parser.add_argument("--memory-budget-gb", type=float, default=None)
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to leave out: matmul_peak (accelerators "
+                        help="comma-separated parts to leave out: ceilings (accelerators "
                              "only),train_step,largest,online_kd_cost,first_step,"
                              "night_inference,pipeline")
     parser.add_argument("--first-step-child", default=None, help=argparse.SUPPRESS)
@@ -352,8 +351,8 @@ def main(argv=None) -> None:
         if mode not in train_step.MODES:
             parser.error(f"unknown mode {mode!r}")
     budget, bounded_by = memory_budget_bytes(args.memory_budget_gb)
-    if jax.devices()[0].platform != "cpu" and "matmul_peak" not in skip:
-        for record in matmul_peak():
+    if jax.devices()[0].platform != "cpu" and "ceilings" not in skip:
+        for record in device_ceilings():
             emit(record)
 
     if "train_step" not in skip:
@@ -366,7 +365,8 @@ def main(argv=None) -> None:
                     theirs = torch_step(name, 32, args.steps, args.warmup, args.torch_python)
                     if theirs:
                         emit({"kind": "torch_step", **theirs})
-                    if theirs and record["platform"] == "cpu":  # a shared CPU drifts: time ours again
+                    # A shared CPU drifts: time ours again right after theirs.
+                    if theirs and record["platform"] == "cpu":
                         again = train_step.measure(name, mode, step_args(
                             32, args.steps, args.warmup, args.dtype))
                         emit({"kind": "train_step", "batch_role": "32 (after torch)", **again})
