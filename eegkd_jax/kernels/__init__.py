@@ -1,0 +1,179 @@
+"""Hand-written CPU kernels, called from XLA programs through the XLA FFI.
+
+:func:`conv1d` is the "same" 1-D convolution of ``conv1d.cc`` beside this file, with its gradients:
+XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's arithmetic rate
+(see ``benchmarks/direct_conv``). The library is compiled on first use with the machine's C++
+compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the FFI headers that
+ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels`` (``EEGKD_KERNEL_CACHE`` overrides)
+under a digest of the source, the compiler, the headers and this CPU's feature flags.
+
+:func:`available` says whether the kernels can be used in the program being traced: CPU backend,
+a single device (the FFI call is not partitioned, so on a mesh XLA would gather the batch onto
+every device), a library that built and loaded, and ``EEGKD_CPU_KERNELS`` not set to 0 / off.
+Where any of that fails the model keeps XLA's own convolution: the kernels change speed, never
+results beyond float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("conv1d.cc")
+ENV_SWITCH = "EEGKD_CPU_KERNELS"
+ENV_CACHE = "EEGKD_KERNEL_CACHE"
+_SYMBOLS = {"eegkd_conv1d": "EegkdConv1d", "eegkd_conv1d_wgrad": "EegkdConv1dWeightGrad"}
+TARGETS = tuple(_SYMBOLS)  # the FFI targets the programs call
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+_log = logging.getLogger(__name__)
+
+
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "off", "false", "no")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _library_path(compiler: str) -> pathlib.Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(_FLAGS).encode(),
+                 jax.ffi.include_dir().encode(), jax.__version__.encode(), _cpu_flags().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    base = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "eegkd_jax", "kernels")
+    return pathlib.Path(base) / f"conv1d-{digest.hexdigest()[:20]}.so"
+
+
+def _build(compiler: str, target: pathlib.Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed into place, so that a concurrent build or an
+    # interrupted one never leaves a half-written library under the final name.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp],
+                       check=True, capture_output=True, text=True, timeout=300)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_registered: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> bool:
+    """Builds (if needed), loads and registers the kernels once per process; False on failure."""
+    compiler = _compiler()
+    if compiler is None:
+        _log.warning("eegkd_jax.kernels: no C++ compiler found; using XLA's convolution")
+        return False
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            _log.info("eegkd_jax.kernels: compiling %s -> %s", SOURCE.name, path)
+            _build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+        for target, symbol in _SYMBOLS.items():
+            if target not in _registered:  # XLA keeps a target's first registration
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                            platform="cpu")
+                _registered.add(target)
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        detail = getattr(error, "stderr", "") or ""
+        _log.warning("eegkd_jax.kernels: could not build or load the CPU kernels (%s%s); using "
+                     "XLA's convolution", error, f": {detail[-2000:]}" if detail else "")
+        return False
+    return True
+
+
+def _single_device() -> bool:
+    return jax.device_count() == 1
+
+
+def available(dtype=jnp.float32) -> bool:
+    """Whether :func:`conv1d` can run in the program being traced now (see the module doc)."""
+    return (jnp.dtype(dtype) == jnp.float32 and not _switched_off()
+            and jax.default_backend() == "cpu" and _single_device() and _load())
+
+
+def _require() -> None:
+    if not _load():
+        raise RuntimeError("eegkd_jax.kernels: the CPU kernels could not be built or loaded (see "
+                           "the log); check kernels.available() before calling them")
+
+
+def _forward_call(x: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
+    _require()
+    b, t, _ = x.shape
+    call = jax.ffi.ffi_call("eegkd_conv1d", jax.ShapeDtypeStruct((b, t, kernel.shape[2]),
+                                                                 jnp.float32),
+                            vmap_method="sequential")
+    return call(x, kernel, left=np.int64(left))
+
+
+def _weight_grad_call(x: jax.Array, dy: jax.Array, k: int, left: int) -> jax.Array:
+    _require()
+    b, _, c = x.shape
+    call = jax.ffi.ffi_call("eegkd_conv1d_wgrad",
+                            jax.ShapeDtypeStruct((b, k, c, dy.shape[2]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, dy, left=np.int64(left))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv1d(x: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
+    """y[b, t, f] = sum_{j, c} kernel[j, c, f] x[b, t + j - left, c], zeros outside the signal:
+    float32 (B, T, C) x (K, C, F) -> (B, T, F); ``left`` = (K - 1) // 2 is "same" padding.
+    Call only where :func:`available` is true."""
+    return _forward_call(x, kernel, left)
+
+
+def _conv1d_fwd(x, kernel, left):
+    return _forward_call(x, kernel, left), (x, kernel)
+
+
+def _conv1d_bwd(left, residuals, dy):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    # dx[s, c] = sum_{j, f} kernel[k - 1 - j, c, f] dy[s + j - (k - 1 - left), f]: the same
+    # convolution of dy with the kernel flipped in time and its channel axes swapped.
+    flipped = jnp.transpose(kernel[::-1], (0, 2, 1))
+    dx = _forward_call(dy, flipped, k - 1 - left)
+    dw = _weight_grad_call(x, dy, k, left).sum(axis=0)  # per example, summed here
+    return dx, dw
+
+
+conv1d.defvjp(_conv1d_fwd, _conv1d_bwd)

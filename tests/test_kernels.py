@@ -1,0 +1,103 @@
+"""The CPU convolution kernels (eegkd_jax/kernels): values and gradients against XLA's convolution,
+when they apply, and what happens when they cannot be built. (In a whole U-Sleep: test_models.)"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eegkd_jax import kernels
+from eegkd_jax.models import layers
+
+pytestmark = pytest.mark.skipif(not kernels._load(), reason="no C++ compiler for the CPU kernels")
+
+
+def _xla_conv(x, kernel, left):
+    k = kernel.shape[0]
+    return jax.lax.conv_general_dilated(x, kernel, (1,), [(left, k - 1 - left)],
+                                        dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@pytest.mark.parametrize("batch, samples, channels, features, k, left", [
+    (2, 6000, 3, 6, 9, 4),     # U-Sleep's first layer
+    (3, 1500, 22, 11, 9, 4),
+    (2, 37, 5, 7, 2, 0),       # the decoder's k=2 "same" conv, an odd length
+    (1, 9000, 6, 9, 9, 4),     # one example longer than a forward task (several chunks)
+    (2, 65, 4, 13, 3, 2),      # all padding on the left, 13 outputs (blocks of 6 + 6 + 1)
+    (2, 16, 1, 1, 1, 0),
+])
+def test_conv1d_matches_xla_in_value_and_gradients(batch, samples, channels, features, k, left):
+    rng = np.random.default_rng(batch * samples + k)
+    x = jnp.asarray(rng.standard_normal((batch, samples, channels), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((k, channels, features), np.float32))
+    cotangent = jnp.asarray(rng.standard_normal((batch, samples, features), np.float32))
+
+    ours = jax.jit(kernels.conv1d, static_argnums=2)(x, kernel, left)
+    theirs = _xla_conv(x, kernel, left)
+    scale = float(jnp.abs(theirs).max())
+    np.testing.assert_allclose(ours, theirs, atol=2e-6 * scale, rtol=0)
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, left) * cotangent),
+                                argnums=(0, 1)))(x, kernel)
+
+    for a, b in zip(grads(kernels.conv1d), grads(_xla_conv)):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_conv1d_writes_every_output():
+    # Lengths around the register blocks (64 samples) and forward tasks (2048): an unwritten
+    # output would keep whatever the buffer held, not equal XLA's.
+    rng = np.random.default_rng(0)
+    for samples in (63, 64, 65, 2047, 2048, 2049):
+        x = jnp.asarray(rng.standard_normal((1, samples, 2), np.float32))
+        kernel = jnp.asarray(rng.standard_normal((9, 2, 3), np.float32))
+        np.testing.assert_allclose(kernels.conv1d(x, kernel, 4), _xla_conv(x, kernel, 4),
+                                   atol=1e-5, rtol=0)
+
+
+def test_kernels_stay_off_where_they_do_not_apply(monkeypatch):
+    monkeypatch.setattr(kernels, "_single_device", lambda: True)
+    assert kernels.available()
+    assert not kernels.available(jnp.bfloat16)  # float32 kernels only
+    monkeypatch.setattr(kernels, "_single_device", lambda: False)
+    assert not kernels.available()  # a mesh of several devices: XLA would gather the batch
+    # The suite's 8 fake devices: the model never calls them here unless a test says so.
+    monkeypatch.undo()
+    assert jax.device_count() == 8 and not kernels.available()
+
+
+def test_no_compiler_falls_back_to_xla_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels, "_single_device", lambda: True)
+    kernels._load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="eegkd_jax.kernels"):
+            assert not kernels.available()
+        assert "no C++ compiler" in caplog.text
+        x = jnp.ones((1, 512, 3), jnp.float32)
+        kernel = jnp.ones((9, 3, 4), jnp.float32)
+        np.testing.assert_allclose(layers._conv_same(x, kernel), _xla_conv(x, kernel, 4),
+                                   rtol=1e-5)
+        with pytest.raises(RuntimeError, match="could not be built or loaded"):
+            kernels.conv1d(x, kernel, 4)
+    finally:
+        kernels._load.cache_clear()
+
+
+def test_a_failing_build_falls_back_and_names_the_error(monkeypatch, caplog, tmp_path):
+    broken = tmp_path / "cxx"
+    broken.write_text("#!/bin/sh\necho 'conv1d.cc:1: error: planted' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(kernels, "_compiler", lambda: str(broken))
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / "cache"))
+    kernels._load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="eegkd_jax.kernels"):
+            assert not kernels._load()
+        assert "planted" in caplog.text
+        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
+    finally:
+        kernels._load.cache_clear()
