@@ -216,10 +216,10 @@ def exported_directory() -> pathlib.Path | None:
 
 @functools.cache
 def source_digest() -> str:
-    """sha256 of every Python file of the eegkd_jax package (names and contents)."""
+    """sha256 of every Python and C++ file of the eegkd_jax package (names and contents)."""
     root = pathlib.Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -250,6 +250,8 @@ def export_digest(key: str, abstract_args) -> str:
     """The file name (hex sha256) of the program traced for ``key`` and ``abstract_args``."""
     import jax
 
+    from eegkd_jax import kernels
+
     description = {
         "format": EXPORT_FORMAT,
         "key": key,
@@ -258,6 +260,9 @@ def export_digest(key: str, abstract_args) -> str:
         "jax_config": {name: repr(value) for name, value in sorted(jax.config.values.items())},
         "devices": [jax.default_backend(), jax.process_count(),
                     [d.device_kind for d in jax.devices()]],
+        # Whether the program calls the CPU kernels (and, loading them, registers their targets
+        # in this process before a program read from disk calls them).
+        "cpu_kernels": kernels.available(),
         "arguments": _describe_arguments(abstract_args),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
@@ -310,6 +315,8 @@ def _export(jitted, abstract_args):
     Returns (serialized export, in_treedef, out_treedef)."""
     import jax
 
+    from eegkd_jax import kernels
+
     in_leaves, in_treedef = jax.tree.flatten(abstract_args)
     out_leaves, out_treedef = jax.tree.flatten(jitted.trace(*abstract_args).out_info)
 
@@ -318,7 +325,11 @@ def _export(jitted, abstract_args):
 
     flat_jit = jax.jit(flat, in_shardings=[getattr(x, "sharding", None) for x in in_leaves],
                        out_shardings=[x.sharding for x in out_leaves])
-    return jax.export.export(flat_jit)(*in_leaves).serialize(), in_treedef, out_treedef
+    # Our own FFI targets carry no compatibility guarantee across jaxlib versions; the digest
+    # names the versions and the kernels' source, so a program is only read back by a match.
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in kernels.TARGETS]
+    return (jax.export.export(flat_jit, disabled_checks=checks)(*in_leaves).serialize(),
+            in_treedef, out_treedef)
 
 
 def exported_jit(jitted, *abstract_args, key: str, donate_argnums: int | tuple[int, ...] = (),

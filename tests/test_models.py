@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from eegkd_jax import models
+from eegkd_jax import kernels, models
 from eegkd_jax.models import usleep as usleep_lib
 
 
@@ -638,12 +638,10 @@ def test_upsampling_conv_rejects_kernels_it_does_not_implement():
         conv.init(jax.random.key(0), jnp.zeros((1, 8, 2)))
 
 
-def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
-    """A U-Sleep whose levels take every conv form (folded at 768 and 384 samples, im2col at the
-    6-sample bottom, plain in between) gives the outputs, batch statistics and gradients of plain
-    convolutions."""
-    from eegkd_jax.models import layers
-
+def _small_usleep_loss():
+    """(loss, params) of a U-Sleep whose levels take every conv form (folded at 768 and 384
+    samples, im2col at the 6-sample bottom, plain in between): loss(params) -> (CE + mean squared
+    features, batch-norm updates), in training mode."""
     module = usleep_lib.USleep(in_channels=3, widths=(4, 5, 6, 7, 8, 9, 10, 11),
                                epoch_samples=768)
     x = _signal(4, (2, 768, 3))
@@ -657,6 +655,15 @@ def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1).mean()
         return ce + jnp.mean(features ** 2), updates
 
+    return loss, variables["params"]
+
+
+def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
+    """The conv forms give the outputs, batch statistics and gradients of plain convolutions."""
+    from eegkd_jax.models import layers
+
+    loss, params = _small_usleep_loss()
+    variables = {"params": params}
     fast = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
     # The switch that benchmarks/run.py --plain-convolutions uses: one XLA convolution per layer,
     # upsampling by repeating the signal.
@@ -682,6 +689,26 @@ def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(written_here)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.skipif(not kernels._load(), reason="no C++ compiler for the CPU kernels")
+def test_usleep_with_cpu_kernels_matches_xla_convolutions(monkeypatch):
+    """With the CPU kernels (eegkd_jax/kernels) on, the thin long levels call them, and the
+    outputs, batch statistics and gradients are XLA's convolutions'. (The suite's 8 fake devices
+    keep them off in models unless the program is said to be a single-device one.)"""
+    loss, params = _small_usleep_loss()
+    grad = jax.jit(jax.grad(loss, has_aux=True))
+    monkeypatch.setattr(kernels, "_single_device", lambda: True)
+    assert kernels.available()
+    assert "eegkd_conv1d" in grad.lower(params).as_text()
+    with_kernels = grad(params)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.available()
+    grad = jax.jit(jax.grad(loss, has_aux=True))  # traced again with the switch off
+    assert "eegkd_conv1d" not in grad.lower(params).as_text()
+    without = grad(params)
+    for a, b in zip(jax.tree_util.tree_leaves(with_kernels), jax.tree_util.tree_leaves(without)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
