@@ -2,18 +2,18 @@
 //
 // XLA:CPU's convolution (Eigen) runs U-Sleep's thin full-resolution layers at 9 - 85 GFLOP/s of
 // their own multiply-adds on one core; the direct form below, time-major and register-blocked,
-// reached 88 - 132 (benchmarks/direct_conv). Three handlers, all on channels-last arrays as the
+// reached 88 - 132 (benchmarks/direct_conv). Two handlers, both on channels-last arrays as the
 // model holds them:
 //
 //   eegkd_conv1d        y[b, t, f]     = sum_{j, c} w[j, c, f] x[b, t + j - left, c]
 //   eegkd_conv1d_wgrad  dw[b, j, c, f] = sum_t x[b, t + j - left, c] dy[b, t, f]
 //
 // (the input gradient is eegkd_conv1d of dy with the kernel flipped and transposed; the weight
-// gradient is per example, summed over the batch by XLA, so every handler maps over the batch and
-// can be partitioned along it). Samples outside [0, T) read as zero. Each example is copied into
-// a zero-padded channel-major scratch row block, so inner loops run over contiguous time with
-// 16-float vectors (GCC's vector extension: one AVX-512 register, two AVX2 ones, or four SSE);
-// examples are shared among XLA's intra-op threads, the calling thread included, so a call never
+// gradient is per example and XLA sums it over the batch, so no two examples share an output).
+// Samples outside [0, T) read as zero. Each example, or chunk of one, is copied into a
+// zero-padded channel-major scratch block, so inner loops run over contiguous time with 16-float
+// vectors (GCC's vector extension: one AVX-512 register, two AVX2 ones, or four SSE); examples and
+// chunks are shared among XLA's intra-op threads, the calling thread included, so a call never
 // waits on a pool that is busy elsewhere.
 
 #include <algorithm>
@@ -90,10 +90,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
   shared->finished.wait(lock, [&] { return shared->done.load() == n; });
 }
 
-// One register block of the forward pass: out[f0 .. f0 + FB) x [t0, t0 + kTimeBlock).
+// One register block of the forward pass: output channels [f0, f0 + FB) at samples
+// [t0, t0 + kTimeBlock) of a chunk of n samples (y: the chunk's first output sample).
 template <int FB>
 inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_t k, int64_t f0,
-                         float* y, int64_t t, int64_t f, int64_t t0) {
+                         float* y, int64_t n, int64_t f, int64_t t0) {
   vf acc[FB][kTimeVectors];
   for (int fb = 0; fb < FB; ++fb)
     for (int v = 0; v < kTimeVectors; ++v) acc[fb][v] = vf{};
@@ -109,8 +110,8 @@ inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_
     }
   }
   // Into y (time-major): sample by sample, this block's FB channels side by side.
-  const int64_t n = std::min<int64_t>(kTimeBlock, t - t0);
-  for (int64_t s = 0; s < n; ++s) {
+  const int64_t stored = std::min<int64_t>(kTimeBlock, n - t0);
+  for (int64_t s = 0; s < stored; ++s) {
     float* ys = y + (t0 + s) * f + f0;
     for (int fb = 0; fb < FB; ++fb) ys[fb] = acc[fb][s / kLanes][s % kLanes];
   }
