@@ -2,7 +2,7 @@
 
 :func:`conv1d` is the "same" 1-D convolution of ``conv1d.cc`` beside this file, with its gradients:
 XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's arithmetic rate
-(see ``benchmarks/direct_conv``). The library is compiled on first use with the machine's C++
+(see ``benchmarks/conv_kernels.py``). The library is compiled on first use with the machine's C++
 compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the FFI headers that
 ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels`` (``EEGKD_KERNEL_CACHE`` overrides)
 under a digest of the source, the compiler, the headers and this CPU's feature flags.

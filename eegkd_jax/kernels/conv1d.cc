@@ -2,8 +2,8 @@
 //
 // XLA:CPU's convolution (Eigen) runs U-Sleep's thin full-resolution layers at 9 - 85 GFLOP/s of
 // their own multiply-adds on one core; the direct form below, time-major and register-blocked,
-// reached 88 - 132 (benchmarks/direct_conv). Two handlers, both on channels-last arrays as the
-// model holds them:
+// reached 88 - 132 in a first prototype (benchmarks/conv_kernels.py compares these kernels with
+// XLA's convolution). Two handlers, both on channels-last arrays as the model holds them:
 //
 //   eegkd_conv1d        y[b, t, f]     = sum_{j, c} w[j, c, f] x[b, t + j - left, c]
 //   eegkd_conv1d_wgrad  dw[b, j, c, f] = sum_t x[b, t + j - left, c] dy[b, t, f]
