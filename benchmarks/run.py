@@ -207,7 +207,7 @@ def online_kd_cost(model: str, steps: int, dtype: str) -> dict:
 
 def first_step_child(config_name: str, batch: int) -> None:
     """Runs in the child process: cache on, state, compile, one online-KD step; prints phases."""
-    from eegkd_jax import compile_cache, models, parallel
+    from eegkd_jax import compile_cache, kernels, models, parallel
 
     cache = compile_cache.enable()
     imported = time.perf_counter()
@@ -217,6 +217,7 @@ def first_step_child(config_name: str, batch: int) -> None:
     else:
         model_cfg = common.MODELS["usleep"]()
     mesh = parallel.make_mesh()
+    kernels.prepare()  # as train_and_evaluate does
     args = step_args(batch, 1, 0, "float32")
     step, init_state, host_batch = train_step.MODES["online_kd"](model_cfg, args, mesh)
     # As train_and_evaluate does: the step compiles from shapes in a background thread while the

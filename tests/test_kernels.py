@@ -101,3 +101,20 @@ def test_a_failing_build_falls_back_and_names_the_error(monkeypatch, caplog, tmp
         assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
     finally:
         kernels._load.cache_clear()
+
+
+def test_prepare_builds_in_the_background_only_where_the_kernels_may_be_used(monkeypatch):
+    import threading
+
+    called = threading.Event()
+    monkeypatch.setattr(kernels, "_load", called.set)
+    monkeypatch.setattr(kernels, "_single_device", lambda: False)
+    kernels.prepare()  # a mesh of several devices: nothing to build
+    assert not called.wait(0.2)
+    monkeypatch.setattr(kernels, "_single_device", lambda: True)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "off")
+    kernels.prepare()
+    assert not called.wait(0.2)
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    kernels.prepare()
+    assert called.wait(10)

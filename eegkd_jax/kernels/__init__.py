@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -91,11 +92,17 @@ def _build(compiler: str, target: pathlib.Path) -> None:
 
 
 _registered: set[str] = set()
+_lock = threading.Lock()  # one build at a time: prepare()'s thread and a trace may both ask
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> bool:
     """Builds (if needed), loads and registers the kernels once per process; False on failure."""
+    with _lock:
+        return _load_locked()
+
+
+def _load_locked() -> bool:
     compiler = _compiler()
     if compiler is None:
         _log.warning("eegkd_jax.kernels: no C++ compiler found; using XLA's convolution")
@@ -117,6 +124,15 @@ def _load() -> bool:
                      "XLA's convolution", error, f": {detail[-2000:]}" if detail else "")
         return False
     return True
+
+
+def prepare() -> None:
+    """Starts building and loading the kernels in a background thread where a model may call them,
+    so that the first run on a machine compiles them (a few seconds) while it prepares its data;
+    whatever needs them first waits for that build. Does nothing elsewhere."""
+    if _switched_off() or jax.default_backend() != "cpu" or not _single_device():
+        return
+    threading.Thread(target=_load, name="eegkd-kernels-build", daemon=True).start()
 
 
 def _single_device() -> bool:

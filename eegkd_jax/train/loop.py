@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import compile_cache
+from eegkd_jax import kernels
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import parallel
 from eegkd_jax.train import state as state_lib
@@ -165,6 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     parallel.check_global_batch_size(config.batch_size, mesh)
     if config.mode not in ("supervised", "offline_kd", "online_kd", "transfer"):
         raise ValueError(f"unknown config.mode {config.mode!r}")
+    kernels.prepare()  # a first run on this machine builds the CPU kernels beside the data
 
     # ---- data
     cohort = pipeline.prepare_cohort(config.data)
