@@ -46,9 +46,11 @@ def _switched_off() -> bool:
 
 
 def _compiler() -> str | None:
+    """The C++ compiler's path: $CXX, else g++, else c++; None if none is found."""
     for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
