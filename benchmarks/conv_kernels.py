@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.run import median_seconds  # noqa: E402
 from eegkd_jax import kernels  # noqa: E402
 from eegkd_jax.models import layers  # noqa: E402
 
@@ -40,16 +40,6 @@ def passes(conv, cotangent):
         return jnp.sum(conv(x, kernel) * cotangent)
 
     return (jax.jit(conv), jax.jit(jax.grad(loss, 0)), jax.jit(jax.grad(loss, 1)))
-
-
-def median_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    durations = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        durations.append(time.perf_counter() - start)
-    return float(np.median(durations)) * 1e3
 
 
 def main(argv=None) -> None:
@@ -81,8 +71,8 @@ def main(argv=None) -> None:
         flops = 2 * args.batch * t * c * f * k
         record = {"shape": {"batch": args.batch, "samples": t, "in": c, "out": f, "kernel": k}}
         for name, mine, xla in zip(("forward", "input_grad", "weight_grad"), ours, theirs):
-            xla_ms = median_ms(xla, (x, kernel), args.repeats)
-            kernel_ms = median_ms(mine, (x, kernel), args.repeats)
+            xla_ms = median_seconds(xla, x, kernel, steps=args.repeats) * 1e3
+            kernel_ms = median_seconds(mine, x, kernel, steps=args.repeats) * 1e3
             record[name] = {"xla_ms": round(xla_ms, 2), "kernel_ms": round(kernel_ms, 2),
                             "xla_gflop_per_s": round(flops / xla_ms / 1e6, 1),
                             "kernel_gflop_per_s": round(flops / kernel_ms / 1e6, 1)}

@@ -143,7 +143,7 @@ def torch_step(model: str, batch: int, steps: int, warmup: int,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _median_seconds(fn, *args, steps: int) -> float:
+def median_seconds(fn, *args, steps: int) -> float:
     """Median wall time of ``fn(*args)`` over ``steps`` calls after one warm-up call."""
     jax.block_until_ready(fn(*args))
     durations = []
@@ -167,12 +167,12 @@ def device_ceilings(steps: int = 20, n: int = 8192) -> list[dict]:
     product = jax.jit(jnp.matmul)
     for dtype in ("float32", "bfloat16"):
         a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
-        seconds = _median_seconds(product, a, b, steps=steps)
+        seconds = median_seconds(product, a, b, steps=steps)
         records.append({"kind": "matmul_peak", "dtype": dtype, "n": n,
                         "tflop_per_s": round(2 * n**3 / seconds / 1e12, 1),
                         "device_kind": device_kind})
     x = jax.random.normal(jax.random.key(1), (2**29,), jnp.float32)
-    seconds = _median_seconds(jax.jit(lambda v: v + 1), x, steps=steps)
+    seconds = median_seconds(jax.jit(lambda v: v + 1), x, steps=steps)
     records.append({"kind": "copy_peak", "gib": 2, "device_kind": device_kind,
                     "tb_per_s": round(2 * x.nbytes / seconds / 1e12, 2)})
     return records
