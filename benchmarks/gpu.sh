@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark pass for a lent NVIDIA GPU, sized to fit one short lease (about 9 minutes).
+# The benchmark pass for a lent NVIDIA GPU, sized to fit one short lease (about 10 minutes).
 #
 #   bash benchmarks/gpu.sh            # JSON lines and logs under $OUT (default /tmp/eegkd-gpu)
 #
@@ -17,6 +17,7 @@
 #   bf16   the supervised steps in bfloat16 (batch 32 and largest)
 #   plain  U-Sleep's supervised step with plain XLA convolutions instead of the CPU-chosen forms
 #   start  whole-night inference, time to the first step (default online-KD config), cold / warm
+#   cmdbuf U-Sleep's batch-32 steps with command buffers around cuDNN / cuBLAS (an experiment)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/eegkd-gpu}
@@ -36,9 +37,11 @@ flax.__version__, "optax", optax.__version__, "torch", torch.__version__, jax.de
 part() {  # part NAME SECONDS run.py-arguments...
   local name=$1 limit=$2
   shift 2
-  timeout "$limit" python3 benchmarks/run.py "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.jsonl"
+  # One shared stderr log: the lease brings back at most 8 files.
+  echo "== $name" >>"$OUT/stderr.log"
+  timeout "$limit" python3 benchmarks/run.py "$@" 2>>"$OUT/stderr.log" | tee "$OUT/$name.jsonl"
   echo "== $name: exit ${PIPESTATUS[0]} (124 = over its ${limit} s)"
-  tail -n 5 "$OUT/$name.err"
+  tail -n 5 "$OUT/stderr.log"
 }
 
 part f32 ${F32_S:-310} --torch --torch-python python3 --steps 20 --max-batch 512 \
@@ -50,6 +53,12 @@ part plain ${PLAIN_S:-50} --plain-convolutions --models usleep --modes supervise
 # The first-step children start their own JAX: no process may take three quarters of the card.
 XLA_PYTHON_CLIENT_PREALLOCATE=false part start ${START_S:-60} --quick --models usleep,cmt \
   --skip ceilings,train_step,online_kd_cost,pipeline
+
+# At batch 32 the U-Sleep steps were launch-bound on an H200 (README): the same steps with XLA's
+# command buffers (CUDA graphs) extended to the cuDNN and cuBLAS calls, to compare with part f32.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" \
+  part cmdbuf ${CMDBUF_S:-60} --models usleep --modes supervised,offline_kd --steps 20 \
+  --skip ceilings,largest,online_kd_cost,first_step,night_inference,pipeline
 
 # A short table last (the lease's reply carries the end of the output).
 python3 - "$OUT" <<'EOF'
