@@ -32,11 +32,12 @@ import platform
 import sys
 from typing import Mapping
 
+from eegkd_jax import switched_off
+
 ENV_VAR = "EEGKD_TUNE_MALLOC"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 HUGE_PAGES = ("glibc.malloc.hugetlb", "1")
 HEAP_REUSE = (("glibc.malloc.mmap_max", "0"), ("glibc.malloc.trim_threshold", str(2**40)))
-_OFF = ("0", "off", "false", "no")
 
 
 def transparent_hugepage_mode(path: str = THP_SETTING) -> str | None:
@@ -59,10 +60,6 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _switched_off(environ: Mapping[str, str]) -> bool:
-    return environ.get(ENV_VAR, "").strip().lower() in _OFF
-
-
 def _names(tunables: str) -> set[str]:
     return {item.split("=", 1)[0] for item in tunables.split(":") if item}
 
@@ -73,7 +70,7 @@ def tunables_to_set(environ: Mapping[str, str], thp_mode: str | None,
 
     ``libc`` is ``platform.libc_ver()``. The heap settings need glibc >= 2.26 (tunables), huge pages
     glibc >= 2.35 and the kernel's "madvise" mode ("always" gives them without asking)."""
-    if _switched_off(environ):
+    if switched_off(ENV_VAR, environ):
         return None
     name, version = libc
     if name != "glibc" or _version(version) < (2, 26):
@@ -110,7 +107,7 @@ def ensure() -> None:
             os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=value))
         except OSError:
             return  # e.g. an interpreter path that cannot be executed again: run as it is
-    if heap_reuse_in_effect(os.environ.get("GLIBC_TUNABLES", "")) and not _switched_off(os.environ):
+    if heap_reuse_in_effect(os.environ.get("GLIBC_TUNABLES", "")) and not switched_off(ENV_VAR):
         import jax
 
         jax.config.update("jax_cpu_enable_async_dispatch", False)

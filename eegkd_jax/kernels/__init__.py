@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eegkd_jax import switched_off
+
 SOURCE = pathlib.Path(__file__).with_name("conv1d.cc")
 ENV_SWITCH = "EEGKD_CPU_KERNELS"
 ENV_CACHE = "EEGKD_KERNEL_CACHE"
@@ -39,10 +41,6 @@ TARGETS = tuple(_SYMBOLS)  # the FFI targets the programs call
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 _log = logging.getLogger(__name__)
-
-
-def _switched_off() -> bool:
-    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "off", "false", "no")
 
 
 def _compiler() -> str | None:
@@ -132,7 +130,7 @@ def prepare() -> None:
     """Starts building and loading the kernels in a background thread where a model may call them,
     so that the first run on a machine compiles them (a few seconds) while it prepares its data;
     whatever needs them first waits for that build. Does nothing elsewhere."""
-    if _switched_off() or jax.default_backend() != "cpu" or not _single_device():
+    if switched_off(ENV_SWITCH) or jax.default_backend() != "cpu" or not _single_device():
         return
     threading.Thread(target=_load, name="eegkd-kernels-build", daemon=True).start()
 
@@ -143,7 +141,7 @@ def _single_device() -> bool:
 
 def available(dtype=jnp.float32) -> bool:
     """Whether :func:`conv1d` can run in the program being traced now (see the module doc)."""
-    return (jnp.dtype(dtype) == jnp.float32 and not _switched_off()
+    return (jnp.dtype(dtype) == jnp.float32 and not switched_off(ENV_SWITCH)
             and jax.default_backend() == "cpu" and _single_device() and _load())
 
 
