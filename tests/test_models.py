@@ -663,18 +663,17 @@ def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
     from eegkd_jax.models import layers
 
     loss, params = _small_usleep_loss()
-    variables = {"params": params}
-    fast = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    fast = jax.jit(jax.grad(loss, has_aux=True))(params)
     # The switch that benchmarks/run.py --plain-convolutions uses: one XLA convolution per layer,
     # upsampling by repeating the signal.
     def convolutions():  # XLA convolutions in the forward pass as traced now
-        text = str(jax.make_jaxpr(lambda p: loss(p)[0])(variables["params"]))
+        text = str(jax.make_jaxpr(lambda p: loss(p)[0])(params))
         return text.count("conv_general_dilated")
 
     shaped_count = convolutions()
     previous = layers.use_shaped_convolutions(False)
     try:
-        plain = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+        plain = jax.jit(jax.grad(loss, has_aux=True))(params)
         plain_count = convolutions()
     finally:
         layers.use_shaped_convolutions(previous)
@@ -685,7 +684,7 @@ def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
     monkeypatch.setattr(layers, "_conv_same", lambda x, kernel: _plain_conv(x, kernel, 1, "SAME"))
     monkeypatch.setattr(layers, "upsample_conv_k2", lambda x, kernel: _plain_conv(
         jnp.repeat(x, 2, axis=1), kernel, 1, "SAME"))
-    written_here = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    written_here = jax.jit(jax.grad(loss, has_aux=True))(params)
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(written_here)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
