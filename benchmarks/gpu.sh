@@ -17,7 +17,10 @@
 #   bf16   the supervised steps in bfloat16 (batch 32 and largest)
 #   plain  U-Sleep's supervised step with plain XLA convolutions instead of the CPU-chosen forms
 #   start  whole-night inference, time to the first step (default online-KD config), cold / warm
-#   cmdbuf U-Sleep's batch-32 steps with command buffers around cuDNN / cuBLAS (an experiment)
+#   cmdbuf U-Sleep's batch-32 steps with command buffers around cuDNN / cuBLAS (an experiment),
+#          and the same steps without them just before, for a same-machine comparison
+#   big    the supervised steps at the largest batch up to 4096
+# PARTS="cmdbuf big" bash benchmarks/gpu.sh runs only the parts named (default: all).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/eegkd-gpu}
@@ -32,11 +35,14 @@ fi
     --format=csv
   python3 -c 'import jax, flax, optax, torch; print("jax", jax.__version__, "flax",
 flax.__version__, "optax", optax.__version__, "torch", torch.__version__, jax.devices())'
+  python3 -c 'from eegkd_jax import kernels; print("CPU conv kernels in use:", kernels.available())'
 } 2>&1 | tee "$OUT/machine.txt"
 
+PARTS=${PARTS:-f32 bf16 plain start cmdbuf big}
 part() {  # part NAME SECONDS run.py-arguments...
   local name=$1 limit=$2
   shift 2
+  case " $PARTS " in *" ${name%%-*} "*) ;; *) return 0 ;; esac
   # One shared stderr log: the lease brings back at most 8 files.
   echo "== $name" >>"$OUT/stderr.log"
   timeout "$limit" python3 benchmarks/run.py "$@" 2>>"$OUT/stderr.log" | tee "$OUT/$name.jsonl"
@@ -55,10 +61,15 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false part start ${START_S:-60} --quick --models u
   --skip ceilings,train_step,online_kd_cost,pipeline
 
 # At batch 32 the U-Sleep steps were launch-bound on an H200 (README): the same steps with XLA's
-# command buffers (CUDA graphs) extended to the cuDNN and cuBLAS calls, to compare with part f32.
+# command buffers (CUDA graphs) extended to the cuDNN and cuBLAS calls, against the same steps
+# without them run just before on the same card.
+CMDBUF_ARGS="--models usleep --modes supervised,offline_kd,online_kd --steps 20
+  --skip ceilings,largest,online_kd_cost,first_step,night_inference,pipeline"
+part cmdbuf-off ${CMDBUF_S:-100} $CMDBUF_ARGS
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" \
-  part cmdbuf ${CMDBUF_S:-60} --models usleep --modes supervised,offline_kd --steps 20 \
-  --skip ceilings,largest,online_kd_cost,first_step,night_inference,pipeline
+  part cmdbuf ${CMDBUF_S:-100} $CMDBUF_ARGS
+part big ${BIG_S:-150} --models usleep,cmt --modes supervised --steps 20 --max-batch 4096 \
+  --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
 
 # A short table last (the lease's reply carries the end of the output).
 python3 - "$OUT" <<'EOF'
