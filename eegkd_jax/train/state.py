@@ -81,7 +81,13 @@ def make_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """The original's torch.optim.Adam: optional global-norm clipping, then weight decay added to the
-    gradient (L2, not AdamW's decoupled decay), then Adam(b1, b2, eps), then the schedule."""
+    gradient (L2, not AdamW's decoupled decay), then Adam(b1, b2, eps), then the schedule.
+
+    The chain runs on all parameters flattened into one vector (``optax.flatten``): the same
+    element-wise arithmetic, but one update instead of a few small kernels per parameter array.
+    U-Sleep has 154 arrays, and their ~540 update kernels were a seventh of the compile time of its
+    online-KD step on XLA:CPU (15.1 -> 12.9 s, full size, 2-core CPU; step time unchanged). The
+    optimiser state holds flat vectors accordingly (checkpoints store them so)."""
     if opt_cfg.name != "adam":
         raise ValueError(f"only config.optimizer.name='adam' is implemented, got {opt_cfg.name!r}")
     parts = []
@@ -91,7 +97,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> opta
         parts.append(optax.add_decayed_weights(float(opt_cfg.weight_decay)))
     parts.append(optax.scale_by_adam(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps)))
     parts.append(optax.scale_by_learning_rate(make_schedule(opt_cfg, total_steps)))
-    return optax.chain(*parts)
+    return optax.flatten(optax.chain(*parts))
 
 
 def _split_variables(variables: Any) -> tuple[Any, Any]:
