@@ -47,6 +47,41 @@ def test_conv1d_matches_xla_in_value_and_gradients(batch, samples, channels, fea
         np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
 
 
+@pytest.mark.parametrize("batch, samples, channels, features, k, left", [
+    (2, 6000, 3, 6, 9, 4),
+    (1, 4200, 6, 13, 9, 4),    # three forward tasks (statistics rows), 13 channels (6 + 6 + 1)
+    (2, 37, 5, 30, 2, 0),      # the decoder's upsampling conv: k=2, 2F outputs
+    (3, 65, 4, 7, 3, 2),
+])
+def test_conv1d_elu_matches_xla_in_value_sums_and_gradients(batch, samples, channels, features,
+                                                            k, left):
+    rng = np.random.default_rng(samples + features)
+    x = jnp.asarray(rng.standard_normal((batch, samples, channels), np.float32))
+    kernel = jnp.asarray(rng.standard_normal((k, channels, features), np.float32) * 0.3)
+    bias = jnp.asarray(rng.standard_normal(features).astype(np.float32))
+
+    def reference(x, kernel, bias, left):
+        z = _xla_conv(x, kernel, left) + bias
+        a = jnp.where(z > 0, z, jnp.expm1(jnp.minimum(z, 0.0)))  # ELU, alpha 1
+        return a, a.sum(axis=(0, 1)), jnp.square(a).sum(axis=(0, 1))
+
+    ours = jax.jit(kernels.conv1d_elu, static_argnums=3)(x, kernel, bias, left)
+    theirs = reference(x, kernel, bias, left)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
+
+    # Cotangents for all three outputs: gradients through the output and through both sums.
+    cotangents = [jnp.asarray(rng.standard_normal(t.shape), jnp.float32) for t in theirs]
+
+    def grads(f):
+        def loss(x, w, b):
+            return sum(jnp.sum(t * c) for t, c in zip(f(x, w, b, left), cotangents))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, kernel, bias)
+
+    for a, b in zip(grads(kernels.conv1d_elu), grads(reference)):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
+
+
 def test_conv1d_writes_every_output():
     # Lengths around the register blocks (64 samples) and forward tasks (2048): an unwritten
     # output would keep whatever the buffer held, not equal XLA's.

@@ -1,6 +1,7 @@
 """Hand-written CPU kernels, called from XLA programs through the XLA FFI.
 
-:func:`conv1d` is the "same" 1-D convolution of ``conv1d.cc`` beside this file, with its gradients:
+:func:`conv1d` is the "same" 1-D convolution of ``conv1d.cc`` beside this file, with its gradients,
+and :func:`conv1d_elu` the same followed by bias, ELU and the batch-norm sums, with theirs:
 XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's arithmetic rate
 (see ``benchmarks/conv_kernels.py``). The library is compiled on first use with the machine's C++
 compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the FFI headers that
@@ -36,7 +37,9 @@ from eegkd_jax import switched_off
 SOURCE = pathlib.Path(__file__).with_name("conv1d.cc")
 ENV_SWITCH = "EEGKD_CPU_KERNELS"
 ENV_CACHE = "EEGKD_KERNEL_CACHE"
-_SYMBOLS = {"eegkd_conv1d": "EegkdConv1d", "eegkd_conv1d_wgrad": "EegkdConv1dWeightGrad"}
+_SYMBOLS = {"eegkd_conv1d": "EegkdConv1d", "eegkd_conv1d_elu": "EegkdConv1dElu",
+            "eegkd_conv1d_wgrad": "EegkdConv1dWeightGrad"}
+CHUNK = 2048  # samples per forward task: conv1d.cc's kChunk (conv1d_elu has a statistics row each)
 TARGETS = tuple(_SYMBOLS)  # the FFI targets the programs call
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -160,13 +163,18 @@ def _forward_call(x: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
     return call(x, kernel, left=np.int64(left))
 
 
-def _weight_grad_call(x: jax.Array, dy: jax.Array, k: int, left: int) -> jax.Array:
+def _weight_grad_call(x: jax.Array, dy: jax.Array, k: int, left: int):
+    """(weight gradient, bias gradient), each summed over the batch here (the kernel writes one
+    per example, so no two threads add into the same output)."""
     _require()
     b, _, c = x.shape
+    f = dy.shape[2]
     call = jax.ffi.ffi_call("eegkd_conv1d_wgrad",
-                            jax.ShapeDtypeStruct((b, k, c, dy.shape[2]), jnp.float32),
+                            (jax.ShapeDtypeStruct((b, k, c, f), jnp.float32),
+                             jax.ShapeDtypeStruct((b, f), jnp.float32)),
                             vmap_method="sequential")
-    return call(x, dy, left=np.int64(left))
+    dw, db = call(x, dy, left=np.int64(left))
+    return dw.sum(axis=0), db.sum(axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -181,15 +189,57 @@ def _conv1d_fwd(x, kernel, left):
     return _forward_call(x, kernel, left), (x, kernel)
 
 
-def _conv1d_bwd(left, residuals, dy):
-    x, kernel = residuals
-    k = kernel.shape[0]
+def _input_grad(dy: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
     # dx[s, c] = sum_{j, f} kernel[k - 1 - j, c, f] dy[s + j - (k - 1 - left), f]: the same
     # convolution of dy with the kernel flipped in time and its channel axes swapped.
-    flipped = jnp.transpose(kernel[::-1], (0, 2, 1))
-    dx = _forward_call(dy, flipped, k - 1 - left)
-    dw = _weight_grad_call(x, dy, k, left).sum(axis=0)  # per example, summed here
-    return dx, dw
+    k = kernel.shape[0]
+    return _forward_call(dy, jnp.transpose(kernel[::-1], (0, 2, 1)), k - 1 - left)
+
+
+def _conv1d_bwd(left, residuals, dy):
+    x, kernel = residuals
+    dw, _ = _weight_grad_call(x, dy, kernel.shape[0], left)
+    return _input_grad(dy, kernel, left), dw
 
 
 conv1d.defvjp(_conv1d_fwd, _conv1d_bwd)
+
+
+def _elu_call(x: jax.Array, kernel: jax.Array, bias: jax.Array, left: int):
+    _require()
+    b, t, _ = x.shape
+    f = kernel.shape[2]
+    call = jax.ffi.ffi_call(
+        "eegkd_conv1d_elu",
+        (jax.ShapeDtypeStruct((b, t, f), jnp.float32),
+         jax.ShapeDtypeStruct((b * -(-t // CHUNK), 2, f), jnp.float32)),
+        vmap_method="sequential")
+    a, partial = call(x, kernel, bias, left=np.int64(left))
+    sums = partial.sum(axis=0)  # one row per forward task
+    return a, sums[0], sums[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv1d_elu(x: jax.Array, kernel: jax.Array, bias: jax.Array, left: int):
+    """``a = ELU(conv1d(x, kernel, left) + bias)`` with the per-channel sums of ``a`` and ``a**2``
+    over batch and time: (B, T, F), (F,), (F,), float32. Batch norm's mean and variance follow
+    from the sums, so the layer's output is not read again to compute them. Call only where
+    :func:`available` is true."""
+    return _elu_call(x, kernel, bias, left)
+
+
+def _conv1d_elu_fwd(x, kernel, bias, left):
+    a, total, total_sq = _elu_call(x, kernel, bias, left)
+    return (a, total, total_sq), (x, kernel, a)
+
+
+def _conv1d_elu_bwd(left, residuals, cotangents):
+    x, kernel, a = residuals
+    da, d_total, d_total_sq = cotangents
+    # Each a[b, t, f] enters the sums once (as a and as a^2); ELU' = 1 where a > 0, else a + 1.
+    dz = (da + d_total + 2.0 * a * d_total_sq) * jnp.where(a > 0, 1.0, a + 1.0)
+    dw, dbias = _weight_grad_call(x, dz, kernel.shape[0], left)
+    return _input_grad(dz, kernel, left), dw, dbias
+
+
+conv1d_elu.defvjp(_conv1d_elu_fwd, _conv1d_elu_bwd)

@@ -6,8 +6,13 @@
 // XLA's convolution). Two handlers, both on channels-last arrays as the model holds them:
 //
 //   eegkd_conv1d        y[b, t, f]     = sum_{j, c} w[j, c, f] x[b, t + j - left, c]
-//   eegkd_conv1d_wgrad  dw[b, j, c, f] = sum_t x[b, t + j - left, c] dy[b, t, f]
+//   eegkd_conv1d_elu    a[b, t, f]     = ELU(y[b, t, f] + bias[f]), and per forward task the sums
+//                                        of a and a^2 over its samples (batch-norm statistics)
+//   eegkd_conv1d_wgrad  dw[b, j, c, f] = sum_t x[b, t + j - left, c] dy[b, t, f],
+//                       db[b, f] = sum_t dy[b, t, f] (the bias gradient)
 //
+// eegkd_conv1d_elu does in the registers that hold a block of outputs what would otherwise be
+// three more passes over the layer's output in memory (bias + ELU, the sum, the sum of squares).
 // (the input gradient is eegkd_conv1d of dy with the kernel flipped and transposed; the weight
 // gradient is per example and XLA sums it over the batch, so no two examples share an output).
 // Samples outside [0, T) read as zero. Each example, or chunk of one, is copied into a
@@ -43,6 +48,39 @@ inline vf Load(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+
+typedef int32_t vi __attribute__((vector_size(64)));
+
+// exp(x) for x <= 0 (ELU's negative side), 16 lanes at once: x = n ln2 + r with n = round(x /
+// ln2) and |r| <= ln2 / 2, exp(r) by its degree-6 Taylor-like polynomial (Cephes' expf
+// coefficients, within 2 ulp), times 2^n built in the exponent bits. Below -87 the result
+// would be subnormal; x is clamped there (exp(-87) - 1 == -1 in float32 anyway).
+inline vf ExpNonPositive(vf x) {
+  const vf lo = vf{} - 87.0f;
+  x = x < lo ? lo : x;
+  const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts, exact n * hi
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// The fused epilogue of eegkd_conv1d_elu: the bias, then ELU, and the running sums of the
+// outputs and their squares per channel (kLanes partial sums each, added up per task).
+struct Epilogue {
+  const float* bias;  // (f,)
+  vf* sum;            // (f,) vectors
+  vf* sum_sq;         // (f,) vectors
+};
 
 // Rows of a channel-major, zero-padded copy of samples [begin - left, begin + n + k) of one
 // example (x: (t, c)): row c holds x[begin + s - left, c] at s, zeros outside the signal, and room
@@ -94,7 +132,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
 // [t0, t0 + kTimeBlock) of a chunk of n samples (y: the chunk's first output sample).
 template <int FB>
 inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_t k, int64_t f0,
-                         float* y, int64_t n, int64_t f, int64_t t0) {
+                         float* y, int64_t n, int64_t f, int64_t t0, const Epilogue* epi) {
   vf acc[FB][kTimeVectors];
   for (int fb = 0; fb < FB; ++fb)
     for (int v = 0; v < kTimeVectors; ++v) acc[fb][v] = vf{};
@@ -109,8 +147,32 @@ inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_
       }
     }
   }
-  // Into y (time-major): sample by sample, this block's FB channels side by side.
   const int64_t stored = std::min<int64_t>(kTimeBlock, n - t0);
+  if (epi != nullptr) {
+    for (int fb = 0; fb < FB; ++fb) {
+      vf sum{}, sum_sq{};
+      for (int v = 0; v < kTimeVectors; ++v) {
+        const vf z = acc[fb][v] + epi->bias[f0 + fb];
+        const vf zero{};
+        const vf a = z > zero ? z : ExpNonPositive(z < zero ? z : zero) - 1.0f;
+        acc[fb][v] = a;
+        // Samples past the chunk's end (the last block only) are computed but not outputs.
+        const int64_t valid = stored - kLanes * v;
+        if (valid >= kLanes) {
+          sum += a;
+          sum_sq += a * a;
+        } else {
+          for (int64_t l = 0; l < valid; ++l) {
+            sum[l] += a[l];
+            sum_sq[l] += a[l] * a[l];
+          }
+        }
+      }
+      epi->sum[f0 + fb] += sum;
+      epi->sum_sq[f0 + fb] += sum_sq;
+    }
+  }
+  // Into y (time-major): sample by sample, this block's FB channels side by side.
   for (int64_t s = 0; s < stored; ++s) {
     float* ys = y + (t0 + s) * f + f0;
     for (int fb = 0; fb < FB; ++fb) ys[fb] = acc[fb][s / kLanes][s % kLanes];
@@ -119,18 +181,19 @@ inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_
 
 // Outputs [begin, begin + n) of one example; y points at output sample `begin`.
 void ForwardChunk(const float* x, const float* w_fcj, float* y, int64_t t, int64_t c,
-                  int64_t f, int64_t k, int64_t left, int64_t begin, int64_t n) {
+                  int64_t f, int64_t k, int64_t left, int64_t begin, int64_t n,
+                  const Epilogue* epi = nullptr) {
   Padded xp(x, t, c, left, k, begin, n);
   for (int64_t f0 = 0; f0 < f; f0 += kMaxOutBlock) {
     const int64_t fb = std::min<int64_t>(kMaxOutBlock, f - f0);
     for (int64_t t0 = 0; t0 < n; t0 += kTimeBlock) {
       switch (fb) {  // constant block sizes, so that the blocks stay in registers
-        case 1: ForwardBlock<1>(xp, c, w_fcj, k, f0, y, n, f, t0); break;
-        case 2: ForwardBlock<2>(xp, c, w_fcj, k, f0, y, n, f, t0); break;
-        case 3: ForwardBlock<3>(xp, c, w_fcj, k, f0, y, n, f, t0); break;
-        case 4: ForwardBlock<4>(xp, c, w_fcj, k, f0, y, n, f, t0); break;
-        case 5: ForwardBlock<5>(xp, c, w_fcj, k, f0, y, n, f, t0); break;
-        default: ForwardBlock<6>(xp, c, w_fcj, k, f0, y, n, f, t0); break;
+        case 1: ForwardBlock<1>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
+        case 2: ForwardBlock<2>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
+        case 3: ForwardBlock<3>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
+        case 4: ForwardBlock<4>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
+        case 5: ForwardBlock<5>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
+        default: ForwardBlock<6>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
       }
     }
   }
@@ -173,14 +236,22 @@ inline void WeightGradTaps(int64_t jn, const float* xc, const float* g, int64_t 
   }
 }
 
-void WeightGradExample(const float* x, const float* dy, float* dw, int64_t t, int64_t c,
-                       int64_t f, int64_t k, int64_t left) {
+void WeightGradExample(const float* x, const float* dy, float* dw, float* db, int64_t t,
+                       int64_t c, int64_t f, int64_t k, int64_t left) {
   Padded xp(x, t, c, left, k, 0, t);
   const int64_t t_pad = (t + kLanes - 1) / kLanes * kLanes;
   thread_local std::vector<float> g;  // dy channel-major, zeros past t
   g.assign(f * t_pad, 0.0f);
   for (int64_t s = 0; s < t; ++s)
     for (int64_t ch = 0; ch < f; ++ch) g[ch * t_pad + s] = dy[s * f + ch];
+  // The bias gradient, while dy is at hand: one sum per channel over the example.
+  for (int64_t ch = 0; ch < f; ++ch) {
+    vf sum{};
+    for (int64_t s = 0; s < t_pad; s += kLanes) sum += Load(g.data() + ch * t_pad + s);
+    float total = 0.0f;
+    for (int l = 0; l < kLanes; ++l) total += sum[l];
+    db[ch] = total;
+  }
   for (int64_t ch = 0; ch < c; ++ch) {
     const float* xc = xp.data + ch * xp.row;
     for (int64_t j0 = 0; j0 < k; j0 += kTapBlock) {
@@ -206,6 +277,17 @@ ffi::Error CheckShapes(int64_t left, int64_t k) {
   return ffi::Error::Success();
 }
 
+// (k, c, f) -> (f, c, k): each output channel's taps contiguous.
+std::vector<float> TapsByOutput(const float* wp, int64_t k, int64_t c, int64_t f) {
+  std::vector<float> w_fcj(f * c * k);
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t o = 0; o < f; ++o) w_fcj[(o * c + ch) * k + j] = wp[(j * c + ch) * f + o];
+  return w_fcj;
+}
+
+int64_t Chunks(int64_t t) { return (t + kChunk - 1) / kChunk; }
+
 ffi::Error Conv1dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
                       ffi::Buffer<ffi::F32, 3> w, ffi::ResultBuffer<ffi::F32, 3> y,
                       int64_t left) {
@@ -213,16 +295,11 @@ ffi::Error Conv1dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
   const int64_t b = xd[0], t = xd[1], c = xd[2], k = wd[0], f = wd[2];
   if (wd[1] != c) return ffi::Error::InvalidArgument("eegkd conv1d: kernel channels != input's");
   if (auto error = CheckShapes(left, k); error.failure()) return error;
-  // (k, c, f) -> (f, c, k): each output channel's taps contiguous.
-  std::vector<float> w_fcj(f * c * k);
-  const float* wp = w.typed_data();
-  for (int64_t j = 0; j < k; ++j)
-    for (int64_t ch = 0; ch < c; ++ch)
-      for (int64_t o = 0; o < f; ++o) w_fcj[(o * c + ch) * k + j] = wp[(j * c + ch) * f + o];
+  const std::vector<float> w_fcj = TapsByOutput(w.typed_data(), k, c, f);
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   // Tasks of up to kChunk samples, so that one long example (a whole night) uses every thread.
-  const int64_t chunks = (t + kChunk - 1) / kChunk;
+  const int64_t chunks = Chunks(t);
   ParallelFor(pool, b * chunks, [&](int64_t i) {
     const int64_t e = i / chunks, begin = (i % chunks) * kChunk;
     ForwardChunk(xp + e * t * c, w_fcj.data(), yp + (e * t + begin) * f, t, c, f, k, left, begin,
@@ -231,24 +308,68 @@ ffi::Error Conv1dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
   return ffi::Error::Success();
 }
 
+// a = ELU(conv + bias) and, per task (example e, chunk i: row e * chunks + i of `stats`), the
+// sums of a and of a^2 over the task's samples. Every task writes its own row, so no two threads
+// add into the same sums and the result does not depend on the thread count or schedule.
+ffi::Error Conv1dEluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
+                         ffi::Buffer<ffi::F32, 3> w, ffi::Buffer<ffi::F32, 1> bias,
+                         ffi::ResultBuffer<ffi::F32, 3> y, ffi::ResultBuffer<ffi::F32, 3> stats,
+                         int64_t left) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = stats->dimensions();
+  const int64_t b = xd[0], t = xd[1], c = xd[2], k = wd[0], f = wd[2];
+  const int64_t chunks = Chunks(t);
+  if (wd[1] != c || bias.dimensions()[0] != f || sd[0] != b * chunks || sd[1] != 2 || sd[2] != f)
+    return ffi::Error::InvalidArgument("eegkd conv1d_elu: shapes do not agree");
+  if (auto error = CheckShapes(left, k); error.failure()) return error;
+  const std::vector<float> w_fcj = TapsByOutput(w.typed_data(), k, c, f);
+  const float* xp = x.typed_data();
+  const float* bp = bias.typed_data();
+  float* yp = y->typed_data();
+  float* sp = stats->typed_data();
+  ParallelFor(pool, b * chunks, [&](int64_t i) {
+    const int64_t e = i / chunks, begin = (i % chunks) * kChunk;
+    thread_local std::vector<vf> sums;
+    sums.assign(2 * f, vf{});
+    const Epilogue epi{bp, sums.data(), sums.data() + f};
+    ForwardChunk(xp + e * t * c, w_fcj.data(), yp + (e * t + begin) * f, t, c, f, k, left, begin,
+                 std::min<int64_t>(kChunk, t - begin), &epi);
+    for (int64_t o = 0; o < f; ++o) {
+      float sum = 0.0f, sum_sq = 0.0f;
+      for (int l = 0; l < kLanes; ++l) {
+        sum += epi.sum[o][l];
+        sum_sq += epi.sum_sq[o][l];
+      }
+      sp[(i * 2) * f + o] = sum;
+      sp[(i * 2 + 1) * f + o] = sum_sq;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error Conv1dWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
                                 ffi::Buffer<ffi::F32, 3> dy, ffi::ResultBuffer<ffi::F32, 4> dw,
-                                int64_t left) {
+                                ffi::ResultBuffer<ffi::F32, 2> db, int64_t left) {
   const auto xd = x.dimensions(), gd = dy.dimensions(), wd = dw->dimensions();
+  const auto bd = db->dimensions();
   const int64_t b = xd[0], t = xd[1], c = xd[2], f = gd[2], k = wd[1];
-  if (gd[0] != b || gd[1] != t || wd[0] != b || wd[2] != c || wd[3] != f)
+  if (gd[0] != b || gd[1] != t || wd[0] != b || wd[2] != c || wd[3] != f || bd[0] != b ||
+      bd[1] != f)
     return ffi::Error::InvalidArgument("eegkd conv1d_wgrad: shapes do not agree");
   if (auto error = CheckShapes(left, k); error.failure()) return error;
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   float* out = dw->typed_data();
+  float* bias_out = db->typed_data();
   ParallelFor(pool, b, [&](int64_t i) {
-    WeightGradExample(xp + i * t * c, gp + i * t * f, out + i * k * c * f, t, c, f, k, left);
+    WeightGradExample(xp + i * t * c, gp + i * t * f, out + i * k * c * f, bias_out + i * f, t, c,
+                      f, k, left);
   });
   return ffi::Error::Success();
 }
 
 // Aliases: a comma inside a template argument list would split the macro arguments below.
+using Rank1 = ffi::Buffer<ffi::F32, 1>;
+using Rank2 = ffi::Buffer<ffi::F32, 2>;
 using Rank3 = ffi::Buffer<ffi::F32, 3>;
 using Rank4 = ffi::Buffer<ffi::F32, 4>;
 
@@ -262,10 +383,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdConv1d, Conv1dImpl,
                                   .Ret<Rank3>()
                                   .Attr<int64_t>("left"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdConv1dElu, Conv1dEluImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Rank3>()
+                                  .Arg<Rank3>()
+                                  .Arg<Rank1>()
+                                  .Ret<Rank3>()
+                                  .Ret<Rank3>()
+                                  .Attr<int64_t>("left"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdConv1dWeightGrad, Conv1dWeightGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Rank3>()
                                   .Arg<Rank3>()
                                   .Ret<Rank4>()
+                                  .Ret<Rank2>()
                                   .Attr<int64_t>("left"));

@@ -81,10 +81,14 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype,
-                          upsample=self.upsample, name="conv")(x)
-        x = layers.elu(x)
-        return layers.batch_norm(train, self.dtype, name="bn")(x)
+        conv = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype,
+                             upsample=self.upsample, name="conv")
+        bn = layers.batch_norm(train, self.dtype, name="bn")
+        if layers.fused_elu_applies(x.astype(self.dtype), self.kernel_size, self.upsample):
+            # One CPU kernel for conv, bias, ELU and the batch-norm sums (same function).
+            x, total, total_sq = conv(x, elu_sums=True)
+            return bn(x, sums=(total, total_sq))
+        return bn(layers.elu(conv(x)))
 
 
 class DecoderBlock(nn.Module):
