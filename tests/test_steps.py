@@ -245,14 +245,17 @@ def test_optimizer_matches_torch_adam_with_l2_weight_decay():
     weight_decay (L2 added to the gradient before the moments)."""
     opt = common.get_config().optimizer
     tx = state_lib.make_optimizer(opt, 10)
-    p = {"w": jnp.array([1.0, -2.0])}
-    g = {"w": jnp.array([0.5, 0.25])}
+    # Two arrays of different shapes: Adam runs on them flattened into one vector, and each
+    # update must come back to its own array.
+    p = {"w": jnp.array([1.0, -2.0]), "k": jnp.array([[3.0, 0.5, -1.0], [2.0, -4.0, 0.25]])}
+    g = {"w": jnp.array([0.5, 0.25]), "k": jnp.array([[-1.0, 2.0, 0.5], [0.125, 4.0, -3.0]])}
     updates, _ = tx.update(g, tx.init(p), p)
-    grad = np.array([0.5, 0.25]) + opt.weight_decay * np.array([1.0, -2.0])
-    m_hat = grad  # first step: bias-corrected moments are the gradient and its square
-    v_hat = grad ** 2
-    want = -opt.learning_rate * m_hat / (np.sqrt(v_hat) + opt.eps)
-    np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5)
+    for name in p:
+        grad = np.asarray(g[name]) + opt.weight_decay * np.asarray(p[name])
+        m_hat = grad  # first step: bias-corrected moments are the gradient and its square
+        v_hat = grad ** 2
+        want = -opt.learning_rate * m_hat / (np.sqrt(v_hat) + opt.eps)
+        np.testing.assert_allclose(np.asarray(updates[name]), want, rtol=1e-5)
 
 
 def test_schedules():
