@@ -332,6 +332,28 @@ def conv1d(
     )
 
 
+class Pointwise(nn.Module):
+    """A 1x1 convolution over (B, T, C) with nn.Dense's parameters ("kernel" (C, F), "bias") and
+    PyTorch's default initialisation. Over long signals on the CPU kernels it is their k=1
+    convolution: XLA's matrix product of a (B * T, C) x (C, F) with a handful of channels (U-Sleep's
+    segment classifier, 6 x 6 over every sample) and its two gradient products were slower (the
+    step 2 - 3% faster, 30 of 40 alternating steps)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", torch_kernel_init, (in_features, self.features), jnp.float32)
+        bias = self.param("bias", torch_bias_init(in_features), (self.features,), jnp.float32)
+        dtype = self.dtype if self.dtype is not None else x.dtype
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        if x.ndim == 3 and x.shape[1] >= _FOLD_MIN_LENGTH and kernels.available(x.dtype):
+            return kernels.conv1d(x, kernel[None], 0) + bias
+        return x @ kernel + bias
+
+
 def dense(features: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Dense:
     """A linear layer (== a 1x1 convolution) with PyTorch's default initialisation."""
     return nn.Dense(

@@ -123,7 +123,7 @@ class SegmentClassifier(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, t, f = x.shape
-        x = layers.dense(f, f, self.dtype, name="segment_conv")(x)
+        x = layers.Pointwise(f, self.dtype, name="segment_conv")(x)
         x = jnp.tanh(x)
         # Average pooling with window = stride = one epoch. jnp.mean accumulates low-precision
         # inputs in float32, so bfloat16 does not lose the 6000-sample sum.
