@@ -41,7 +41,7 @@ _SYMBOLS = {"eegkd_conv1d": "EegkdConv1d", "eegkd_conv1d_elu": "EegkdConv1dElu",
             "eegkd_conv1d_wgrad": "EegkdConv1dWeightGrad"}
 CHUNK = 2048  # samples per forward task: conv1d.cc's kChunk (conv1d_elu has a statistics row each)
 TARGETS = tuple(_SYMBOLS)  # the FFI targets the programs call
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC")
 
 _log = logging.getLogger(__name__)
 
