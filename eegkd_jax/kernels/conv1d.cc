@@ -184,9 +184,11 @@ void ForwardChunk(const float* x, const float* w_fcj, float* y, int64_t t, int64
                   int64_t f, int64_t k, int64_t left, int64_t begin, int64_t n,
                   const Epilogue* epi = nullptr) {
   Padded xp(x, t, c, left, k, begin, n);
-  for (int64_t f0 = 0; f0 < f; f0 += kMaxOutBlock) {
-    const int64_t fb = std::min<int64_t>(kMaxOutBlock, f - f0);
-    for (int64_t t0 = 0; t0 < n; t0 += kTimeBlock) {
+  // Time blocks outermost: the block's window of every input channel stays in L1 while all the
+  // output-channel blocks read it.
+  for (int64_t t0 = 0; t0 < n; t0 += kTimeBlock) {
+    for (int64_t f0 = 0; f0 < f; f0 += kMaxOutBlock) {
+      const int64_t fb = std::min<int64_t>(kMaxOutBlock, f - f0);
       switch (fb) {  // constant block sizes, so that the blocks stay in registers
         case 1: ForwardBlock<1>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
         case 2: ForwardBlock<2>(xp, c, w_fcj, k, f0, y, n, f, t0, epi); break;
