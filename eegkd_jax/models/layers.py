@@ -442,6 +442,21 @@ def _fold_factor(length: int, in_features: int, kernel_size: int) -> int:
     return 1
 
 
+# Where the CPU kernels take a conv: thin inputs over long signals, any length (the folded form
+# needs one divisible by 2 or 4; the kernels do not). Letting them take 128 samples and 64 input
+# channels too made no difference (17 of 30 alternating steps), nor did leaving out U-Sleep's
+# 375-sample level (16 of 30).
+_KERNEL_MAX_CHANNELS = 32
+_KERNEL_MIN_LENGTH = 256
+
+
+def _use_kernels(x: jax.Array, kernel_size: int) -> bool:
+    """Whether a stride-1 "same" conv of x calls the CPU kernels (eegkd_jax/kernels)."""
+    _, length, channels = x.shape
+    return (kernel_size >= 2 and length >= _KERNEL_MIN_LENGTH
+            and channels <= _KERNEL_MAX_CHANNELS and kernels.available(x.dtype))
+
+
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 "same" cross-correlation (B, T, C) x (k, C, F) -> (B, T, F), in the form that is
     fastest for the shape (see the table above)."""
@@ -450,9 +465,9 @@ def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     b, length, channels = x.shape
     k, _, features = kernel.shape
     left, right = _same_padding(k)
-    fold = _fold_factor(length, channels, k)
-    if fold > 1 and kernels.available(x.dtype):
+    if _use_kernels(x, k):
         return kernels.conv1d(x, kernel, left)
+    fold = _fold_factor(length, channels, k)
     if fold > 1:
         # Space-to-depth: (B, T, C) -> (B, T / s, s * C) is a free reshape of the same bytes. A
         # k-tap conv over samples is then a (2m + 1)-tap conv over blocks whose kernel is the
@@ -483,9 +498,7 @@ def fused_elu_applies(x: jax.Array, kernel_size: int, upsample: int = 1) -> bool
     batch-norm sums in one call (``Conv1D(..., elu_sums=True)``)."""
     if not _SHAPED_CONVOLUTIONS or upsample not in (1, 2) or (upsample == 2 and kernel_size != 2):
         return False
-    _, length, channels = x.shape
-    return (_fold_factor(length, channels, kernel_size) > 1
-            and kernels.available(x.dtype))
+    return _use_kernels(x, kernel_size)
 
 
 def _conv_elu_sums(x, kernel, bias, upsample):
