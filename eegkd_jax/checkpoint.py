@@ -112,13 +112,25 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: nothing saved (or not that step).
+          ValueError: the saved state is laid out differently from ``abstract_state`` (another
+            model, mode or optimiser, or an earlier eegkd-jax: see the message).
         """
         step = self.resolve_step(which)
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         target = abstract_state.to_dict()
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except ValueError as error:
+            if "structures do not match" not in str(error):
+                raise
+            raise ValueError(
+                f"{self.directory}: the state saved at step {step} does not fit this run's, so the "
+                f"run cannot resume from it: it was written for another model, mode or optimiser "
+                f"configuration, or by an eegkd-jax from before Adam's moments were kept as one "
+                f"flat vector (2026-11-26). Train in a new --workdir; eval.py still reads the old "
+                f"checkpoint's model. Orbax: {error}") from error
         return abstract_state.replace(**restored)
 
     def restore_raw(self, which: str | int = "best") -> tuple[int, dict]:
