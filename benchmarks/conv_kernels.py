@@ -8,7 +8,9 @@ jitted alone, as the model would compute them with the kernels (``eegkd_jax.kern
 and without (``layers._conv_same`` with ``EEGKD_CPU_KERNELS=0``: the folded, plain or im2col form
 XLA gets for that shape). Median of ``--repeats`` calls after a warm-up; one JSON line per shape
 with milliseconds and GFLOP/s counting only the convolution's own multiply-adds
-(2 * B * T * C * F * K per pass). Checks first that both give the same values (relative 1e-5).
+(2 * B * T * C * F * K per pass), and ``forward_elu_sums``: the fused forward of a U-Sleep conv
+block (``kernels.conv1d_elu``: conv, bias, ELU and the batch-norm sums) against XLA's form followed
+by the same bias, ELU and sums. Checks first that both give the same values (relative 1e-5).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ SHAPES = ((6000, 3, 6, 9), (6000, 12, 6, 9), (3000, 9, 12, 2), (3000, 18, 9, 9),
           (1500, 22, 11, 9), (750, 30, 15, 9), (375, 40, 28, 9), (94, 77, 55, 9))
 
 
+def _elu_sums(z):
+    """What ``kernels.conv1d_elu`` returns, from XLA: ELU(z) and its per-channel sums of a, a^2."""
+    a = layers.elu(z)
+    return a, a.sum(axis=(0, 1)), jnp.square(a).sum(axis=(0, 1))
+
+
 def passes(conv, cotangent):
     """Jitted forward, input gradient and weight gradient of ``conv(x, kernel)``."""
     def loss(x, kernel):
@@ -56,13 +64,21 @@ def main(argv=None) -> None:
         kernel = jnp.asarray(rng.standard_normal((k, c, f), np.float32))
         cotangent = jnp.asarray(rng.standard_normal((args.batch, t, f), np.float32))
         left = (k - 1) // 2
+        bias = jnp.asarray(rng.standard_normal(f), np.float32)
         ours = passes(lambda x, w: kernels.conv1d(x, w, left), cotangent)
+        ours_fused = jax.jit(lambda x, w, b: kernels.conv1d_elu(x, w, b, left))
         os.environ[kernels.ENV_SWITCH] = "0"  # read when _conv_same is traced
         try:
             theirs = passes(layers._conv_same, cotangent)
             reference = [np.asarray(fn(x, kernel)) for fn in theirs]
+            theirs_fused = jax.jit(lambda x, w, b: _elu_sums(layers._conv_same(x, w) + b))
+            reference_fused = [np.asarray(a) for a in theirs_fused(x, kernel, bias)]
         finally:
             del os.environ[kernels.ENV_SWITCH]
+        for want, got in zip(reference_fused, ours_fused(x, kernel, bias)):
+            error = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+            if not error < 1e-5:
+                raise AssertionError(f"forward_elu_sums at {(t, c, f, k)}: relative error {error}")
         for name, fn, want in zip(("forward", "input_grad", "weight_grad"), ours, reference):
             got = np.asarray(fn(x, kernel))
             error = float(np.abs(got - want).max() / np.abs(want).max())
@@ -76,6 +92,9 @@ def main(argv=None) -> None:
             record[name] = {"xla_ms": round(xla_ms, 2), "kernel_ms": round(kernel_ms, 2),
                             "xla_gflop_per_s": round(flops / xla_ms / 1e6, 1),
                             "kernel_gflop_per_s": round(flops / kernel_ms / 1e6, 1)}
+        xla_ms = median_seconds(theirs_fused, x, kernel, bias, steps=args.repeats) * 1e3
+        kernel_ms = median_seconds(ours_fused, x, kernel, bias, steps=args.repeats) * 1e3
+        record["forward_elu_sums"] = {"xla_ms": round(xla_ms, 2), "kernel_ms": round(kernel_ms, 2)}
         record.update(cpus=len(os.sched_getaffinity(0)), load_1min=round(os.getloadavg()[0], 2))
         print(json.dumps(record), flush=True)
 
