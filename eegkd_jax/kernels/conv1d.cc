@@ -74,6 +74,8 @@ inline vf ExpNonPositive(vf x) {
   return p * scale;
 }
 
+const vf kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 // The fused epilogue of eegkd_conv1d_elu: the bias, then ELU, and the running sums of the
 // outputs and their squares per channel (kLanes partial sums each, added up per task).
 struct Epilogue {
@@ -172,17 +174,11 @@ inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_
         const vf zero{};
         const vf a = z > zero ? z : ExpNonPositive(z < zero ? z : zero) - 1.0f;
         acc[fb][v] = a;
-        // Samples past the chunk's end (the last block only) are computed but not outputs.
-        const int64_t valid = stored - kLanes * v;
-        if (valid >= kLanes) {
-          sum += a;
-          sum_sq += a * a;
-        } else {
-          for (int64_t l = 0; l < valid; ++l) {
-            sum[l] += a[l];
-            sum_sq[l] += a[l] * a[l];
-          }
-        }
+        // Samples past the chunk's end (the last block only) are computed but not outputs: a
+        // lane mask, since indexing a vector by a runtime lane keeps it out of registers.
+        const vf counted = kLaneIndex < static_cast<float>(stored - kLanes * v) ? a : zero;
+        sum += counted;
+        sum_sq += counted * counted;
       }
       epi->sum[f0 + fb] += sum;
       epi->sum_sq[f0 + fb] += sum_sq;
