@@ -82,6 +82,23 @@ def test_conv1d_elu_matches_xla_in_value_sums_and_gradients(batch, samples, chan
         np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
 
 
+def test_conv1d_elu_keeps_nan_and_infinities_as_xla_does():
+    # A NaN in the activations (a diverging model) must reach the output and the sums, not be
+    # turned into zeros by the ELU's negative branch; -inf gives -1, +inf stays +inf.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 300, 3)).astype(np.float32)
+    x[0, 100, 1], x[0, 200, 0], x[0, 250, 2] = np.nan, np.inf, -np.inf
+    kernel = np.full((9, 3, 2), 0.1, np.float32)
+    kernel[..., 1] *= -1
+    bias = jnp.zeros(2, jnp.float32)
+    a, total, total_sq = kernels.conv1d_elu(jnp.asarray(x), jnp.asarray(kernel), bias, 4)
+    z = _xla_conv(jnp.asarray(x), jnp.asarray(kernel), 4)
+    want = jnp.where(z > 0, z, jnp.exp(jnp.minimum(z, 0.0)) - 1)
+    np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-6)  # NaN where XLA has NaN
+    assert np.isnan(np.asarray(a)[0, 96:105]).all()
+    assert np.isnan(np.asarray(total)).all() and np.isnan(np.asarray(total_sq)).all()
+
+
 def test_conv1d_writes_every_output():
     # Lengths around the register blocks (64 samples) and forward tasks (2048): an unwritten
     # output would keep whatever the buffer held, not equal XLA's.

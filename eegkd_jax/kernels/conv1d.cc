@@ -172,7 +172,9 @@ inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_
       for (int v = 0; v < kTimeVectors; ++v) {
         const vf z = acc[fb][v] + epi->bias[f0 + fb];
         const vf zero{};
-        const vf a = z > zero ? z : ExpNonPositive(z < zero ? z : zero) - 1.0f;
+        // min(z, 0) written so that a NaN stays NaN (as in XLA's ELU): a diverging model must
+        // show NaN, not zeros.
+        const vf a = z > zero ? z : ExpNonPositive(z > zero ? zero : z) - 1.0f;
         acc[fb][v] = a;
         // Samples past the chunk's end (the last block only) are computed but not outputs: a
         // lane mask, since indexing a vector by a runtime lane keeps it out of registers.
