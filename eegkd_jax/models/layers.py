@@ -351,7 +351,7 @@ class Pointwise(nn.Module):
         bias = self.param("bias", torch_bias_init(in_features), (self.features,), jnp.float32)
         dtype = self.dtype if self.dtype is not None else x.dtype
         x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
-        if x.ndim == 3 and x.shape[1] >= _FOLD_MIN_LENGTH and kernels.available(x.dtype):
+        if x.ndim == 3 and _kernels_take(x):
             return kernels.conv1d(x, kernel[None], 0) + bias
         return x @ kernel + bias
 
@@ -453,11 +453,17 @@ _KERNEL_MAX_CHANNELS = 32
 _KERNEL_MIN_LENGTH = 256
 
 
-def _use_kernels(x: jax.Array, kernel_size: int) -> bool:
-    """Whether a stride-1 "same" conv of x calls the CPU kernels (eegkd_jax/kernels)."""
+def _kernels_take(x: jax.Array) -> bool:
+    """Whether x, (B, T, C), is thin and long enough for the CPU kernels, and they can run here."""
     _, length, channels = x.shape
-    return (kernel_size >= 2 and length >= _KERNEL_MIN_LENGTH
-            and channels <= _KERNEL_MAX_CHANNELS and kernels.available(x.dtype))
+    return (length >= _KERNEL_MIN_LENGTH and channels <= _KERNEL_MAX_CHANNELS
+            and kernels.available(x.dtype))
+
+
+def _use_kernels(x: jax.Array, kernel_size: int) -> bool:
+    """Whether a stride-1 "same" conv of x calls the CPU kernels (eegkd_jax/kernels); a k=1 conv
+    here is a matmul (see :func:`_conv_same`; :class:`Pointwise` has its own choice)."""
+    return kernel_size >= 2 and _kernels_take(x)
 
 
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
