@@ -27,7 +27,8 @@ def _xla_conv(x, kernel, left):
     (1, 9000, 6, 9, 9, 4),     # one example longer than a forward task (several chunks)
     (2, 65, 4, 13, 3, 2),      # all padding on the left, 13 outputs (blocks of 6 + 6 + 1)
     (2, 16, 1, 1, 1, 0),
-])
+    (2, 300, 30, 15, 9, 4),    # weight gradient: 270 inputs per output (4 + 1 register blocks of
+])                             # 64, the last one partly lanes past the end), 15 = 6 + 6 + 3
 def test_conv1d_matches_xla_in_value_and_gradients(batch, samples, channels, features, k, left):
     rng = np.random.default_rng(batch * samples + k)
     x = jnp.asarray(rng.standard_normal((batch, samples, channels), np.float32))

@@ -215,90 +215,87 @@ void ForwardChunk(const float* x, const float* w_fcj, float* y, int64_t t, int64
   }
 }
 
-// dw[j, c, f] of one example. Register blocks of FB output channels x JB taps of one input
-// channel: per 16 samples, FB + JB vector loads feed FB * JB multiply-adds into vector
-// accumulators over time. Time goes in tiles of kWeightTile samples, so that the tile of dy
-// (all f channels) and of x stay in the L1 cache while every block passes over them (untiled,
-// each block streamed the whole example from L2, which bounded this kernel at half the forward
-// pass's rate; tiled, U-Sleep's shapes ran 20 - 35% faster, tiles of 256 - 1024 alike within the
-// noise); the accumulators live in `acc` (one vector per (j, c, f)) between tiles and are
-// summed across lanes at the end. Taps in blocks of 3: U-Sleep's 9-tap kernels split evenly
-// (blocks of 4 left a 1-tap block), and 6 x 3 accumulators leave registers for the loads.
-constexpr int kTapBlock = 3;
-constexpr int64_t kWeightTile = 512;
+// dw[j, c, f] of one example, as a matrix product over time that needs no transposes. With x
+// zero-padded in time (`left` rows before, k - 1 - left after) and flattened, the k * c inputs
+// that meet output sample s, m = j * c + ch, are the contiguous floats xp[s * c + m]: so
+// dw[m, f] = sum_s xp[s * c + m] dy[s, f], both arrays read as the model holds them (time-major).
+// Register blocks of MV vectors of m (16 each) x FB output channels: per sample, MV loads and FB
+// broadcasts feed MV * FB multiply-adds into accumulators, each lane its own m, so nothing is
+// summed across lanes. Time goes in spans of kWeightSpan samples, each span's sums added into
+// `total` (one vector per (m vector, f)): a float32 sum of 6000 terms in one accumulator lost
+// more than the tests allow (6e-6 of the largest gradient), one of 256 does not. (The form
+// before, channel-major copies of x and dy with time in the lanes, ran at a third to a half of
+// the forward kernel's rate for 9 - 30 channels; this one takes 0.4 - 0.7 of its time at
+// U-Sleep's shapes, 31 -> 17 ms over all of them, batch 32.)
+constexpr int kWeightVectors = 4;  // m vectors per register block (64 inputs)
+constexpr int64_t kWeightSpan = 256;
 
-template <int FB, int JB>
-inline void WeightGradBlock(const float* xc, const float* g, int64_t t_pad, int64_t s0,
-                            int64_t s1, int64_t j0, int64_t f0, int64_t c, int64_t ch, int64_t f,
-                            vf* acc_mem) {
-  vf acc[FB][JB];
-  for (int a = 0; a < FB; ++a)
-    for (int j = 0; j < JB; ++j) acc[a][j] = acc_mem[((j0 + j) * c + ch) * f + f0 + a];
-  for (int64_t s = s0; s < s1; s += kLanes) {
-    vf gv[FB], xv[JB];
-    for (int a = 0; a < FB; ++a) gv[a] = Load(g + (f0 + a) * t_pad + s);
-    for (int j = 0; j < JB; ++j) xv[j] = Load(xc + s + j0 + j);
-    for (int a = 0; a < FB; ++a)
-      for (int j = 0; j < JB; ++j) acc[a][j] += xv[j] * gv[a];
+template <int MV, int FB>
+inline void WeightGradBlock(const float* xs, const float* gs, int64_t n, int64_t c, int64_t f,
+                            vf* total) {
+  vf acc[MV][FB];
+  for (int v = 0; v < MV; ++v)
+    for (int a = 0; a < FB; ++a) acc[v][a] = vf{};
+  for (int64_t s = 0; s < n; ++s, xs += c, gs += f) {
+    vf xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = Load(xs + kLanes * v);
+    for (int a = 0; a < FB; ++a) {
+      const float g = gs[a];
+      for (int v = 0; v < MV; ++v) acc[v][a] += xv[v] * g;
+    }
   }
-  for (int a = 0; a < FB; ++a)
-    for (int j = 0; j < JB; ++j) acc_mem[((j0 + j) * c + ch) * f + f0 + a] = acc[a][j];
+  for (int v = 0; v < MV; ++v)
+    for (int a = 0; a < FB; ++a) total[v * f + a] += acc[v][a];
 }
 
-template <int FB>
-inline void WeightGradTaps(int64_t jn, const float* xc, const float* g, int64_t t_pad,
-                           int64_t s0, int64_t s1, int64_t j0, int64_t f0, int64_t c, int64_t ch,
-                           int64_t f, vf* acc) {
-  switch (jn) {  // constant block sizes, so that the accumulators stay in registers
-    case 1: WeightGradBlock<FB, 1>(xc, g, t_pad, s0, s1, j0, f0, c, ch, f, acc); break;
-    case 2: WeightGradBlock<FB, 2>(xc, g, t_pad, s0, s1, j0, f0, c, ch, f, acc); break;
-    default: WeightGradBlock<FB, 3>(xc, g, t_pad, s0, s1, j0, f0, c, ch, f, acc); break;
+template <int MV>
+inline void WeightGradOutputs(int64_t fb, const float* xs, const float* gs, int64_t n, int64_t c,
+                              int64_t f, vf* total) {
+  switch (fb) {  // constant block sizes, so that the accumulators stay in registers
+    case 1: WeightGradBlock<MV, 1>(xs, gs, n, c, f, total); break;
+    case 2: WeightGradBlock<MV, 2>(xs, gs, n, c, f, total); break;
+    case 3: WeightGradBlock<MV, 3>(xs, gs, n, c, f, total); break;
+    case 4: WeightGradBlock<MV, 4>(xs, gs, n, c, f, total); break;
+    case 5: WeightGradBlock<MV, 5>(xs, gs, n, c, f, total); break;
+    default: WeightGradBlock<MV, 6>(xs, gs, n, c, f, total); break;
   }
 }
 
 void WeightGradExample(const float* x, const float* dy, float* dw, float* db, int64_t t,
                        int64_t c, int64_t f, int64_t k, int64_t left) {
-  Padded xp(x, t, c, left, k, 0, t);
-  const int64_t t_pad = (t + kLanes - 1) / kLanes * kLanes;
-  thread_local std::vector<float> g;  // dy channel-major, zeros past t
-  g.assign(f * t_pad, 0.0f);
-  ToChannelMajor(dy, f, t, g.data(), t_pad);
-  // The bias gradient, while dy is at hand: one sum per channel over the example.
-  for (int64_t ch = 0; ch < f; ++ch) {
-    vf sum{};
-    for (int64_t s = 0; s < t_pad; s += kLanes) sum += Load(g.data() + ch * t_pad + s);
-    float total = 0.0f;
-    for (int l = 0; l < kLanes; ++l) total += sum[l];
-    db[ch] = total;
-  }
-  thread_local std::vector<vf> acc;
-  acc.assign(k * c * f, vf{});
-  const float* gp = g.data();
-  for (int64_t s0 = 0; s0 < t_pad; s0 += kWeightTile) {
-    const int64_t s1 = std::min<int64_t>(t_pad, s0 + kWeightTile);
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const float* xc = xp.data + ch * xp.row;
-      for (int64_t j0 = 0; j0 < k; j0 += kTapBlock) {
-        const int64_t jn = std::min<int64_t>(kTapBlock, k - j0);
-        for (int64_t f0 = 0; f0 < f; f0 += kMaxOutBlock) {
-          vf* a = acc.data();
-          switch (std::min<int64_t>(kMaxOutBlock, f - f0)) {
-            case 1: WeightGradTaps<1>(jn, xc, gp, t_pad, s0, s1, j0, f0, c, ch, f, a); break;
-            case 2: WeightGradTaps<2>(jn, xc, gp, t_pad, s0, s1, j0, f0, c, ch, f, a); break;
-            case 3: WeightGradTaps<3>(jn, xc, gp, t_pad, s0, s1, j0, f0, c, ch, f, a); break;
-            case 4: WeightGradTaps<4>(jn, xc, gp, t_pad, s0, s1, j0, f0, c, ch, f, a); break;
-            case 5: WeightGradTaps<5>(jn, xc, gp, t_pad, s0, s1, j0, f0, c, ch, f, a); break;
-            default: WeightGradTaps<6>(jn, xc, gp, t_pad, s0, s1, j0, f0, c, ch, f, a); break;
-          }
+  // x with its zero rows, and a register block's worth of zeros past the end: the last block
+  // of m may read up to 15 floats beyond the last window (lanes it does not store).
+  thread_local std::vector<float> padded;
+  padded.assign((t + k - 1) * c + kLanes * kWeightVectors, 0.0f);
+  std::memcpy(padded.data() + left * c, x, sizeof(float) * t * c);
+  const int64_t m = k * c, m_vectors = (m + kLanes - 1) / kLanes;
+  thread_local std::vector<vf> total;
+  total.assign(m_vectors * f, vf{});
+  for (int64_t s0 = 0; s0 < t; s0 += kWeightSpan) {
+    const int64_t n = std::min<int64_t>(kWeightSpan, t - s0);
+    for (int64_t v0 = 0; v0 < m_vectors; v0 += kWeightVectors) {
+      const float* xs = padded.data() + s0 * c + v0 * kLanes;
+      for (int64_t f0 = 0; f0 < f; f0 += kMaxOutBlock) {
+        const int64_t fb = std::min<int64_t>(kMaxOutBlock, f - f0);
+        const float* gs = dy + s0 * f + f0;
+        vf* out = total.data() + v0 * f + f0;
+        switch (std::min<int64_t>(kWeightVectors, m_vectors - v0)) {
+          case 1: WeightGradOutputs<1>(fb, xs, gs, n, c, f, out); break;
+          case 2: WeightGradOutputs<2>(fb, xs, gs, n, c, f, out); break;
+          case 3: WeightGradOutputs<3>(fb, xs, gs, n, c, f, out); break;
+          default: WeightGradOutputs<4>(fb, xs, gs, n, c, f, out); break;
         }
       }
     }
   }
-  for (int64_t i = 0; i < k * c * f; ++i) {
-    float sum = 0.0f;
-    for (int l = 0; l < kLanes; ++l) sum += acc[i][l];
-    dw[i] = sum;  // acc is laid out as dw: (j, c, f)
-  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t o = 0; o < f; ++o) dw[i * f + o] = total[(i / kLanes) * f + o][i % kLanes];
+  // The bias gradient: one sum per channel over the example (in double, for the same reason).
+  thread_local std::vector<double> bias_sum;
+  bias_sum.assign(f, 0.0);
+  for (int64_t s = 0; s < t; ++s)
+    for (int64_t o = 0; o < f; ++o) bias_sum[o] += dy[s * f + o];
+  for (int64_t o = 0; o < f; ++o) db[o] = static_cast<float>(bias_sum[o]);
 }
 
 ffi::Error CheckShapes(int64_t left, int64_t k) {
