@@ -446,11 +446,13 @@ def _fold_factor(length: int, in_features: int, kernel_size: int) -> int:
 
 
 # Where the CPU kernels take a conv: thin inputs over long signals, any length (the folded form
-# needs one divisible by 2 or 4; the kernels do not). Letting them take 128 samples and 64 input
-# channels too made no difference (17 of 30 alternating steps), nor did leaving out U-Sleep's
-# 375-sample level (16 of 30).
-_KERNEL_MAX_CHANNELS = 32
-_KERNEL_MIN_LENGTH = 256
+# needs one divisible by 2 or 4; the kernels do not). With the time-major weight-gradient kernel
+# they also beat XLA at U-Sleep's 188- and 375-sample levels with up to 56 input channels (the
+# step 0.94 - 0.98x, 23 - 27 of 30 - 40 alternating steps; online KD 0.96x, 26 of 30; compiling
+# 1 - 2 s faster); taking 64 samples or 128 channels as well made no further difference (12 and
+# 20 of 30). Before that kernel, 64 channels and 128 samples had made none either.
+_KERNEL_MAX_CHANNELS = 64
+_KERNEL_MIN_LENGTH = 128
 
 
 def _kernels_take(x: jax.Array) -> bool:
