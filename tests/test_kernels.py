@@ -83,6 +83,60 @@ def test_conv1d_elu_matches_xla_in_value_sums_and_gradients(batch, samples, chan
         np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()), rtol=0)
 
 
+@pytest.mark.parametrize("batch, lengths, channels, features, k, left", [
+    (2, (376, 375), (6, 6), 9, 9, 4),  # a decoder conv: [upsampled (one sample longer), skip]
+    (3, (300,), (5,), 14, 2, 0),        # an upsampling conv's normalised input, alone
+    (1, (4500, 4500), (3, 2), 7, 9, 4),  # several forward tasks
+])
+def test_conv1d_elu_affine_matches_xla_on_the_normalised_concatenation(batch, lengths, channels,
+                                                                        features, k, left):
+    rng = np.random.default_rng(sum(lengths) + k)
+    length = min(lengths)
+    inputs = tuple(
+        (jnp.asarray(rng.standard_normal((batch, t, c)), jnp.float32),
+         jnp.asarray(rng.uniform(0.5, 2.0, c) * rng.choice([-1, 1], c), jnp.float32),
+         jnp.asarray(rng.standard_normal(c), jnp.float32))
+        for t, c in zip(lengths, channels))
+    kernel = jnp.asarray(rng.standard_normal((k, sum(channels), features)) * 0.3, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(features), jnp.float32)
+
+    def reference(inputs, kernel, bias):
+        x = jnp.concatenate([x[:, :length] * scale + shift for x, scale, shift in inputs], -1)
+        z = _xla_conv(x, kernel, left) + bias
+        a = jnp.where(z > 0, z, jnp.expm1(jnp.minimum(z, 0.0)))
+        return a, a.sum(axis=(0, 1)), jnp.square(a).sum(axis=(0, 1))
+
+    def ours(inputs, kernel, bias):
+        return kernels.conv1d_elu_affine(inputs, kernel, bias, left, length)
+
+    got, want = jax.jit(ours)(inputs, kernel, bias), reference(inputs, kernel, bias)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=3e-6 * float(jnp.abs(b).max()), rtol=0)
+
+    cotangents = [jnp.asarray(rng.standard_normal(t.shape), jnp.float32) for t in want]
+
+    def grads(f):
+        def loss(*args):
+            return sum(jnp.sum(t * c) for t, c in zip(f(*args), cotangents))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(inputs, kernel, bias)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(reference))):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=3e-6 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_conv1d_elu_affine_rejects_inputs_that_do_not_fit():
+    x = jnp.ones((2, 100, 3), jnp.float32)
+    ones, zeros = jnp.ones(3, jnp.float32), jnp.zeros(3, jnp.float32)
+    kernel = jnp.ones((9, 3, 4), jnp.float32)
+    with pytest.raises(Exception, match="shape does not fit"):  # asks for more samples than x has
+        jax.block_until_ready(kernels.conv1d_elu_affine(((x, ones, zeros),), kernel,
+                                                        jnp.zeros(4), 4, 101))
+    with pytest.raises(Exception, match="kernel channels"):
+        jax.block_until_ready(kernels.conv1d_elu_affine(((x, ones, zeros), (x, ones, zeros)),
+                                                        kernel, jnp.zeros(4), 4, 100))
+
+
 def test_conv1d_elu_keeps_nan_and_infinities_as_xla_does():
     # A NaN in the activations (a diverging model) must reach the output and the sums, not be
     # turned into zeros by the ELU's negative branch; -inf gives -1, +inf stays +inf.

@@ -702,16 +702,31 @@ def test_usleep_with_cpu_kernels_matches_xla_convolutions(monkeypatch):
     assert kernels.available()
     program = grad.lower(params).as_text()
     # Conv, bias, ELU and the batch-norm sums in one kernel for the conv blocks; the plain
-    # convolution for their input gradients.
+    # convolution for their input gradients; where a kernel conv reads a kernel conv's batch
+    # norm (the decoder's upsampling conv, its conv of [upsampled, skip]), the normalisation
+    # applied as it reads ("affine").
     assert "@eegkd_conv1d_elu(" in program and "@eegkd_conv1d(" in program
-    with_kernels = grad(params)
+    assert "affine = true" in program and "affine = false" in program
+    with_kernels = grad(params), _small_usleep_eval()
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert not kernels.available()
     grad = jax.jit(jax.grad(loss, has_aux=True))  # traced again with the switch off
     assert "eegkd_conv1d" not in grad.lower(params).as_text()
-    without = grad(params)
+    without = grad(params), _small_usleep_eval()
     for a, b in zip(jax.tree_util.tree_leaves(with_kernels), jax.tree_util.tree_leaves(without)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def _small_usleep_eval():
+    """The small U-Sleep's logits and features in evaluation mode, with running statistics that
+    are not the initial ones (so batch norm's affine form is not the identity)."""
+    module = usleep_lib.USleep(in_channels=3, widths=(4, 5, 6, 7, 8, 9, 10, 11),
+                               epoch_samples=768)
+    x = _signal(4, (2, 768, 3))
+    variables = jax.jit(lambda r: models.init_variables(module, r, x.shape))(jax.random.key(5))
+    stats = jax.tree_util.tree_map(lambda v: v + 0.3, variables["batch_stats"])
+    return jax.jit(lambda v: module.apply(v, x, train=False))(
+        {"params": variables["params"], "batch_stats": stats})
 
 
 def test_usleep_gradients_are_finite_without_xla_optimisations():

@@ -1,8 +1,9 @@
 """Hand-written CPU kernels, called from XLA programs through the XLA FFI.
 
 :func:`conv1d` is the "same" 1-D convolution of ``conv1d.cc`` beside this file, with its gradients,
-and :func:`conv1d_elu` the same followed by bias, ELU and the batch-norm sums, with theirs:
-XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's arithmetic rate
+:func:`conv1d_elu` the same followed by bias, ELU and the batch-norm sums, and
+:func:`conv1d_elu_affine` that of an input normalised and concatenated as it is read, each with
+its gradients: XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's arithmetic rate
 (see ``benchmarks/conv_kernels.py``). The library is compiled on first use with the machine's C++
 compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the FFI headers that
 ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels`` (``EEGKD_KERNEL_CACHE`` overrides)
@@ -163,17 +164,18 @@ def _forward_call(x: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
     return call(x, kernel, left=np.int64(left))
 
 
-def _weight_grad_call(x: jax.Array, dy: jax.Array, k: int, left: int):
+def _weight_grad_call(inputs, dy: jax.Array, k: int, left: int, affine: bool = False):
     """(weight gradient, bias gradient), each summed over the batch here (the kernel writes one
-    per example, so no two threads add into the same output)."""
+    per example, so no two threads add into the same output). ``inputs``: the conv's input as
+    the kernels take it (see :func:`_flat_inputs`)."""
     _require()
-    b, _, c = x.shape
-    f = dy.shape[2]
+    b, _, f = dy.shape
+    c = sum(x.shape[2] for x in inputs[::3 if affine else 1])
     call = jax.ffi.ffi_call("eegkd_conv1d_wgrad",
                             (jax.ShapeDtypeStruct((b, k, c, f), jnp.float32),
                              jax.ShapeDtypeStruct((b, f), jnp.float32)),
                             vmap_method="sequential")
-    dw, db = call(x, dy, left=np.int64(left))
+    dw, db = call(dy, *inputs, left=np.int64(left), affine=affine)
     return dw.sum(axis=0), db.sum(axis=0)
 
 
@@ -198,23 +200,24 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
 
 def _conv1d_bwd(left, residuals, dy):
     x, kernel = residuals
-    dw, _ = _weight_grad_call(x, dy, kernel.shape[0], left)
+    dw, _ = _weight_grad_call((x,), dy, kernel.shape[0], left)
     return _input_grad(dy, kernel, left), dw
 
 
 conv1d.defvjp(_conv1d_fwd, _conv1d_bwd)
 
 
-def _elu_call(x: jax.Array, kernel: jax.Array, bias: jax.Array, left: int):
+def _elu_call(inputs, kernel: jax.Array, bias: jax.Array, left: int, length: int,
+              affine: bool = False):
     _require()
-    b, t, _ = x.shape
+    b = inputs[0].shape[0]
     f = kernel.shape[2]
     call = jax.ffi.ffi_call(
         "eegkd_conv1d_elu",
-        (jax.ShapeDtypeStruct((b, t, f), jnp.float32),
-         jax.ShapeDtypeStruct((b * -(-t // CHUNK), 2, f), jnp.float32)),
+        (jax.ShapeDtypeStruct((b, length, f), jnp.float32),
+         jax.ShapeDtypeStruct((b * -(-length // CHUNK), 2, f), jnp.float32)),
         vmap_method="sequential")
-    a, partial = call(x, kernel, bias, left=np.int64(left))
+    a, partial = call(kernel, bias, *inputs, left=np.int64(left), affine=affine)
     sums = partial.sum(axis=0)  # one row per forward task
     return a, sums[0], sums[1]
 
@@ -225,21 +228,69 @@ def conv1d_elu(x: jax.Array, kernel: jax.Array, bias: jax.Array, left: int):
     over batch and time: (B, T, F), (F,), (F,), float32. Batch norm's mean and variance follow
     from the sums, so the layer's output is not read again to compute them. Call only where
     :func:`available` is true."""
-    return _elu_call(x, kernel, bias, left)
+    return _elu_call((x,), kernel, bias, left, x.shape[1])
 
 
 def _conv1d_elu_fwd(x, kernel, bias, left):
-    a, total, total_sq = _elu_call(x, kernel, bias, left)
+    a, total, total_sq = _elu_call((x,), kernel, bias, left, x.shape[1])
     return (a, total, total_sq), (x, kernel, a)
+
+
+def _elu_grad(a, cotangents):
+    """The gradient at the conv's output (before bias and ELU) from the cotangents of a and of
+    its two sums: each a[b, t, f] enters the sums once (as a and as a^2); ELU' = 1 where a > 0,
+    else a + 1."""
+    da, d_total, d_total_sq = cotangents
+    return (da + d_total + 2.0 * a * d_total_sq) * jnp.where(a > 0, 1.0, a + 1.0)
 
 
 def _conv1d_elu_bwd(left, residuals, cotangents):
     x, kernel, a = residuals
-    da, d_total, d_total_sq = cotangents
-    # Each a[b, t, f] enters the sums once (as a and as a^2); ELU' = 1 where a > 0, else a + 1.
-    dz = (da + d_total + 2.0 * a * d_total_sq) * jnp.where(a > 0, 1.0, a + 1.0)
-    dw, dbias = _weight_grad_call(x, dz, kernel.shape[0], left)
+    dz = _elu_grad(a, cotangents)
+    dw, dbias = _weight_grad_call((x,), dz, kernel.shape[0], left)
     return _input_grad(dz, kernel, left), dw, dbias
 
 
 conv1d_elu.defvjp(_conv1d_elu_fwd, _conv1d_elu_bwd)
+
+
+def _flat_inputs(inputs) -> tuple:
+    return tuple(part for triple in inputs for part in triple)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv1d_elu_affine(inputs, kernel: jax.Array, bias: jax.Array, left: int, length: int):
+    """:func:`conv1d_elu` of an input assembled on the way in: ``inputs`` is one or two triples
+    ``(x (B, T_i, C_i), scale (C_i,), shift (C_i,))``, and the conv sees their channels side by
+    side, each as ``x * scale + shift`` (batch norm's affine form) over the first ``length``
+    samples (T_i >= length: a longer array is cropped), with zeros outside. U-Sleep's decoder
+    convolves [normalised upsampled signal, normalised skip] this way: neither the normalised
+    arrays nor their concatenation are written. Gradients reach every x, scale and shift."""
+    return _elu_call(_flat_inputs(inputs), kernel, bias, left, length, affine=True)
+
+
+def _conv1d_elu_affine_fwd(inputs, kernel, bias, left, length):
+    a, total, total_sq = _elu_call(_flat_inputs(inputs), kernel, bias, left, length, affine=True)
+    return (a, total, total_sq), (inputs, kernel, a)
+
+
+def _conv1d_elu_affine_bwd(left, length, residuals, cotangents):
+    inputs, kernel, a = residuals
+    dz = _elu_grad(a, cotangents)
+    dw, dbias = _weight_grad_call(_flat_inputs(inputs), dz, kernel.shape[0], left, affine=True)
+    dn = _input_grad(dz, kernel, left)  # at the assembled input: (B, length, sum C_i)
+    grads, first = [], 0
+    for x, scale, shift in inputs:
+        c = x.shape[2]
+        dn_i = dn[:, :, first:first + c]
+        first += c
+        dscale = jnp.sum(dn_i * x[:, :length], axis=(0, 1))
+        dshift = jnp.sum(dn_i, axis=(0, 1))
+        dx = dn_i * scale
+        if x.shape[1] > length:  # the cropped samples had no effect
+            dx = jnp.pad(dx, ((0, 0), (0, x.shape[1] - length), (0, 0)))
+        grads.append((dx, dscale, dshift))
+    return tuple(grads), dw, dbias
+
+
+conv1d_elu_affine.defvjp(_conv1d_elu_affine_fwd, _conv1d_elu_affine_bwd)

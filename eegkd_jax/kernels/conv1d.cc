@@ -3,7 +3,7 @@
 // XLA:CPU's convolution (Eigen) runs U-Sleep's thin full-resolution layers at 9 - 85 GFLOP/s of
 // their own multiply-adds on one core; the direct form below, time-major and register-blocked,
 // reached 88 - 132 in a first prototype (benchmarks/conv_kernels.py compares these kernels with
-// XLA's convolution). Two handlers, both on channels-last arrays as the model holds them:
+// XLA's convolution). Three handlers, all on channels-last arrays as the model holds them:
 //
 //   eegkd_conv1d        y[b, t, f]     = sum_{j, c} w[j, c, f] x[b, t + j - left, c]
 //   eegkd_conv1d_elu    a[b, t, f]     = ELU(y[b, t, f] + bias[f]), and per forward task the sums
@@ -13,6 +13,10 @@
 //
 // eegkd_conv1d_elu does in the registers that hold a block of outputs what would otherwise be
 // three more passes over the layer's output in memory (bias + ELU, the sum, the sum of squares).
+// Its x, and eegkd_conv1d_wgrad's, is assembled as it is read (see Input): one or two arrays side
+// by side along the channels, each optionally normalised per channel (x * scale + shift, with
+// `affine`) and cropped to the conv's length; so batch norm and the decoder's concatenation
+// cost no pass of their own.
 // (the input gradient is eegkd_conv1d of dy with the kernel flipped and transposed; the weight
 // gradient is per example and XLA sums it over the batch, so no two examples share an output).
 // Samples outside [0, T) read as zero. Each example, or chunk of one, is copied into a
@@ -28,6 +32,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -84,39 +89,79 @@ struct Epilogue {
   vf* sum_sq;         // (f,) vectors
 };
 
-// out[ch * row + s] = x[s * c + ch] for s in [0, n): a (time, channel) -> (channel, time)
-// transpose, done in tiles of 64 samples, each written one channel row at a time. Sample by sample
-// (all channels of a sample, then the next) it ran 4 - 5x slower at 18 - 22 channels: the writes
-// went to c rows a whole row apart at once, more than the cache's ways could keep.
-inline void ToChannelMajor(const float* x, int64_t c, int64_t n, float* out, int64_t row) {
+// out[ch * row + s] = x[s * c + ch] * scale[ch] + shift[ch] for s in [0, n) (just x[s * c + ch]
+// where scale is null): a (time, channel) -> (channel, time) transpose, done in tiles of 64
+// samples, each written one channel row at a time. Sample by sample (all channels of a sample,
+// then the next) it ran 4 - 5x slower at 18 - 22 channels: the writes went to c rows a whole row
+// apart at once, more than the cache's ways could keep.
+inline void ToChannelMajor(const float* x, int64_t c, int64_t n, float* out, int64_t row,
+                           const float* scale = nullptr, const float* shift = nullptr) {
   constexpr int64_t kTile = 64;
   for (int64_t s0 = 0; s0 < n; s0 += kTile) {
     const int64_t s1 = std::min<int64_t>(n, s0 + kTile);
     for (int64_t ch = 0; ch < c; ++ch) {
       float* dst = out + ch * row;
       const float* src = x + ch;
-      for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * c];
+      if (scale == nullptr) {
+        for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * c];
+      } else {
+        const float a = scale[ch], b = shift[ch];
+        for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * c] * a + b;
+      }
     }
   }
 }
 
+// A conv's input, one example of it: the channels of up to kMaxSources arrays side by side, each
+// read as x * scale + shift per channel (batch norm's affine, applied before the conv's zero
+// padding; no scale: as it is) and over the conv's first t samples (an array may be longer: the
+// decoder's upsampled signal, cropped to its skip connection). U-Sleep's decoder convolves
+// [normalised upsampled, normalised skip] this way without the concatenation ever being written.
+constexpr int kMaxSources = 2;
+struct Source {
+  const float* x;      // (t_source, c), this example's
+  int64_t t_source, c;
+  const float* scale;  // (c,) or null
+  const float* shift;
+};
+struct Input {
+  Source sources[kMaxSources];
+  int n = 0;
+  int64_t c = 0;  // all channels
+
+  void Add(const Source& source) {
+    sources[n++] = source;
+    c += source.c;
+  }
+  Input Example(int64_t e) const {  // the same, moved to example e
+    Input in = *this;
+    for (int i = 0; i < n; ++i) in.sources[i].x += e * sources[i].t_source * sources[i].c;
+    return in;
+  }
+};
+
 // Rows of a channel-major, zero-padded copy of samples [begin - left, begin + n + k) of one
-// example (x: (t, c)): row c holds x[begin + s - left, c] at s, zeros outside the signal, and room
-// to read a whole register block past the end.
+// example's input (t samples): row c holds input channel c at sample begin + s - left at s, zeros
+// outside the signal, and room to read a whole register block past the end.
 struct Padded {
   int64_t row;  // floats per row
   float* data;  // a per-thread buffer, reused by the thread's next task
 
-  Padded(const float* x, int64_t t, int64_t c, int64_t left, int64_t k, int64_t begin,
-         int64_t n) {
+  Padded(const Input& in, int64_t t, int64_t left, int64_t k, int64_t begin, int64_t n) {
     thread_local std::vector<float> buffer;
     row = n + k + kTimeBlock;
-    buffer.assign(c * row, 0.0f);
+    buffer.assign(in.c * row, 0.0f);
     data = buffer.data();
     const int64_t first = std::max<int64_t>(0, begin - left);
     const int64_t last = std::min<int64_t>(t, begin - left + n + k);
-    if (last > first)
-      ToChannelMajor(x + first * c, c, last - first, data + first - begin + left, row);
+    if (last <= first) return;
+    int64_t channel = 0;
+    for (int i = 0; i < in.n; ++i) {
+      const Source& src = in.sources[i];
+      ToChannelMajor(src.x + first * src.c, src.c, last - first,
+                     data + channel * row + first - begin + left, row, src.scale, src.shift);
+      channel += src.c;
+    }
   }
 };
 
@@ -194,10 +239,11 @@ inline void ForwardBlock(const Padded& xp, int64_t c, const float* w_fcj, int64_
 }
 
 // Outputs [begin, begin + n) of one example; y points at output sample `begin`.
-void ForwardChunk(const float* x, const float* w_fcj, float* y, int64_t t, int64_t c,
-                  int64_t f, int64_t k, int64_t left, int64_t begin, int64_t n,
+void ForwardChunk(const Input& in, const float* w_fcj, float* y, int64_t t, int64_t f,
+                  int64_t k, int64_t left, int64_t begin, int64_t n,
                   const Epilogue* epi = nullptr) {
-  Padded xp(x, t, c, left, k, begin, n);
+  const int64_t c = in.c;
+  Padded xp(in, t, left, k, begin, n);
   // Time blocks outermost: the block's window of every input channel stays in L1 while all the
   // output-channel blocks read it.
   for (int64_t t0 = 0; t0 < n; t0 += kTimeBlock) {
@@ -261,13 +307,32 @@ inline void WeightGradOutputs(int64_t fb, const float* xs, const float* gs, int6
   }
 }
 
-void WeightGradExample(const float* x, const float* dy, float* dw, float* db, int64_t t,
-                       int64_t c, int64_t f, int64_t k, int64_t left) {
-  // x with its zero rows, and a register block's worth of zeros past the end: the last block
-  // of m may read up to 15 floats beyond the last window (lanes it does not store).
+void WeightGradExample(const Input& in, const float* dy, float* dw, float* db, int64_t t,
+                       int64_t f, int64_t k, int64_t left) {
+  // The input with its zero rows, and a register block's worth of zeros past the end: the last
+  // block of m may read up to 15 floats beyond the last window (lanes it does not store).
+  const int64_t c = in.c;
   thread_local std::vector<float> padded;
   padded.assign((t + k - 1) * c + kLanes * kWeightVectors, 0.0f);
-  std::memcpy(padded.data() + left * c, x, sizeof(float) * t * c);
+  const Source& first = in.sources[0];
+  if (in.n == 1 && first.scale == nullptr) {
+    std::memcpy(padded.data() + left * c, first.x, sizeof(float) * t * c);
+  } else {
+    int64_t channel = 0;
+    for (int i = 0; i < in.n; ++i) {
+      const Source& src = in.sources[i];
+      for (int64_t s = 0; s < t; ++s) {
+        float* dst = padded.data() + (left + s) * c + channel;
+        const float* x = src.x + s * src.c;
+        if (src.scale == nullptr) {
+          for (int64_t ch = 0; ch < src.c; ++ch) dst[ch] = x[ch];
+        } else {
+          for (int64_t ch = 0; ch < src.c; ++ch) dst[ch] = x[ch] * src.scale[ch] + src.shift[ch];
+        }
+      }
+      channel += src.c;
+    }
+  }
   const int64_t m = k * c, m_vectors = (m + kLanes - 1) / kLanes;
   thread_local std::vector<vf> total;
   total.assign(m_vectors * f, vf{});
@@ -323,33 +388,70 @@ ffi::Error Conv1dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
   if (wd[1] != c) return ffi::Error::InvalidArgument("eegkd conv1d: kernel channels != input's");
   if (auto error = CheckShapes(left, k); error.failure()) return error;
   const std::vector<float> w_fcj = TapsByOutput(w.typed_data(), k, c, f);
-  const float* xp = x.typed_data();
+  Input in;
+  in.Add({x.typed_data(), t, c, nullptr, nullptr});
   float* yp = y->typed_data();
   // Tasks of up to kChunk samples, so that one long example (a whole night) uses every thread.
   const int64_t chunks = Chunks(t);
   ParallelFor(pool, b * chunks, [&](int64_t i) {
     const int64_t e = i / chunks, begin = (i % chunks) * kChunk;
-    ForwardChunk(xp + e * t * c, w_fcj.data(), yp + (e * t + begin) * f, t, c, f, k, left, begin,
+    ForwardChunk(in.Example(e), w_fcj.data(), yp + (e * t + begin) * f, t, f, k, left, begin,
                  std::min<int64_t>(kChunk, t - begin));
   });
   return ffi::Error::Success();
 }
 
-// a = ELU(conv + bias) and, per task (example e, chunk i: row e * chunks + i of `stats`), the
-// sums of a and of a^2 over the task's samples. Every task writes its own row, so no two threads
-// add into the same sums and the result does not depend on the thread count or schedule.
-ffi::Error Conv1dEluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
-                         ffi::Buffer<ffi::F32, 3> w, ffi::Buffer<ffi::F32, 1> bias,
+// The conv's input from the call's remaining arguments: arrays (b, t_i >= t, c_i) one by one, or
+// with `affine` each followed by its scale and shift (c_i,). Checks the shapes against b, t, c.
+ffi::ErrorOr<Input> ReadInput(const ffi::RemainingArgs& args, bool affine, int64_t b, int64_t t,
+                              int64_t c, const char* name) {
+  const int64_t per = affine ? 3 : 1;
+  const std::string where = std::string("eegkd ") + name + ": ";
+  if (args.size() == 0 || args.size() % per != 0 || args.size() / per > kMaxSources)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        where + "takes 1 - 2 inputs, each an array or (array, scale, shift)"));
+  Input in;
+  for (size_t i = 0; i < args.size(); i += per) {
+    auto x = args.get<ffi::Buffer<ffi::F32, 3>>(i);
+    if (x.has_error()) return ffi::Unexpected(x.error());
+    const auto xd = x->dimensions();
+    Source src{x->typed_data(), xd[1], xd[2], nullptr, nullptr};
+    if (xd[0] != b || xd[1] < t)
+      return ffi::Unexpected(ffi::Error::InvalidArgument(where + "an input's shape does not fit"));
+    if (affine) {
+      auto scale = args.get<ffi::Buffer<ffi::F32, 1>>(i + 1);
+      auto shift = args.get<ffi::Buffer<ffi::F32, 1>>(i + 2);
+      if (scale.has_error()) return ffi::Unexpected(scale.error());
+      if (shift.has_error()) return ffi::Unexpected(shift.error());
+      if (scale->dimensions()[0] != src.c || shift->dimensions()[0] != src.c)
+        return ffi::Unexpected(ffi::Error::InvalidArgument(where + "scale / shift != channels"));
+      src.scale = scale->typed_data();
+      src.shift = shift->typed_data();
+    }
+    in.Add(src);
+  }
+  if (in.c != c)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(where + "kernel channels != inputs'"));
+  return in;
+}
+
+// a = ELU(conv + bias) over the output's t samples and, per task (example e, chunk i: row
+// e * chunks + i of `stats`), the sums of a and of a^2 over the task's samples. Every task writes
+// its own row, so no two threads add into the same sums and the result does not depend on the
+// thread count or schedule.
+ffi::Error Conv1dEluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> w,
+                         ffi::Buffer<ffi::F32, 1> bias, ffi::RemainingArgs args,
                          ffi::ResultBuffer<ffi::F32, 3> y, ffi::ResultBuffer<ffi::F32, 3> stats,
-                         int64_t left) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), sd = stats->dimensions();
-  const int64_t b = xd[0], t = xd[1], c = xd[2], k = wd[0], f = wd[2];
+                         int64_t left, bool affine) {
+  const auto yd = y->dimensions(), wd = w.dimensions(), sd = stats->dimensions();
+  const int64_t b = yd[0], t = yd[1], k = wd[0], c = wd[1], f = wd[2];
   const int64_t chunks = Chunks(t);
-  if (wd[1] != c || bias.dimensions()[0] != f || sd[0] != b * chunks || sd[1] != 2 || sd[2] != f)
+  if (yd[2] != f || bias.dimensions()[0] != f || sd[0] != b * chunks || sd[1] != 2 || sd[2] != f)
     return ffi::Error::InvalidArgument("eegkd conv1d_elu: shapes do not agree");
   if (auto error = CheckShapes(left, k); error.failure()) return error;
+  const auto in = ReadInput(args, affine, b, t, c, "conv1d_elu");
+  if (in.has_error()) return in.error();
   const std::vector<float> w_fcj = TapsByOutput(w.typed_data(), k, c, f);
-  const float* xp = x.typed_data();
   const float* bp = bias.typed_data();
   float* yp = y->typed_data();
   float* sp = stats->typed_data();
@@ -358,7 +460,7 @@ ffi::Error Conv1dEluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
     thread_local std::vector<vf> sums;
     sums.assign(2 * f, vf{});
     const Epilogue epi{bp, sums.data(), sums.data() + f};
-    ForwardChunk(xp + e * t * c, w_fcj.data(), yp + (e * t + begin) * f, t, c, f, k, left, begin,
+    ForwardChunk(in->Example(e), w_fcj.data(), yp + (e * t + begin) * f, t, f, k, left, begin,
                  std::min<int64_t>(kChunk, t - begin), &epi);
     for (int64_t o = 0; o < f; ++o) {
       float sum = 0.0f, sum_sq = 0.0f;
@@ -373,23 +475,23 @@ ffi::Error Conv1dEluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
   return ffi::Error::Success();
 }
 
-ffi::Error Conv1dWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> x,
-                                ffi::Buffer<ffi::F32, 3> dy, ffi::ResultBuffer<ffi::F32, 4> dw,
-                                ffi::ResultBuffer<ffi::F32, 2> db, int64_t left) {
-  const auto xd = x.dimensions(), gd = dy.dimensions(), wd = dw->dimensions();
+ffi::Error Conv1dWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> dy,
+                                ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32, 4> dw,
+                                ffi::ResultBuffer<ffi::F32, 2> db, int64_t left, bool affine) {
+  const auto gd = dy.dimensions(), wd = dw->dimensions();
   const auto bd = db->dimensions();
-  const int64_t b = xd[0], t = xd[1], c = xd[2], f = gd[2], k = wd[1];
-  if (gd[0] != b || gd[1] != t || wd[0] != b || wd[2] != c || wd[3] != f || bd[0] != b ||
-      bd[1] != f)
+  const int64_t b = gd[0], t = gd[1], f = gd[2], k = wd[1], c = wd[2];
+  if (wd[0] != b || wd[3] != f || bd[0] != b || bd[1] != f)
     return ffi::Error::InvalidArgument("eegkd conv1d_wgrad: shapes do not agree");
   if (auto error = CheckShapes(left, k); error.failure()) return error;
-  const float* xp = x.typed_data();
+  const auto in = ReadInput(args, affine, b, t, c, "conv1d_wgrad");
+  if (in.has_error()) return in.error();
   const float* gp = dy.typed_data();
   float* out = dw->typed_data();
   float* bias_out = db->typed_data();
   ParallelFor(pool, b, [&](int64_t i) {
-    WeightGradExample(xp + i * t * c, gp + i * t * f, out + i * k * c * f, bias_out + i * f, t, c,
-                      f, k, left);
+    WeightGradExample(in->Example(i), gp + i * t * f, out + i * k * c * f, bias_out + i * f, t, f,
+                      k, left);
   });
   return ffi::Error::Success();
 }
@@ -414,17 +516,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdConv1dElu, Conv1dEluImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Rank3>()
-                                  .Arg<Rank3>()
                                   .Arg<Rank1>()
+                                  .RemainingArgs()
                                   .Ret<Rank3>()
                                   .Ret<Rank3>()
-                                  .Attr<int64_t>("left"));
+                                  .Attr<int64_t>("left")
+                                  .Attr<bool>("affine"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdConv1dWeightGrad, Conv1dWeightGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Rank3>()
-                                  .Arg<Rank3>()
+                                  .RemainingArgs()
                                   .Ret<Rank4>()
                                   .Ret<Rank2>()
-                                  .Attr<int64_t>("left"));
+                                  .Attr<int64_t>("left")
+                                  .Attr<bool>("affine"));

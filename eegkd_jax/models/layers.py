@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,10 +202,7 @@ def batch_norm_from_sums(x: jax.Array, total: jax.Array, total_sq: jax.Array, sc
 
 
 def _from_sums_forward(x, total, total_sq, scale, bias, epsilon):
-    count = math.prod(x.shape[:-1])
-    mean = total / count
-    var = jnp.maximum(total_sq / count - jnp.square(mean), 0.0)
-    rstd = jax.lax.rsqrt(var + epsilon)
+    mean, var, rstd = _statistics_from_sums(x, total, total_sq, epsilon)
     return _normalize(x, mean, rstd, scale, bias), mean, var, rstd
 
 
@@ -253,7 +251,10 @@ class BatchNorm(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, sums: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, sums: tuple[jax.Array, jax.Array] | None = None,
+                 affine: bool = False):
+        """The normalised x; with ``affine``, the same as :class:`Normalised` (x, its per-channel
+        scale and shift), computed by whoever reads it."""
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -262,10 +263,23 @@ class BatchNorm(nn.Module):
         running_var = self.variable(
             "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         if self.use_running_average:
-            y = _normalize(x, running_mean.value,
-                           jax.lax.rsqrt(running_var.value + self.epsilon), scale, bias)
+            mean, rstd = running_mean.value, jax.lax.rsqrt(running_var.value + self.epsilon)
+            if affine:
+                return _affine(x, mean, rstd, scale, bias)
+            y = _normalize(x, mean, rstd, scale, bias)
         else:
-            if sums is not None:
+            if affine:
+                # The statistics from the sums (or from x), as batch_norm_from_sums takes them;
+                # the gradients of these few per-channel values are JAX's own.
+                if sums is not None:
+                    mean, var, rstd = _statistics_from_sums(x, *sums, self.epsilon)
+                else:
+                    xf = x.astype(jnp.float32)
+                    mean = jnp.mean(xf, axis=tuple(range(x.ndim - 1)))
+                    var = jnp.mean(jnp.square(xf - mean), axis=tuple(range(x.ndim - 1)))
+                    rstd = jax.lax.rsqrt(var + self.epsilon)
+                y = _affine(x, mean, rstd, scale, bias)
+            elif sums is not None:
                 y, mean, var = batch_norm_from_sums(x.astype(jnp.float32), *sums, scale, bias,
                                                     self.epsilon)
             else:
@@ -277,7 +291,49 @@ class BatchNorm(nn.Module):
                                       + (1.0 - self.momentum) * jax.lax.stop_gradient(mean))
                 running_var.value = (self.momentum * running_var.value
                                      + (1.0 - self.momentum) * unbiased)
+            if affine:
+                return y
         return y.astype(self.dtype if self.dtype is not None else x.dtype)
+
+
+@flax.struct.dataclass
+class Normalised:
+    """``x * scale + shift`` per channel (the last axis), not yet computed: batch norm's output
+    in affine form. A conv on the CPU kernels applies it while it reads x
+    (``kernels.conv1d_elu_affine``), so the normalised array is never written; anything else
+    takes :meth:`value` (or :func:`materialise`), which XLA fuses into its consumer."""
+
+    x: jax.Array
+    scale: jax.Array
+    shift: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    def value(self, dtype: Any = None) -> jax.Array:
+        y = self.x.astype(jnp.float32) * self.scale + self.shift
+        return y.astype(dtype if dtype is not None else self.x.dtype)
+
+
+def materialise(x, dtype: Any = None) -> jax.Array:
+    """The value of a :class:`Normalised` x, or x itself; in ``dtype`` if one is given."""
+    if isinstance(x, Normalised):
+        return x.value(dtype)
+    return x if dtype is None else x.astype(dtype)
+
+
+def _affine(x, mean, rstd, scale, bias) -> Normalised:
+    """Batch norm as x * s + t: s = scale / std, t = bias - mean s."""
+    s = rstd * scale
+    return Normalised(x, s, bias - mean * s)
+
+
+def _statistics_from_sums(x, total, total_sq, epsilon):
+    count = math.prod(x.shape[:-1])
+    mean = total / count
+    var = jnp.maximum(total_sq / count - jnp.square(mean), 0.0)
+    return mean, var, jax.lax.rsqrt(var + epsilon)
 
 
 @jax.custom_jvp
@@ -382,7 +438,10 @@ def dense(features: int, in_features: int, dtype: Any, name: str | None = None) 
 # device), the thin long convs call them instead (see _use_kernels): forward, input and weight
 # gradients all faster than the folded form's at U-Sleep's shapes, the step 10 - 13% faster
 # (in-process alternating steps, supervised and online KD, full-size U-Sleep at batch 32), and
-# another 11% with conv, bias, ELU and the batch-norm sums in one call (fused_elu_applies).
+# another 11% with conv, bias, ELU and the batch-norm sums in one call (fused_elu_applies), and
+# 5% more (0.93 - 0.95x, supervised and online KD, 23 - 30 of 30 - 40 alternating steps) where
+# that call also applies the batch norm of its input and the decoder's crop and concatenation as
+# it reads (Normalised inputs: the normalised arrays and the concatenation are never written).
 
 # Whether Conv1D picks the shaped forms below (the default) or hands every convolution to XLA as
 # it is (repeat-then-convolve for the decoder's upsampling): read when a model is traced, so a
@@ -514,15 +573,33 @@ def fused_elu_applies(x: jax.Array, kernel_size: int, upsample: int = 1) -> bool
 
 def _conv_elu_sums(x, kernel, bias, upsample):
     """kernels.conv1d_elu for a plain or an upsampling conv (see :func:`upsample_conv_k2`: the
-    upsampling conv is one at x's length with 2F outputs, whose sums are added per channel)."""
+    upsampling conv is one at x's length with 2F outputs, whose sums are added per channel).
+    x: an array, or a tuple of :class:`Normalised` inputs side by side along the channels, over
+    the shortest one's samples (kernels.conv1d_elu_affine)."""
+    if isinstance(x, tuple):
+        length = min(n.shape[1] for n in x)
+        triples = tuple((n.x, n.scale, n.shift) for n in x)
+
+        def conv(kernel, bias, left):
+            return kernels.conv1d_elu_affine(triples, kernel, bias, left, length)
+    else:
+        length = x.shape[1]
+
+        def conv(kernel, bias, left):
+            return kernels.conv1d_elu(x, kernel, bias, left)
     if upsample == 1:
-        return kernels.conv1d_elu(x, kernel, bias, _same_padding(kernel.shape[0])[0])
-    b, length, _ = x.shape
+        return conv(kernel, bias, _same_padding(kernel.shape[0])[0])
     features = kernel.shape[-1]
-    a, total, total_sq = kernels.conv1d_elu(x, _upsample_k2_kernel(kernel),
-                                            jnp.concatenate([bias, bias]), 0)
-    return (a.reshape(b, 2 * length, features), total[:features] + total[features:],
+    a, total, total_sq = conv(_upsample_k2_kernel(kernel), jnp.concatenate([bias, bias]), 0)
+    return (a.reshape(a.shape[0], 2 * length, features), total[:features] + total[features:],
             total_sq[:features] + total_sq[features:])
+
+
+def input_probe(inputs: tuple, dtype: Any) -> jax.ShapeDtypeStruct:
+    """The (B, T, C) array a conv of ``inputs`` (side by side along the channels, over the
+    shortest one's samples) would see, for :func:`fused_elu_applies`."""
+    return jax.ShapeDtypeStruct((inputs[0].shape[0], min(n.shape[1] for n in inputs),
+                                 sum(n.shape[2] for n in inputs)), dtype)
 
 
 def _upsample_k2_kernel(kernel: jax.Array) -> jax.Array:
@@ -573,23 +650,34 @@ class Conv1D(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array, elu_sums: bool = False):
+    def __call__(self, x, elu_sums: bool = False):
         """y = conv(x) + bias; with ``elu_sums`` (only where :func:`fused_elu_applies`), the tuple
-        (ELU(y), per-channel sum of ELU(y), sum of its squares) from ``kernels.conv1d_elu``."""
+        (ELU(y), per-channel sum of ELU(y), sum of its squares) from ``kernels.conv1d_elu``.
+        With ``elu_sums``, x may also be a tuple of :class:`Normalised` inputs, which the conv
+        reads side by side along the channels over the shortest one's samples."""
         k, stride = self.kernel_size, self.strides
-        in_features = x.shape[-1]
+        inputs = x if isinstance(x, tuple) else None
+        in_features = sum(n.shape[-1] for n in inputs) if inputs else x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, in_features, self.features),
                             jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        dtype = self.dtype if self.dtype is not None else x.dtype
-        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        dtype = self.dtype
+        if dtype is None:
+            dtype = inputs[0].x.dtype if inputs else x.dtype
+        kernel, bias = kernel.astype(dtype), bias.astype(dtype)
+        if inputs is None:
+            x = x.astype(dtype)
         if elu_sums:
-            if stride != 1 or self.padding != "SAME" or not fused_elu_applies(
-                    x, k, self.upsample):
-                raise ValueError(f"Conv1D(elu_sums=True) does not apply to input {x.shape} with "
-                                 f"kernel {k}, stride {stride}, {self.padding!r}, upsample "
+            probe = x if inputs is None else input_probe(inputs, dtype)
+            if (stride != 1 or self.padding != "SAME" or not fused_elu_applies(
+                    probe, k, self.upsample)
+                    or (inputs and not all(isinstance(n, Normalised) for n in inputs))):
+                raise ValueError(f"Conv1D(elu_sums=True) does not apply to input {probe.shape} "
+                                 f"with kernel {k}, stride {stride}, {self.padding!r}, upsample "
                                  f"{self.upsample}")
             return _conv_elu_sums(x, kernel, bias, self.upsample)
+        if inputs is not None:
+            raise ValueError("Conv1D takes a tuple of Normalised inputs only with elu_sums=True")
         if self.upsample != 1:
             if (self.upsample, k, stride, self.padding) != (2, 2, 1, "SAME"):
                 raise ValueError(
