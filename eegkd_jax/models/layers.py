@@ -242,7 +242,9 @@ class BatchNorm(nn.Module):
 
     ``sums=(total, total_sq)``, the per-channel sums of x and x^2 over every axis but the last,
     lets training take the statistics from them instead of from x (:func:`batch_norm_from_sums`);
-    evaluation ignores them.
+    evaluation ignores them. ``affine=True`` returns the result unevaluated, as a
+    :class:`Normalised` (x with the per-channel scale and shift that normalise it), for a CPU-kernel
+    conv that applies it as it reads (U-Sleep's conv blocks).
     """
 
     use_running_average: bool
