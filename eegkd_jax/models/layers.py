@@ -190,41 +190,16 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def batch_norm_from_sums(x: jax.Array, total: jax.Array, total_sq: jax.Array, scale: jax.Array,
                          bias: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`batch_norm_train` for an ``x`` (float32) whose per-channel sum and sum of squares
     over every axis but the last come with it (``kernels.conv1d_elu`` computes them while it
     writes x), so the statistics cost no pass over x: mean = total / N, biased variance =
-    total_sq / N - mean^2. Gradients reach x directly and through the two sums."""
-    y, mean, var, _ = _from_sums_forward(x, total, total_sq, scale, bias, epsilon)
-    return y, mean, var
-
-
-def _from_sums_forward(x, total, total_sq, scale, bias, epsilon):
+    total_sq / N - mean^2. The normalisation is x s + t (s = scale / std, t = bias - mean s),
+    differentiated as such (dx = dy s, ds = sum dy x, dt = sum dy: XLA fuses each with its
+    producer); gradients reach x directly and, through s and t, the two sums."""
     mean, var, rstd = _statistics_from_sums(x, total, total_sq, epsilon)
-    return _normalize(x, mean, rstd, scale, bias), mean, var, rstd
-
-
-def _from_sums_fwd(x, total, total_sq, scale, bias, epsilon):
-    y, mean, var, rstd = _from_sums_forward(x, total, total_sq, scale, bias, epsilon)
-    return (y, mean, var), (x, scale, mean, rstd)
-
-
-def _from_sums_bwd(epsilon, residuals, cotangents):
-    del epsilon
-    x, scale, mean, rstd = residuals
-    dy, dmean, dvar = cotangents
-    count = math.prod(x.shape[:-1])
-    dy, dbias, dscale = _affine_grads(x, dy, mean, rstd)
-    # y = (x - m) r s + b with m = T / N, v = Q / N - m^2, r = (v + eps)^-1/2: through r,
-    # dL/dv = -s r^2 dscale / 2; through m (directly and in v), dL/dm = -s r dbias - 2 m dL/dv.
-    grad_var = dvar - 0.5 * scale * jnp.square(rstd) * dscale
-    grad_mean = dmean - scale * rstd * dbias - 2.0 * mean * grad_var
-    return dy * (scale * rstd), grad_mean / count, grad_var / count, dscale, dbias
-
-
-batch_norm_from_sums.defvjp(_from_sums_fwd, _from_sums_bwd)
+    return _affine(x, mean, rstd, scale, bias).value(jnp.float32), mean, var
 
 
 class BatchNorm(nn.Module):
@@ -270,9 +245,9 @@ class BatchNorm(nn.Module):
                 return _affine(x, mean, rstd, scale, bias)
             y = _normalize(x, mean, rstd, scale, bias)
         else:
-            if affine:
-                # The statistics from the sums (or from x), as batch_norm_from_sums takes them;
-                # the gradients of these few per-channel values are JAX's own.
+            if sums is None and not affine:
+                y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+            else:
                 if sums is not None:
                     mean, var, rstd = _statistics_from_sums(x, *sums, self.epsilon)
                 else:
@@ -280,12 +255,11 @@ class BatchNorm(nn.Module):
                     mean = jnp.mean(xf, axis=tuple(range(x.ndim - 1)))
                     var = jnp.mean(jnp.square(xf - mean), axis=tuple(range(x.ndim - 1)))
                     rstd = jax.lax.rsqrt(var + self.epsilon)
+                # x s + t (see batch_norm_from_sums); the few per-channel statistics are
+                # differentiated by JAX.
                 y = _affine(x, mean, rstd, scale, bias)
-            elif sums is not None:
-                y, mean, var = batch_norm_from_sums(x.astype(jnp.float32), *sums, scale, bias,
-                                                    self.epsilon)
-            else:
-                y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+                if not affine:
+                    y = y.value(jnp.float32)
             if not self.is_initializing():
                 count = math.prod(x.shape[:-1])
                 unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
