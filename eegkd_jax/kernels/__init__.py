@@ -40,7 +40,6 @@ ENV_SWITCH = "EEGKD_CPU_KERNELS"
 ENV_CACHE = "EEGKD_KERNEL_CACHE"
 _SYMBOLS = {"eegkd_conv1d": "EegkdConv1d", "eegkd_conv1d_elu": "EegkdConv1dElu",
             "eegkd_conv1d_wgrad": "EegkdConv1dWeightGrad"}
-CHUNK = 2048  # samples per forward task: conv1d.cc's kChunk (conv1d_elu has a statistics row each)
 TARGETS = tuple(_SYMBOLS)  # the FFI targets the programs call
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC")
 
@@ -165,18 +164,16 @@ def _forward_call(x: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
 
 
 def _weight_grad_call(inputs, dy: jax.Array, k: int, left: int, affine: bool = False):
-    """(weight gradient, bias gradient), each summed over the batch here (the kernel writes one
-    per example, so no two threads add into the same output). ``inputs``: the conv's input as
+    """(weight gradient, bias gradient), summed over the batch. ``inputs``: the conv's input as
     the kernels take it (see :func:`_flat_inputs`)."""
     _require()
-    b, _, f = dy.shape
+    f = dy.shape[2]
     c = sum(x.shape[2] for x in inputs[::3 if affine else 1])
     call = jax.ffi.ffi_call("eegkd_conv1d_wgrad",
-                            (jax.ShapeDtypeStruct((b, k, c, f), jnp.float32),
-                             jax.ShapeDtypeStruct((b, f), jnp.float32)),
+                            (jax.ShapeDtypeStruct((k, c, f), jnp.float32),
+                             jax.ShapeDtypeStruct((f,), jnp.float32)),
                             vmap_method="sequential")
-    dw, db = call(dy, *inputs, left=np.int64(left), affine=affine)
-    return dw.sum(axis=0), db.sum(axis=0)
+    return call(dy, *inputs, left=np.int64(left), affine=affine)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -215,10 +212,9 @@ def _elu_call(inputs, kernel: jax.Array, bias: jax.Array, left: int, length: int
     call = jax.ffi.ffi_call(
         "eegkd_conv1d_elu",
         (jax.ShapeDtypeStruct((b, length, f), jnp.float32),
-         jax.ShapeDtypeStruct((b * -(-length // CHUNK), 2, f), jnp.float32)),
+         jax.ShapeDtypeStruct((2, f), jnp.float32)),
         vmap_method="sequential")
-    a, partial = call(kernel, bias, *inputs, left=np.int64(left), affine=affine)
-    sums = partial.sum(axis=0)  # one row per forward task
+    a, sums = call(kernel, bias, *inputs, left=np.int64(left), affine=affine)
     return a, sums[0], sums[1]
 
 
