@@ -3,10 +3,10 @@
 :func:`conv1d` is the "same" 1-D convolution of ``conv1d.cc`` beside this file, with its gradients,
 :func:`conv1d_elu` the same followed by bias, ELU and the batch-norm sums, and
 :func:`conv1d_elu_affine` that of an input normalised and concatenated as it is read, each with
-its gradients: XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's arithmetic rate
-(see ``benchmarks/conv_kernels.py``). The library is compiled on first use with the machine's C++
-compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the FFI headers that
-ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels`` (``EEGKD_KERNEL_CACHE`` overrides)
+its gradients: XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's
+arithmetic rate (see ``benchmarks/conv_kernels.py``). The library is compiled on first use with
+the machine's C++ compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the
+FFI headers that ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels`` (``EEGKD_KERNEL_CACHE`` overrides)
 under a digest of the source, the compiler, the headers and this CPU's feature flags.
 
 :func:`available` says whether the kernels can be used in the program being traced: CPU backend,
