@@ -6,8 +6,9 @@
 its gradients: XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's
 arithmetic rate (see ``benchmarks/conv_kernels.py``). The library is compiled on first use with
 the machine's C++ compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the
-FFI headers that ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels`` (``EEGKD_KERNEL_CACHE`` overrides)
-under a digest of the source, the compiler, the headers and this CPU's feature flags.
+FFI headers that ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels``
+(``EEGKD_KERNEL_CACHE`` overrides) under a digest of the source, the compiler, the headers and
+this CPU's feature flags.
 
 :func:`available` says whether the kernels can be used in the program being traced: CPU backend,
 a single device (the FFI call is not partitioned, so on a mesh XLA would gather the batch onto
