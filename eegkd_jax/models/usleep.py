@@ -95,13 +95,13 @@ class ConvBlock(nn.Module):
         fused = layers.fused_elu_applies(layers.input_probe(inputs, self.dtype), self.kernel_size,
                                          self.upsample)
         if fused and all(isinstance(n, layers.Normalised) for n in inputs):
-            # One CPU kernel for the normalisation of the inputs, conv, bias, ELU and the
-            # batch-norm sums (same function).
-            x, total, total_sq = conv(inputs, elu_sums=True)
-            return bn(x, sums=(total, total_sq), affine=True)
-        length = min(n.shape[1] for n in inputs)
-        x = jnp.concatenate([layers.materialise(n, self.dtype)[:, :length] for n in inputs], -1)
+            x = inputs  # the kernel normalises, crops and concatenates them as it reads
+        else:
+            length = min(n.shape[1] for n in inputs)
+            x = jnp.concatenate([layers.materialise(n, self.dtype)[:, :length] for n in inputs],
+                                -1)
         if fused:
+            # One CPU kernel for conv, bias, ELU and the batch-norm sums (same function).
             x, total, total_sq = conv(x, elu_sums=True)
             return bn(x, sums=(total, total_sq), affine=True)
         return bn(layers.elu(conv(x)))
