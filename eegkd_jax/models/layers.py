@@ -145,13 +145,19 @@ def _normalize(x, mean, rstd, scale, bias):
     return (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
 
 
-def _batch_norm_forward(x, scale, bias, epsilon):
+def _statistics(x, epsilon):
+    """Per-channel mean, biased variance and 1 / std of x over every axis but the last, in
+    float32 (two passes: the variance of the centred values)."""
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=axes)
     var = jnp.mean(jnp.square(xf - mean), axis=axes)
-    rstd = jax.lax.rsqrt(var + epsilon)
-    return _normalize(xf, mean, rstd, scale, bias), mean, var, rstd
+    return mean, var, jax.lax.rsqrt(var + epsilon)
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+    mean, var, rstd = _statistics(x, epsilon)
+    return _normalize(x.astype(jnp.float32), mean, rstd, scale, bias), mean, var, rstd
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon):
@@ -251,10 +257,7 @@ class BatchNorm(nn.Module):
                 if sums is not None:
                     mean, var, rstd = _statistics_from_sums(x, *sums, self.epsilon)
                 else:
-                    xf = x.astype(jnp.float32)
-                    mean = jnp.mean(xf, axis=tuple(range(x.ndim - 1)))
-                    var = jnp.mean(jnp.square(xf - mean), axis=tuple(range(x.ndim - 1)))
-                    rstd = jax.lax.rsqrt(var + self.epsilon)
+                    mean, var, rstd = _statistics(x, self.epsilon)
                 # x s + t (see batch_norm_from_sums); the few per-channel statistics are
                 # differentiated by JAX.
                 y = _affine(x, mean, rstd, scale, bias)
