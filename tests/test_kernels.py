@@ -1,5 +1,6 @@
-"""The CPU convolution kernels (eegkd_jax/kernels): values and gradients against XLA's convolution,
-when they apply, and what happens when they cannot be built. (In a whole U-Sleep: test_models.)"""
+"""The CPU kernels (eegkd_jax/kernels): the convolutions' values and gradients against XLA's
+convolution, the gradient norm against a float64 sum, when they apply, and what happens when they
+cannot be built. (In a whole U-Sleep: test_models.)"""
 
 import logging
 
@@ -163,6 +164,30 @@ def test_conv1d_writes_every_output():
         kernel = jnp.asarray(rng.standard_normal((9, 2, 3), np.float32))
         np.testing.assert_allclose(kernels.conv1d(x, kernel, 4), _xla_conv(x, kernel, 4),
                                    atol=1e-5, rtol=0)
+
+
+def test_global_norm_is_one_call_and_matches_a_float64_sum(monkeypatch):
+    monkeypatch.setattr(kernels, "_single_device", lambda: True)
+    rng = np.random.default_rng(3)
+    # Leaves around the kernel's runs (1024) and pieces (65536), an empty one, a scalar, and one
+    # of 3M small values next to large ones (a float32 running sum would lose them).
+    tree = {"w": rng.standard_normal((9, 3, 6)), "empty": np.zeros((0, 4)), "scalar": np.float32(7),
+            "pieces": rng.standard_normal(65536 * 2 + 1023), "tiny": 1e-3 * rng.standard_normal(
+                3_000_001), "odd": [rng.standard_normal(1025), rng.standard_normal(15)]}
+    tree = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+    expected = np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in jax.tree.leaves(tree)))
+    norm = jax.jit(kernels.global_norm)
+    assert norm.lower(tree).as_text().count("eegkd_sum_of_squares") == 1
+    np.testing.assert_allclose(float(norm(tree)), expected, rtol=1e-6)
+    assert float(norm({"empty": jnp.zeros((0,))})) == 0.0 and float(kernels.global_norm({})) == 0.0
+    # Elsewhere (another dtype among the leaves, or the kernels off) it is the same sum in JAX.
+    mixed = dict(tree, half=jnp.ones((3,), jnp.bfloat16))
+    assert "eegkd_sum_of_squares" not in norm.lower(mixed).as_text()
+    np.testing.assert_allclose(float(norm(mixed)), np.sqrt(expected ** 2 + 3), rtol=1e-6)
+    monkeypatch.setattr(kernels, "_single_device", lambda: False)
+    norm = jax.jit(lambda t: kernels.global_norm(t))  # a new function: jit's cache would hit
+    assert "eegkd_sum_of_squares" not in norm.lower(tree).as_text()
+    np.testing.assert_allclose(float(norm(tree)), expected, rtol=1e-5)
 
 
 def test_kernels_stay_off_where_they_do_not_apply(monkeypatch):

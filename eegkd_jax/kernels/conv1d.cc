@@ -3,7 +3,8 @@
 // XLA:CPU's convolution (Eigen) runs U-Sleep's thin full-resolution layers at 9 - 85 GFLOP/s of
 // their own multiply-adds on one core; the direct form below, time-major and register-blocked,
 // reached 88 - 132 in a first prototype (benchmarks/conv_kernels.py compares these kernels with
-// XLA's convolution). Three handlers, all on channels-last arrays as the model holds them:
+// XLA's convolution). Three convolution handlers, all on channels-last arrays as the model holds
+// them, and a sum of squares over many arrays (eegkd_sum_of_squares, a gradient's global norm):
 //
 //   eegkd_conv1d        y[b, t, f]     = sum_{j, c} w[j, c, f] x[b, t + j - left, c]
 //   eegkd_conv1d_elu    a[b, t, f]     = ELU(y[b, t, f] + bias[f]), and the sums of a and a^2
@@ -34,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -508,7 +510,58 @@ ffi::Error Conv1dWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> d
   return ffi::Error::Success();
 }
 
+// Sum of the squares of every element of every argument (float32 arrays of any shape): the
+// global norm of a gradient, one call for all of a network's arrays. XLA compiles a norm written
+// per array (a square-and-sum for each, then their total) as 3 - 4 small fusions per array, which
+// for two U-Sleeps was ~440 of the online-KD step's 2,565 fusions and ~2 s of its compile time.
+// The arrays are cut into pieces of up to kPiece elements that the threads share; each piece sums
+// in sixteen float lanes over runs of 1024 elements, each run's total added in double (a float32
+// accumulator over millions of squares would lose the small ones), and the pieces' totals are
+// added in order, so the result does not depend on the schedule.
+double SumOfSquaresPiece(const float* p, int64_t n) {
+  constexpr int64_t kRun = 1024;
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kRun) {
+    const int64_t end = std::min(n, begin + kRun);
+    float lanes[16] = {};
+    int64_t e = begin;
+    for (; e + 16 <= end; e += 16)
+      for (int l = 0; l < 16; ++l) lanes[l] += p[e + l] * p[e + l];
+    double run = 0.0;
+    for (; e < end; ++e) run += static_cast<double>(p[e]) * p[e];
+    for (int l = 0; l < 16; ++l) run += lanes[l];
+    total += run;
+  }
+  return total;
+}
+
+ffi::Error SumOfSquaresImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                            ffi::ResultBuffer<ffi::F32, 0> out) {
+  constexpr int64_t kPiece = 1 << 16;
+  std::vector<std::pair<const float*, int64_t>> pieces;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto array = args.get<ffi::AnyBuffer>(i);
+    if (array.has_error()) return array.error();
+    if (array->element_type() != ffi::F32)
+      return ffi::Error::InvalidArgument("eegkd sum_of_squares: argument " + std::to_string(i) +
+                                         " is not float32");
+    const float* p = array->typed_data<float>();
+    const int64_t n = static_cast<int64_t>(array->element_count());
+    for (int64_t first = 0; first < n; first += kPiece)
+      pieces.emplace_back(p + first, std::min(kPiece, n - first));
+  }
+  std::vector<double> totals(pieces.size());
+  ParallelFor(pool, static_cast<int64_t>(pieces.size()), [&](int64_t i) {
+    totals[i] = SumOfSquaresPiece(pieces[i].first, pieces[i].second);
+  });
+  double total = 0.0;
+  for (double piece : totals) total += piece;
+  *out->typed_data() = static_cast<float>(total);
+  return ffi::Error::Success();
+}
+
 // Aliases: a comma inside a template argument list would split the macro arguments below.
+using Rank0 = ffi::Buffer<ffi::F32, 0>;
 using Rank1 = ffi::Buffer<ffi::F32, 1>;
 using Rank2 = ffi::Buffer<ffi::F32, 2>;
 using Rank3 = ffi::Buffer<ffi::F32, 3>;
@@ -543,3 +596,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdConv1dWeightGrad, Conv1dWeightGradImpl,
                                   .Ret<Rank1>()
                                   .Attr<int64_t>("left")
                                   .Attr<bool>("affine"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdSumOfSquares, SumOfSquaresImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .Ret<Rank0>());
