@@ -1,5 +1,5 @@
 """The CPU kernels (eegkd_jax/kernels): the convolutions' values and gradients against XLA's
-convolution, the gradient norm against a float64 sum, when they apply, and what happens when they
+convolution, the gradient norm against a float64 sum, Adam against optax's, when they apply, and what happens when they
 cannot be built. (In a whole U-Sleep: test_models.)"""
 
 import logging
@@ -7,6 +7,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from eegkd_jax import kernels
@@ -188,6 +189,51 @@ def test_global_norm_is_one_call_and_matches_a_float64_sum(monkeypatch):
     norm = jax.jit(lambda t: kernels.global_norm(t))  # a new function: jit's cache would hit
     assert "eegkd_sum_of_squares" not in norm.lower(tree).as_text()
     np.testing.assert_allclose(float(norm(tree)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("clip, decay, schedule", [
+    (0.0, 1e-4, "constant"),   # the original's settings
+    (0.5, 1e-4, "cosine"),     # clipping that applies (the gradient's norm is ~80), a warm-up
+    (1e3, 0.0, "cosine"),      # clipping that does not, no decay
+])
+def test_adam_kernel_is_optax_adam_in_place(monkeypatch, clip, decay, schedule):
+    from configs import common
+    from eegkd_jax.train import state as state_lib
+
+    monkeypatch.setattr(kernels, "_single_device", lambda: True)
+    cfg = common.get_config().optimizer
+    cfg.grad_clip_norm, cfg.weight_decay, cfg.schedule = clip, decay, schedule
+    cfg.warmup_steps = 2 if schedule == "cosine" else 0
+    tx = state_lib.make_optimizer(cfg, total_steps=8)
+    rng = np.random.default_rng(5)
+    # Arrays around the kernel's pieces (65536 elements), a 1-element one, the conv shapes.
+    params = {"conv": {"kernel": rng.standard_normal((9, 3, 6)), "bias": rng.standard_normal(6)},
+              "big": rng.standard_normal(65536 + 700), "one": rng.standard_normal(1)}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    grads = [jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), jnp.float32),
+                          params) for _ in range(4)]
+
+    def run(optimizer):
+        step = jax.jit(lambda g, s, p: state_lib.apply_gradients(optimizer, g, s, p))
+        p, s = params, optimizer.init(params)
+        text = step.lower(grads[0], s, p).as_text()
+        for g in grads:
+            p, s = step(g, s, p)
+        return text, p, s
+
+    text, ours, our_state = run(tx)
+    plain = optax.GradientTransformationExtraArgs(*tx)  # no settings: optax's own update
+    optax_text, theirs, their_state = run(plain)
+    assert text.count("eegkd_adam") == 1 and "eegkd_adam" not in optax_text
+    # The same state layout (checkpoints move between the two), the same counts, the same values
+    # to float32 rounding.
+    assert jax.tree.structure(our_state) == jax.tree.structure(their_state)
+    for a, b in zip(jax.tree.leaves((ours, our_state)), jax.tree.leaves((theirs, their_state))):
+        if b.dtype == jnp.int32:
+            assert int(a) == int(b) == len(grads)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-6 * float(jnp.abs(b).max()), rtol=0)
+    assert not np.allclose(ours["big"], params["big"])  # it did move
 
 
 def test_kernels_stay_off_where_they_do_not_apply(monkeypatch):

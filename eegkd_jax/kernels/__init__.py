@@ -4,8 +4,9 @@
 :func:`conv1d_elu` the same followed by bias, ELU and the batch-norm sums, and
 :func:`conv1d_elu_affine` that of an input normalised and concatenated as it is read, each with
 its gradients: XLA:CPU's convolution runs U-Sleep's thin, long layers far below the machine's
-arithmetic rate (see ``benchmarks/conv_kernels.py``). :func:`global_norm` is a gradient's norm in
-one call instead of a few small XLA kernels per parameter array. The library is compiled on first use with
+arithmetic rate (see ``benchmarks/conv_kernels.py``). :func:`global_norm` is a gradient's norm and
+:func:`adam` an Adam step over all of a network's parameter arrays, each one call instead of a
+few small XLA kernels per array. The library is compiled on first use with
 the machine's C++ compiler (``$CXX``, else ``g++`` or ``c++``; ``-O3 -march=native``) against the
 FFI headers that ship with jaxlib, and kept in ``~/.cache/eegkd_jax/kernels``
 (``EEGKD_KERNEL_CACHE`` overrides) under a digest of the source, the compiler, the headers and
@@ -42,7 +43,7 @@ ENV_SWITCH = "EEGKD_CPU_KERNELS"
 ENV_CACHE = "EEGKD_KERNEL_CACHE"
 _SYMBOLS = {"eegkd_conv1d": "EegkdConv1d", "eegkd_conv1d_elu": "EegkdConv1dElu",
             "eegkd_conv1d_wgrad": "EegkdConv1dWeightGrad",
-            "eegkd_sum_of_squares": "EegkdSumOfSquares"}
+            "eegkd_sum_of_squares": "EegkdSumOfSquares", "eegkd_adam": "EegkdAdam"}
 TARGETS = tuple(_SYMBOLS)  # the FFI targets the programs call
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC")
 
@@ -311,3 +312,33 @@ def global_norm(tree) -> jax.Array:
     call = jax.ffi.ffi_call("eegkd_sum_of_squares", jax.ShapeDtypeStruct((), jnp.float32),
                             vmap_method="sequential")
     return jnp.sqrt(call(*leaves))
+
+
+def adam(grads: list, params: list, mu: jax.Array, nu: jax.Array, scalars: jax.Array, *,
+         b1: float, b2: float, eps: float, eps_root: float, weight_decay: float,
+         max_norm: float) -> tuple[list, jax.Array, jax.Array]:
+    """One Adam step over lists of float32 arrays, in place: -> (new params, new mu, new nu).
+
+    ``mu`` / ``nu`` are the flat moment vectors (the arrays' elements one after the other, as
+    ``optax.flatten`` keeps them); ``scalars`` is float32 (4,): the step (minus the learning
+    rate), 1 - b1^t, 1 - b2^t and the gradient's global norm (read only when ``max_norm`` > 0:
+    gradients are scaled by max_norm / norm where the norm is not below it, as
+    ``optax.clip_by_global_norm``). Weight decay is added to the gradient first (L2, as PyTorch's
+    Adam). The per-element arithmetic is optax's (see ``conv1d.cc``). Call only where
+    :func:`available` is true; not differentiable.
+    """
+    _require()
+    n = len(grads)
+    if len(params) != n:
+        raise ValueError(f"kernels.adam: {n} gradients but {len(params)} parameter arrays")
+    results = (jax.ShapeDtypeStruct(mu.shape, jnp.float32),
+               jax.ShapeDtypeStruct(nu.shape, jnp.float32),
+               *(jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in params))
+    # Operands: scalars, mu, nu, grads..., params...; results: mu, nu, params... (in place).
+    aliases = {1: 0, 2: 1, **{3 + n + i: 2 + i for i in range(n)}}
+    call = jax.ffi.ffi_call("eegkd_adam", results, input_output_aliases=aliases)
+    f32 = np.float32
+    out = call(scalars, mu, nu, *grads, *params, b1=f32(b1), b2=f32(b2), one_minus_b1=f32(1 - b1),
+               one_minus_b2=f32(1 - b2), eps=f32(eps), eps_root=f32(eps_root),
+               weight_decay=f32(weight_decay), max_norm=f32(max_norm))
+    return list(out[2:]), out[0], out[1]

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -560,6 +561,103 @@ ffi::Error SumOfSquaresImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
   return ffi::Error::Success();
 }
 
+// One Adam step over all of a network's parameter arrays, in place: for every element, in
+// optax's order of operations (clip_by_global_norm, add_decayed_weights, scale_by_adam,
+// scale_by_learning_rate, apply_updates),
+//
+//   g  = grad                       (or grad / norm * max_norm where clipping applies)
+//   g  = g + weight_decay * p       (L2 decay, as PyTorch's Adam)
+//   mu = (1 - b1) * g + b1 * mu,    nu = (1 - b2) * g * g + b2 * nu
+//   p  = p + step * ((mu / bc1) / (sqrt(nu / bc2 + eps_root) + eps))
+//
+// with mu and nu the flat moment vectors (the arrays' elements in order) and step = -learning
+// rate, bc1 = 1 - b1^t, bc2 = 1 - b2^t and the gradient's norm computed by the caller (the
+// "scalars" argument). Arguments: scalars, mu, nu, then the N gradient arrays, then the N
+// parameter arrays; results: mu, nu, the N parameter arrays (aliased to their inputs).
+// XLA compiles the same update as a few small fusions per array (decay, the concatenation into
+// the flat vector, the split back and the addition to each array), ~630 of the 2,121 fusions of
+// the full-size online-KD step, and reads and writes each element several times.
+struct AdamConstants {
+  float b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, weight_decay, max_norm;
+};
+
+void AdamPiece(const AdamConstants& k, const float* scalars, const float* g, float* p, float* mu,
+               float* nu, int64_t n) {
+  const float step = scalars[0], bc1 = scalars[1], bc2 = scalars[2], norm = scalars[3];
+  const bool clip = k.max_norm > 0 && !(norm < k.max_norm);
+  for (int64_t e = 0; e < n; ++e) {
+    float grad = clip ? (g[e] / norm) * k.max_norm : g[e];
+    if (k.weight_decay != 0) grad = grad + k.weight_decay * p[e];
+    const float m = k.one_minus_b1 * grad + k.b1 * mu[e];
+    const float v = k.one_minus_b2 * (grad * grad) + k.b2 * nu[e];
+    mu[e] = m;
+    nu[e] = v;
+    p[e] = p[e] + step * ((m / bc1) / (std::sqrt(v / bc2 + k.eps_root) + k.eps));
+  }
+}
+
+ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 1> scalars,
+                    ffi::Buffer<ffi::F32, 1> mu_in, ffi::Buffer<ffi::F32, 1> nu_in,
+                    ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32, 1> mu,
+                    ffi::ResultBuffer<ffi::F32, 1> nu, ffi::RemainingRets rets, float b1, float b2,
+                    float one_minus_b1, float one_minus_b2, float eps, float eps_root,
+                    float weight_decay, float max_norm) {
+  constexpr int64_t kPiece = 1 << 16;
+  const int64_t n = static_cast<int64_t>(mu_in.element_count());
+  const size_t arrays = args.size() / 2;
+  if (scalars.element_count() != 4 || args.size() % 2 != 0 || rets.size() != arrays ||
+      nu_in.element_count() != static_cast<size_t>(n) ||
+      mu->element_count() != static_cast<size_t>(n) || nu->element_count() != static_cast<size_t>(n))
+    return ffi::Error::InvalidArgument(
+        "eegkd adam: takes scalars (4,), mu, nu (n,), N gradients and N parameters, and returns "
+        "mu, nu and N parameters");
+  struct Piece {
+    const float* g;
+    const float* p_in;
+    float* p;
+    int64_t first, n;  // first: the piece's offset in the flat moments
+  };
+  std::vector<Piece> pieces;
+  int64_t offset = 0;
+  for (size_t i = 0; i < arrays; ++i) {
+    auto g = args.get<ffi::AnyBuffer>(i);
+    auto p_in = args.get<ffi::AnyBuffer>(arrays + i);
+    auto p = rets.get<ffi::AnyBuffer>(i);
+    if (g.has_error()) return g.error();
+    if (p_in.has_error()) return p_in.error();
+    if (p.has_error()) return p.error();
+    const size_t size = g->element_count();
+    if (g->element_type() != ffi::F32 || p_in->element_type() != ffi::F32 ||
+        (*p)->element_type() != ffi::F32 || p_in->element_count() != size ||
+        (*p)->element_count() != size)
+      return ffi::Error::InvalidArgument("eegkd adam: gradient, parameter and result " +
+                                         std::to_string(i) + " differ in size or are not float32");
+    for (int64_t first = 0; first < static_cast<int64_t>(size); first += kPiece)
+      pieces.push_back({g->typed_data<float>() + first, p_in->typed_data<float>() + first,
+                        (*p)->typed_data<float>() + first, offset + first,
+                        std::min<int64_t>(kPiece, static_cast<int64_t>(size) - first)});
+    offset += static_cast<int64_t>(size);
+  }
+  if (offset != n)
+    return ffi::Error::InvalidArgument("eegkd adam: the moments have " + std::to_string(n) +
+                                       " elements, the arrays " + std::to_string(offset));
+  const AdamConstants k{b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, weight_decay, max_norm};
+  const float* sc = scalars.typed_data();
+  const float* mu_read = mu_in.typed_data();
+  const float* nu_read = nu_in.typed_data();
+  float* mu_out = mu->typed_data();
+  float* nu_out = nu->typed_data();
+  ParallelFor(pool, static_cast<int64_t>(pieces.size()), [&](int64_t i) {
+    const Piece& piece = pieces[i];
+    // Results normally alias their inputs (the call donates them); copy where they do not.
+    if (piece.p != piece.p_in) std::memcpy(piece.p, piece.p_in, piece.n * sizeof(float));
+    if (mu_out != mu_read) std::memcpy(mu_out + piece.first, mu_read + piece.first, piece.n * 4);
+    if (nu_out != nu_read) std::memcpy(nu_out + piece.first, nu_read + piece.first, piece.n * 4);
+    AdamPiece(k, sc, piece.g, piece.p, mu_out + piece.first, nu_out + piece.first, piece.n);
+  });
+  return ffi::Error::Success();
+}
+
 // Aliases: a comma inside a template argument list would split the macro arguments below.
 using Rank0 = ffi::Buffer<ffi::F32, 0>;
 using Rank1 = ffi::Buffer<ffi::F32, 1>;
@@ -602,3 +700,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdSumOfSquares, SumOfSquaresImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
                                   .Ret<Rank0>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EegkdAdam, AdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Rank1>()
+                                  .Arg<Rank1>()
+                                  .Arg<Rank1>()
+                                  .RemainingArgs()
+                                  .Ret<Rank1>()
+                                  .Ret<Rank1>()
+                                  .RemainingRets()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root")
+                                  .Attr<float>("weight_decay")
+                                  .Attr<float>("max_norm"));

@@ -19,10 +19,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from eegkd_jax import kernels, losses
-from eegkd_jax.train.state import EMPTY, TrainState
+from eegkd_jax.train.state import EMPTY, TrainState, apply_gradients
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -50,11 +49,6 @@ def _forward(module, params, batch_stats, x, *, train: bool, key=None):
     return logits, features, new_stats
 
 
-def _apply_updates(tx, grads, opt_state, params):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
 # --------------------------------------------------------------------------------------------------
 # supervised (and transfer): cross-entropy on one input
 # --------------------------------------------------------------------------------------------------
@@ -68,7 +62,7 @@ def supervised_step(state: TrainState, batch: Batch, *, model, tx, input_key: st
         return ce, (stats, logits)
 
     (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    params, opt_state = _apply_updates(tx, grads, state.opt_state, state.params)
+    params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state)
     return new_state, {"loss": loss, "ce": loss, "grad_norm": kernels.global_norm(grads),
@@ -102,7 +96,7 @@ def offline_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx,
 
     (loss, (stats, logits, ce, mse, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    params, opt_state = _apply_updates(tx, grads, state.opt_state, state.params)
+    params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state)
     return new_state, {"loss": loss, "ce": ce, "feature_mse": mse, "kl": kl,
@@ -153,9 +147,9 @@ def online_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx, tea
 
     (_, aux), (t_grads, s_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
         (state.teacher_params, state.params))
-    s_params, s_opt = _apply_updates(tx, s_grads, state.opt_state, state.params)
-    t_params, t_opt = _apply_updates(teacher_tx, t_grads, state.teacher_opt_state,
-                                     state.teacher_params)
+    s_params, s_opt = apply_gradients(tx, s_grads, state.opt_state, state.params)
+    t_params, t_opt = apply_gradients(teacher_tx, t_grads, state.teacher_opt_state,
+                                      state.teacher_params)
     new_state = state.replace(
         step=state.step + 1, params=s_params, batch_stats=aux["s_stats"], opt_state=s_opt,
         teacher_params=t_params, teacher_batch_stats=aux["t_stats"], teacher_opt_state=t_opt)
