@@ -1,6 +1,6 @@
 """The CPU kernels (eegkd_jax/kernels): the convolutions' values and gradients against XLA's
-convolution, the gradient norm against a float64 sum, Adam against optax's, when they apply, and what happens when they
-cannot be built. (In a whole U-Sleep: test_models.)"""
+convolution, the gradient norm against a float64 sum, Adam against optax's, when they apply, and
+what happens when they cannot be built. (In a whole U-Sleep: test_models.)"""
 
 import logging
 
