@@ -4,7 +4,8 @@
 // their own multiply-adds on one core; the direct form below, time-major and register-blocked,
 // reached 88 - 132 in a first prototype (benchmarks/conv_kernels.py compares these kernels with
 // XLA's convolution). Three convolution handlers, all on channels-last arrays as the model holds
-// them, and a sum of squares over many arrays (eegkd_sum_of_squares, a gradient's global norm):
+// them (below), and two for the train step's optimiser that take all of a network's parameter
+// arrays at once: eegkd_sum_of_squares (a gradient's global norm) and eegkd_adam (see there).
 //
 //   eegkd_conv1d        y[b, t, f]     = sum_{j, c} w[j, c, f] x[b, t + j - left, c]
 //   eegkd_conv1d_elu    a[b, t, f]     = ELU(y[b, t, f] + bias[f]), and the sums of a and a^2

@@ -137,21 +137,22 @@ def apply_gradients(tx: optax.GradientTransformation, grads: Any, opt_state: Any
     For an :class:`Optimizer` where the CPU kernels run (``kernels.available()``, float32
     parameters), the whole update is one kernel call (``kernels.adam``) that writes the
     parameters and moments in place: XLA:CPU compiled optax's form of it as ~315 small fusions
-    per U-Sleep (decay, flattening, the split back and the additions, per parameter array), about
-    4 s of the full-size online-KD step's compile time. Same arithmetic, same state layout, so
+    per U-Sleep (decay, flattening, the split back and the additions, per parameter array), 3 - 4 s
+    of the full-size online-KD step's compile time. Same arithmetic, same state layout, so
     checkpoints move freely between the two forms."""
     settings = getattr(tx, "adam", None)
     leaves, treedef = jax.tree.flatten(params)
     fused = (settings is not None and kernels.available()
              and all(leaf.dtype == jnp.float32 for leaf in leaves))
-    if fused:
-        *before, inner = opt_state
-        fused = (len(inner) == 2 and isinstance(inner[0], optax.ScaleByAdamState)
-                 and isinstance(inner[1], optax.ScaleByScheduleState))
+    # make_optimizer's state: (clipping's and decay's empty states, (Adam's, the schedule's)).
+    inner = opt_state[-1] if isinstance(opt_state, tuple) and opt_state else None
+    fused = (fused and isinstance(inner, tuple) and len(inner) == 2
+             and isinstance(inner[0], optax.ScaleByAdamState)
+             and isinstance(inner[1], optax.ScaleByScheduleState))
     if not fused:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
-    adam_state, schedule_state = inner
+    before, (adam_state, schedule_state) = opt_state[:-1], inner
     grad_leaves = treedef.flatten_up_to(grads)
     count = optax.safe_increment(adam_state.count)
     # As optax computes them: the bias corrections 1 - b^t, the step -1 * learning rate.
