@@ -256,8 +256,8 @@ LAUNCHED_ENV = "EEGKD_BENCHMARK_LAUNCHED"  # the parent's time.time() when it st
 
 def first_step(config_name: str, batch: int, cache_dir: str, state: str) -> dict:
     """Launches the child and times it from launch to the end of its first step (the child reads
-    the clock then; "process_wall_s" adds the interpreter's exit, about a second with JAX's
-    threads and compiled programs to tear down)."""
+    the clock then; "process_wall_s" adds the interpreter's exit, 0.3 - 0.5 s on the 2-core CPU
+    with JAX's threads and compiled programs to tear down)."""
     env = dict(os.environ, EEGKD_COMPILATION_CACHE=cache_dir)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     start = time.perf_counter()
