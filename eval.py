@@ -12,7 +12,7 @@ run's saved config; see ``eegkd_jax.evaluate.evaluate_checkpoint``.
 from absl import app, flags, logging
 
 from eegkd_jax import checkpoint as ckpt_lib
-from eegkd_jax import compile_cache
+from eegkd_jax import compilation_cache
 from eegkd_jax import evaluate, metrics, parallel
 
 FLAGS = flags.FLAGS
@@ -29,7 +29,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    compile_cache.enable()
+    compilation_cache.enable()
     checkpoint = FLAGS.checkpoint
     if checkpoint not in ("best", "latest"):
         try:
@@ -56,7 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from eegkd_jax import host_memory
-
-    host_memory.ensure()  # first: it may re-execute this command (malloc tunables)
     app.run(main)

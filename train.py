@@ -29,10 +29,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    from eegkd_jax import compile_cache
+    from eegkd_jax import compilation_cache
     from eegkd_jax.train.loop import train_and_evaluate
 
-    compile_cache.enable()  # a rerun skips the tens of seconds of step compilation
+    compilation_cache.enable()  # a rerun skips the tens of seconds of step compilation
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{config.mode}"
@@ -49,7 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from eegkd_jax import host_memory
-
-    host_memory.ensure()  # first: it may re-execute this command (malloc tunables)
     app.run(main)

@@ -15,7 +15,6 @@
 #   f32    every model and mode at batch 32 and at the largest batch up to 512, the PyTorch
 #          reference step on the same GPU, and the card's measured ceilings (matrix products, copy)
 #   bf16   the supervised steps in bfloat16 (batch 32 and largest)
-#   plain  U-Sleep's supervised step with plain XLA convolutions instead of the CPU-chosen forms
 #   start  whole-night inference, time to the first step (default online-KD config), cold / warm
 #   cmdbuf U-Sleep's batch-32 steps with command buffers around cuDNN / cuBLAS (an experiment),
 #          and the same steps without them just before, for a same-machine comparison
@@ -35,10 +34,9 @@ fi
     --format=csv
   python3 -c 'import jax, flax, optax, torch; print("jax", jax.__version__, "flax",
 flax.__version__, "optax", optax.__version__, "torch", torch.__version__, jax.devices())'
-  python3 -c 'from eegkd_jax import kernels; print("CPU conv kernels in use:", kernels.available())'
 } 2>&1 | tee "$OUT/machine.txt"
 
-PARTS=${PARTS:-f32 bf16 plain start cmdbuf big}
+PARTS=${PARTS:-f32 bf16 start cmdbuf big}
 part() {  # part NAME SECONDS run.py-arguments...
   local name=$1 limit=$2
   shift 2
@@ -54,8 +52,6 @@ part f32 ${F32_S:-310} --torch --torch-python python3 --steps 20 --max-batch 512
   --skip online_kd_cost,first_step,night_inference,pipeline
 part bf16 ${BF16_S:-110} --dtype bfloat16 --modes supervised --steps 20 --max-batch 512 \
   --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
-part plain ${PLAIN_S:-50} --plain-convolutions --models usleep --modes supervised --steps 20 \
-  --max-batch 512 --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
 # The first-step children start their own JAX: no process may take three quarters of the card.
 XLA_PYTHON_CLIENT_PREALLOCATE=false part start ${START_S:-60} --quick --models usleep,cmt \
   --skip ceilings,train_step,online_kd_cost,pipeline

@@ -20,8 +20,8 @@ Each line has a "kind":
   process and run alternately (so both see the same load), with their median step times and the
   online-KD step's ratio to two supervised steps (a teacher step plus a student step).
 * ``first_step``: seconds from launching a fresh Python process to the end of its first training
-  step (imports, state initialisation with the step compiling beside it in a background thread as
-  in ``train_and_evaluate``, then whatever compilation is left, one step), once with an empty
+  step (imports, state initialisation, the step's compilation, one step, as in
+  ``train_and_evaluate``), once with an empty
   persistent compilation cache ("cold") and once reading it ("warm"); for the default online-KD
   config's U-Sleep (depth 8) and for the full-size U-Sleep. ``process_wall_s`` is the same
   process timed to its exit.
@@ -208,9 +208,9 @@ def online_kd_cost(model: str, steps: int, dtype: str) -> dict:
 
 def first_step_child(config_name: str, batch: int) -> None:
     """Runs in the child process: cache on, state, compile, one online-KD step; prints phases."""
-    from eegkd_jax import compile_cache, kernels, models, parallel
+    from eegkd_jax import compilation_cache, models, parallel
 
-    cache = compile_cache.enable()
+    cache = compilation_cache.enable()
     imported = time.perf_counter()
     if config_name == "online_kd":
         from configs import online_kd
@@ -218,25 +218,15 @@ def first_step_child(config_name: str, batch: int) -> None:
     else:
         model_cfg = common.MODELS["usleep"]()
     mesh = parallel.make_mesh()
-    kernels.prepare()  # as train_and_evaluate does
     args = step_args(batch, 1, 0, "float32")
     step, init_state, host_batch = train_step.MODES["online_kd"](model_cfg, args, mesh)
-    # As train_and_evaluate does: the step compiles from shapes in a background thread while the
-    # state is created, and both programs are kept traced on disk under one key.
-    key = json.dumps({"benchmark online_kd": model_cfg.to_json_best_effort(sort_keys=True),
-                      "args": vars(args)}, sort_keys=True, default=str)
-    create = train_step.create_state(init_state, 0, mesh, export_key="state " + key)
-    ahead = compile_cache.AheadOfTime(
-        parallel.jit_train_step(step, mesh), create.abstract,
-        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                     host_batch),
-        export_key="step " + key, donate_argnums=0)
-    state = create()
+    # As train_and_evaluate does: the state created under jit, then the step compiled and run.
+    state = train_step.create_state(init_state, 0, mesh)
     jax.block_until_ready(state)
     initialised = time.perf_counter()
-    ahead.compiled()
+    compiled = parallel.jit_train_step(step, mesh).lower(state, host_batch).compile()
     compiled_at = time.perf_counter()
-    state, metrics = ahead(state, host_batch)
+    state, metrics = compiled(state, host_batch)
     jax.block_until_ready((state, metrics))
     done = time.perf_counter()
     launched = float(os.environ.get(LAUNCHED_ENV, "nan"))
@@ -244,7 +234,7 @@ def first_step_child(config_name: str, batch: int) -> None:
         "seconds_to_first_step": round(time.time() - launched, 2),
         "import_s": round(imported - _PROCESS_START, 2),
         "init_s": round(initialised - imported, 2),
-        "compile_wait_s": round(compiled_at - initialised, 2),
+        "compile_s": round(compiled_at - initialised, 2),
         "step_s": round(done - compiled_at, 2),
         "params": models.count_params(state.params),
         "cache_dir": str(cache) if cache else None,
@@ -325,9 +315,6 @@ def main(argv=None) -> None:
                         help="also time the PyTorch reference step, alternating with ours")
     parser.add_argument("--torch-python", default=TORCH_PYTHON,
                         help="interpreter with PyTorch for --torch (default: .venv-torch)")
-    parser.add_argument("--plain-convolutions", action="store_true",
-                        help="U-Sleep's convolutions as plain XLA convolutions instead of the "
-                             "forms chosen on XLA:CPU (to compare the two on an accelerator)")
     parser.add_argument("--models", default="usleep,cmt")
     parser.add_argument("--modes", default=",".join(train_step.MODES))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -346,9 +333,6 @@ def main(argv=None) -> None:
         first_step_child(args.first_step_child, args.batch)
         return
     args.steps = args.steps or (3 if args.quick else 10)
-    if args.plain_convolutions:
-        from eegkd_jax.models import layers
-        layers.use_shaped_convolutions(False)
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         skip.add("largest")
@@ -429,7 +413,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from eegkd_jax import host_memory
-
-    host_memory.ensure()  # measure what train.py runs with (the children inherit it)
     main()

@@ -20,8 +20,7 @@ min_step_s, sequence_length, host, cpu, load_1min_before / load_1min_after (the 
 on a shared machine without them), jax; xla_temp_mb / xla_argument_mb / xla_output_mb / xla_alias_mb
 (XLA's buffer assignment for the compiled step: what it will allocate, known before running) and,
 on an accelerator, peak_device_mb (the allocator's peak of the process after the timed steps);
-convolutions (U-Sleep's conv forms, see layers.use_shaped_convolutions); gflop_per_step and
-tflop_per_s (XLA's FLOP count of the traced step, see program_flops, and the rate it implies).
+gflop_per_step and tflop_per_s (XLA's FLOP count of the traced step, see program_flops, and the rate it implies).
 
 Each mode is one function ``mode(model_cfg, args, mesh) -> (step, init_state, batch)`` registered
 in ``MODES`` (``init_state(key) -> TrainState``, see :func:`create_state`); KD modes go beside
@@ -46,8 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
 from benchmarks import machine  # noqa: E402
-from eegkd_jax import compile_cache, models, parallel  # noqa: E402
-from eegkd_jax.models import layers  # noqa: E402
+from eegkd_jax import models, parallel  # noqa: E402
 from eegkd_jax.train import state as state_lib  # noqa: E402
 from eegkd_jax.train import steps as steps_lib  # noqa: E402
 
@@ -128,14 +126,10 @@ def online_kd(model_cfg, args, mesh):
 MODES = {"supervised": supervised, "offline_kd": offline_kd, "online_kd": online_kd}
 
 
-def create_state(init_state, seed: int, mesh, export_key: str | None = None
-                 ) -> compile_cache.RunOnce:
-    """The state's creation, traced: ``.abstract`` is its shapes, calling it creates the state
-    under jit straight into its replicated sharding as the training loop does (with cheap compiler
-    options: it runs once, see compile_cache.RunOnce; ``export_key`` keeps the traced program on
-    disk, as the loop does)."""
-    return compile_cache.RunOnce(init_state, jax.random.key(seed), export_key=export_key,
-                                 out_shardings=parallel.replicated_sharding(mesh))
+def create_state(init_state, seed: int, mesh):
+    """The state, created under jit straight into its replicated sharding as the loop does."""
+    return jax.jit(init_state, out_shardings=parallel.replicated_sharding(mesh))(
+        jax.random.key(seed))
 
 
 def compiled_memory_mb(compiled) -> dict:
@@ -155,7 +149,7 @@ def program_flops(lowered) -> float | None:
     program hands its convolutions and many matmuls to cuDNN / cuBLAS as custom calls that its
     cost analysis does not count (U-Sleep's step: 2.0 of 13 GFLOP at batch 32 on an H200), so the
     compiled count is not comparable across backends, while this one is (the CPU's compiled count
-    agrees with it within 1 - 2%). The zeros of folded convolution kernels are counted."""
+    agrees with it within 1 - 2%)."""
     try:
         analysis = lowered.cost_analysis()
     except Exception:  # some backends raise instead of returning nothing
@@ -183,7 +177,7 @@ def compiled_step(model_name: str, mode: str, args):
     mesh = parallel.make_mesh()
     parallel.check_global_batch_size(args.batch, mesh)
     step, init_state, batch = MODES[mode](model_config(model_name, args.dtype), args, mesh)
-    state = create_state(init_state, args.seed, mesh)()
+    state = create_state(init_state, args.seed, mesh)
     jitted = parallel.jit_train_step(step, mesh)
     start = time.perf_counter()
     lowered = jitted.lower(state, batch)
@@ -222,8 +216,6 @@ def measure(model_name: str, mode: str, args) -> dict:
         "device_kind": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform,
         "dtype": args.dtype,
-        # U-Sleep's convolution forms (layers.use_shaped_convolutions); the transformer has none.
-        "convolutions": "shaped" if layers.shaped_convolutions() else "plain",
         "params": params,
         "compile_s": round(compile_s, 3),
         "steps": args.steps,
@@ -271,7 +263,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from eegkd_jax import host_memory
-
-    host_memory.ensure()  # measure what train.py runs with
     main()

@@ -126,11 +126,10 @@ class Checkpointer:
             if "structures do not match" not in str(error):
                 raise
             raise ValueError(
-                f"{self.directory}: the state saved at step {step} does not fit this run's, so the "
-                f"run cannot resume from it: it was written for another model, mode or optimiser "
-                f"configuration, or by an eegkd-jax from before Adam's moments were kept as one "
-                f"flat vector (2026-11-26). Train in a new --workdir; eval.py still reads the old "
-                f"checkpoint's model. Orbax: {error}") from error
+                f"{self.directory}: the state saved at step {step} does not fit this run's: it "
+                f"was written for another model, mode or optimiser, or by an eegkd-jax from "
+                f"before 2026-12-04, whose Adam kept its moments as one flat vector; train in a "
+                f"new --workdir (eval.py still reads the old checkpoint's model)") from error
         return abstract_state.replace(**restored)
 
     def restore_raw(self, which: str | int = "best") -> tuple[int, dict]:

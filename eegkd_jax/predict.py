@@ -524,9 +524,9 @@ def main(argv) -> None:
     hypnogram = flag_values.hypnogram
     hypnogram = {"auto": "auto", "none": None}.get(hypnogram.lower(), hypnogram)
     logging.set_verbosity(logging.INFO)
-    from eegkd_jax import compile_cache
+    from eegkd_jax import compilation_cache
 
-    compile_cache.enable()
+    compilation_cache.enable()
     try:
         result = predict_recording(
             flag_values.checkpoint, argv[1], flag_values.out, which=which,
@@ -545,8 +545,5 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
-    from eegkd_jax import host_memory
-
-    host_memory.ensure()  # first: it may re-execute this command (malloc tunables)
     define_flags()
     app.run(main)

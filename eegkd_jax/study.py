@@ -24,9 +24,8 @@ checkpoints but no ``done.json``: ``train_and_evaluate`` resumes it from its lat
 study's config is stored in ``study_config.json``; re-running the same workdir with a different
 config is refused (the finished runs would no longer match it).
 
-The command turns on the persistent compilation cache (``eegkd_jax.compile_cache``): every fold
-compiles the same programs, so only the first fold pays for compiling, which dominates short runs
-(the reduced study, measured: first fold ~5 min, each later one ~2 min on a loaded 2-core CPU).
+The command turns on JAX's persistent compilation cache (``eegkd_jax.compilation_cache``): every
+fold compiles the same programs, so only the first fold pays for compiling.
 """
 
 from __future__ import annotations
@@ -443,7 +442,7 @@ def main(argv) -> None:
     """absl main: the config comes from ``--config`` (see ``define_flags``)."""
     from absl import app, flags
 
-    from eegkd_jax import compile_cache
+    from eegkd_jax import compilation_cache
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -456,7 +455,7 @@ def main(argv) -> None:
             config.data.source = "eesm17"
     # Every fold compiles the same programs (same shapes, same networks): with the persistent
     # cache only the first fold pays for compiling, which dominates short runs.
-    compile_cache.enable()
+    compilation_cache.enable()
     started = time.time()
     try:
         result = run_study(config, flags.FLAGS.workdir)
@@ -471,9 +470,6 @@ if __name__ == "__main__":
 
     from absl import app
 
-    from eegkd_jax import host_memory
-
-    host_memory.ensure()  # first: it may re-execute this command (malloc tunables)
     sys.argv = expand_reduced(sys.argv)
     define_flags()
     app.run(main)

@@ -49,20 +49,23 @@ def test_keeps_latest_and_best_and_restores_each(tmp_path):
 
 
 def test_a_state_saved_in_another_layout_is_refused_with_a_clear_error(tmp_path):
-    """A checkpoint whose optimiser state is laid out as before Adam ran on one flat vector (per
-    parameter array) cannot resume a run: the error names the directory and the step and says
-    what to do, and the checkpoint is left as it was."""
+    """A checkpoint of the earlier layout (Adam's moments as one flat vector, optax.flatten) cannot
+    resume a run: a one-line error names the directory and the step and says what to do, and the
+    checkpoint is left as it was."""
     import optax
 
     config = tiny_config("supervised")
     state = _state(config, 3)
-    old = state.replace(opt_state=optax.scale_by_adam().init(state.params))
+    earlier = optax.chain(optax.add_decayed_weights(1e-4), optax.flatten(
+        optax.chain(optax.scale_by_adam(eps=1e-9), optax.scale_by_learning_rate(1e-3))))
+    old = state.replace(opt_state=earlier.init(state.params))
     ckpt = checkpoint.Checkpointer(tmp_path)
     ckpt.save(old)
     abstract = _abstract(state, parallel.make_mesh())
     with pytest.raises(ValueError, match=r"step 3 does not fit this run's.*new --workdir") as info:
         ckpt.restore(abstract)
     assert str(checkpoint.checkpoint_dir(tmp_path)) in str(info.value)
+    assert "\n" not in str(info.value) and "flat vector" in str(info.value)
     assert ckpt.all_steps() == [3]
     step, raw = ckpt.restore_raw("latest")  # its model still reads (as eval.py does)
     assert step == 3 and jax.tree.structure(raw["params"]) == jax.tree.structure(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from eegkd_jax import kernels, models
+from eegkd_jax import models
 from eegkd_jax.models import usleep as usleep_lib
 
 
@@ -104,13 +104,9 @@ def test_usleep_parameter_count_matches_the_original():
         "bottom", "classifier"}
 
 
-def test_initial_weights_follow_pytorchs_default_limits(monkeypatch):
-    """init_variables draws the uniform initialisers from a shared pool (layers.uniform_pool); with
-    a small chunk, so that the pool rolls over many times, every conv kernel and bias still lies in
-    +-1/sqrt(fan_in), spreads over it as a uniform does, and no two parameters share numbers."""
-    from eegkd_jax.models import layers
-
-    monkeypatch.setattr(layers, "_POOL_CHUNK", 1000)
+def test_initial_weights_follow_pytorchs_default_limits():
+    """Every conv kernel and bias lies in +-1/sqrt(fan_in), spreads over it as a uniform does, and
+    no two parameters share numbers."""
     module = usleep_lib.USleep(in_channels=3, widths=(4, 6, 8, 10), epoch_samples=256)
     params = jax.jit(lambda r: models.init_variables(module, r, (1, 256, 3)))(
         jax.random.key(3))["params"]
@@ -136,7 +132,7 @@ def test_initial_weights_follow_pytorchs_default_limits(monkeypatch):
         seen.add(first)
 
 
-def test_initialisation_is_a_function_of_the_key_and_plain_outside_the_pool():
+def test_initialisation_is_a_function_of_the_key():
     from eegkd_jax.models import layers
 
     module = usleep_lib.USleep(in_channels=3, widths=(4, 6, 8), epoch_samples=128)
@@ -146,7 +142,6 @@ def test_initialisation_is_a_function_of_the_key_and_plain_outside_the_pool():
         np.testing.assert_array_equal(x, y)
         if x.size > 1 and np.any(x != 1.0) and np.any(x != 0.0):
             assert np.any(np.asarray(x) != np.asarray(z))
-    # Outside init_variables the initialisers draw from their own key, as Flax initialisers do.
     key = jax.random.key(4)
     np.testing.assert_array_equal(
         layers.torch_kernel_init(key, (9, 4, 6)),
@@ -549,184 +544,20 @@ def test_cmt_matches_the_pytorch_reference():
 
 
 # --------------------------------------------------------------------------------------------------
-# The fast convolution forms (layers.Conv1D) compute the plain convolution.
+# The convolution's "same" padding is PyTorch's (the smaller half on the left).
 
 
-def _plain_conv(x, kernel, stride, padding):
-    k = kernel.shape[0]
-    pad = [((k - 1) // 2, k // 2)] if padding == "SAME" else padding
-    return jax.lax.conv_general_dilated(x, kernel, (stride,), pad,
-                                        dimension_numbers=("NWC", "WIO", "NWC"))
-
-
-@pytest.mark.parametrize(
-    "length, in_features, features, kernel, stride, padding, form",
-    [
-        (1024, 3, 6, 9, 1, "SAME", "folded by 4"),
-        (1026, 12, 6, 9, 1, "SAME", "folded by 2"),
-        (1024, 9, 6, 2, 1, "SAME", "folded by 4, even kernel"),
-        (255, 5, 7, 9, 1, "SAME", "plain (too short to fold)"),
-        (512, 40, 8, 9, 1, "SAME", "plain (too wide to fold)"),
-        (6, 30, 20, 9, 1, "SAME", "im2col"),
-        (3, 30, 20, 2, 1, "SAME", "plain (k=2)"),
-        (120, 16, 24, 1, 1, "SAME", "pointwise matmul"),
-        (6000, 1, 16, 50, 50, "VALID", "patches"),
-        (253, 4, 5, 5, 5, "VALID", "patches, remainder dropped"),
-        (61, 4, 5, 5, 2, "VALID", "plain strided"),
-    ],
-)
-def test_conv1d_forms_match_the_plain_convolution(length, in_features, features, kernel, stride,
-                                                  padding, form):
+@pytest.mark.parametrize("kernel", [2, 9])
+def test_conv1d_same_padding_matches_pytorchs(kernel):
     from eegkd_jax.models import layers
 
-    conv = layers.conv1d(features, kernel, in_features, jnp.float32, strides=stride,
-                         padding=padding)
-    x = _signal(1, (2, length, in_features))
-    variables = conv.init(jax.random.key(2), x)
-    params = variables["params"]
-    assert params["kernel"].shape == (kernel, in_features, features)
-    assert params["bias"].shape == (features,)
-
-    def ours(p, x):
-        return conv.apply({"params": p}, x)
-
-    def plain(p, x):
-        return _plain_conv(x, p["kernel"], stride, padding) + p["bias"]
-
-    np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5, atol=1e-5,
-                               err_msg=form)
-    weights = _signal(3, ours(params, x).shape)
-    grads = [jax.grad(lambda p, x, f=f: jnp.sum(f(p, x) * weights), argnums=(0, 1))(params, x)
-             for f in (ours, plain)]
-    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=form)
-
-
-@pytest.mark.parametrize("length, in_features, features", [
-    (7, 5, 3),       # odd length: the last output sample sees the right-hand zero
-    (384, 9, 6),     # the half-resolution conv folds (long and thin)
-    (40, 48, 24),    # ... and does not
-])
-def test_upsampling_conv_equals_conv_of_the_repeated_signal(length, in_features, features):
-    from eegkd_jax.models import layers
-
-    conv = layers.conv1d(features, 2, in_features, jnp.float32, upsample=2)
-    x = _signal(6, (2, length, in_features))
-    params = conv.init(jax.random.key(7), x)["params"]
-    assert params["kernel"].shape == (2, in_features, features)
-
-    def ours(p, x):
-        return conv.apply({"params": p}, x)
-
-    def plain(p, x):
-        return _plain_conv(jnp.repeat(x, 2, axis=1), p["kernel"], 1, "SAME") + p["bias"]
-
-    assert ours(params, x).shape == (2, 2 * length, features)
-    np.testing.assert_allclose(ours(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
-    weights = _signal(8, (2, 2 * length, features))
-    grads = [jax.grad(lambda p, x, f=f: jnp.sum(f(p, x) * weights), argnums=(0, 1))(params, x)
-             for f in (ours, plain)]
-    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_upsampling_conv_rejects_kernels_it_does_not_implement():
-    from eegkd_jax.models import layers
-
-    conv = layers.conv1d(4, 3, 2, jnp.float32, upsample=2)
-    with pytest.raises(ValueError, match="upsample=2"):
-        conv.init(jax.random.key(0), jnp.zeros((1, 8, 2)))
-
-
-def _small_usleep_loss():
-    """(loss, params) of a U-Sleep whose levels take every conv form (folded at 768 and 384
-    samples, im2col at the 6-sample bottom, plain in between): loss(params) -> (CE + mean squared
-    features, batch-norm updates), in training mode."""
-    module = usleep_lib.USleep(in_channels=3, widths=(4, 5, 6, 7, 8, 9, 10, 11),
-                               epoch_samples=768)
-    x = _signal(4, (2, 768, 3))
-    labels = jnp.array([[1], [3]])
-    variables = jax.jit(lambda r: models.init_variables(module, r, x.shape))(jax.random.key(5))
-
-    def loss(params):
-        (logits, features), updates = module.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-            mutable=["batch_stats"])
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1).mean()
-        return ce + jnp.mean(features ** 2), updates
-
-    return loss, variables["params"]
-
-
-def test_usleep_with_fast_convs_matches_plain_convs(monkeypatch):
-    """The conv forms give the outputs, batch statistics and gradients of plain convolutions."""
-    from eegkd_jax.models import layers
-
-    loss, params = _small_usleep_loss()
-    fast = jax.jit(jax.grad(loss, has_aux=True))(params)
-    # The switch that benchmarks/run.py --plain-convolutions uses: one XLA convolution per layer,
-    # upsampling by repeating the signal.
-    def convolutions():  # XLA convolutions in the forward pass as traced now
-        text = str(jax.make_jaxpr(lambda p: loss(p)[0])(params))
-        return text.count("conv_general_dilated")
-
-    shaped_count = convolutions()
-    previous = layers.use_shaped_convolutions(False)
-    try:
-        plain = jax.jit(jax.grad(loss, has_aux=True))(params)
-        plain_count = convolutions()
-    finally:
-        layers.use_shaped_convolutions(previous)
-    assert previous is True
-    # The im2col bottom levels are matmuls in the shaped form, convolutions in the plain one.
-    assert plain_count > shaped_count, (plain_count, shaped_count)
-    # ... and an independent plain form written here.
-    monkeypatch.setattr(layers, "_conv_same", lambda x, kernel: _plain_conv(x, kernel, 1, "SAME"))
-    monkeypatch.setattr(layers, "upsample_conv_k2", lambda x, kernel: _plain_conv(
-        jnp.repeat(x, 2, axis=1), kernel, 1, "SAME"))
-    written_here = jax.jit(jax.grad(loss, has_aux=True))(params)
-    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(written_here)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-
-
-@pytest.mark.skipif(not kernels._load(), reason="no C++ compiler for the CPU kernels")
-def test_usleep_with_cpu_kernels_matches_xla_convolutions(monkeypatch):
-    """With the CPU kernels (eegkd_jax/kernels) on, the thin long levels call them, and the
-    outputs, batch statistics and gradients are XLA's convolutions'. (The suite's 8 fake devices
-    keep them off in models unless the program is said to be a single-device one.)"""
-    loss, params = _small_usleep_loss()
-    grad = jax.jit(jax.grad(loss, has_aux=True))
-    monkeypatch.setattr(kernels, "_single_device", lambda: True)
-    assert kernels.available()
-    program = grad.lower(params).as_text()
-    # Conv, bias, ELU and the batch-norm sums in one kernel for the conv blocks; the plain
-    # convolution for their input gradients; where a kernel conv reads a kernel conv's batch
-    # norm (the decoder's upsampling conv, its conv of [upsampled, skip]), the normalisation
-    # applied as it reads ("affine").
-    assert "@eegkd_conv1d_elu(" in program and "@eegkd_conv1d(" in program
-    assert "affine = true" in program and "affine = false" in program
-    with_kernels = grad(params), _small_usleep_eval()
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    assert not kernels.available()
-    grad = jax.jit(jax.grad(loss, has_aux=True))  # traced again with the switch off
-    assert "eegkd_conv1d" not in grad.lower(params).as_text()
-    without = grad(params), _small_usleep_eval()
-    for a, b in zip(jax.tree_util.tree_leaves(with_kernels), jax.tree_util.tree_leaves(without)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-
-
-def _small_usleep_eval():
-    """The small U-Sleep's logits and features in evaluation mode, with running statistics that
-    are not the initial ones (so batch norm's affine form is not the identity)."""
-    module = usleep_lib.USleep(in_channels=3, widths=(4, 5, 6, 7, 8, 9, 10, 11),
-                               epoch_samples=768)
-    x = _signal(4, (2, 768, 3))
-    variables = jax.jit(lambda r: models.init_variables(module, r, x.shape))(jax.random.key(5))
-    stats = jax.tree_util.tree_map(lambda v: v + 0.3, variables["batch_stats"])
-    return jax.jit(lambda v: module.apply(v, x, train=False))(
-        {"params": variables["params"], "batch_stats": stats})
+    conv = layers.conv1d(4, kernel, 3, jnp.float32)
+    x = _signal(1, (2, 11, 3))
+    params = conv.init(jax.random.key(2), x)["params"]
+    assert params["kernel"].shape == (kernel, 3, 4)
+    np.testing.assert_allclose(conv.apply({"params": params}, x),
+                               _conv_same(np.asarray(x), np.asarray(params["kernel"]),
+                                          np.asarray(params["bias"])), rtol=1e-5, atol=1e-5)
 
 
 def test_usleep_gradients_are_finite_without_xla_optimisations():
@@ -745,71 +576,3 @@ def test_usleep_gradients_are_finite_without_xla_optimisations():
     grads = jax.jit(jax.grad(loss))(variables["params"])
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
-
-
-def test_elu_matches_flax_elu_in_value_and_gradient():
-    """layers.elu (exp - 1, derivative from the output) agrees with nn.elu (expm1) to float32
-    rounding, including second derivatives, and stays finite far out on both sides."""
-    from eegkd_jax.models import layers
-
-    x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 20001), jnp.array([-1e30, 1e30, 0.0, -0.0])])
-    np.testing.assert_allclose(layers.elu(x), jax.nn.elu(x), rtol=0, atol=2e-7)
-    grad = jax.vmap(jax.grad(layers.elu))
-    np.testing.assert_allclose(grad(x), jax.vmap(jax.grad(jax.nn.elu))(x), rtol=0, atol=2e-7)
-    assert np.all(np.isfinite(grad(x)))
-    assert float(jax.grad(layers.elu)(0.0)) == 1.0  # x = 0 is on the exp side: exp(0) = 1
-    # The derivative is written from y; its own derivative (higher order) is exp(x) for x < 0.
-    second = jax.vmap(jax.grad(jax.grad(layers.elu)))(jnp.array([-2.0, -0.5, 0.5, 2.0]))
-    np.testing.assert_allclose(second, [np.exp(-2.0), np.exp(-0.5), 0.0, 0.0], rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_batch_norm_backward_matches_autodiff_of_the_formula(dtype):
-    """The hand-written backward of training-mode batch norm gives autodiff's gradients for the
-    input, scale and bias, including what flows in through the returned mean and variance."""
-    from eegkd_jax.models import layers
-
-    def formula(x, scale, bias):
-        xf = x.astype(jnp.float32)
-        mean = xf.mean((0, 1))
-        var = jnp.square(xf - mean).mean((0, 1))
-        return (xf - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
-
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(1.0, 2.0, (4, 50, 3)), dtype)
-    scale = jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=3), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(4, 50, 3)), jnp.float32)
-
-    def loss(norm):
-        def value(x, scale, bias):
-            y, mean, var = norm(x, scale, bias)
-            return (jnp.sum(y * weights) + 0.01 * jnp.sum(y ** 3) + jnp.sum(mean * jnp.arange(3.0))
-                    + jnp.sum(var ** 2))
-        return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
-
-    want = loss(formula)(x, scale, bias)
-    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-5
-
-    def check(ours):
-        for a, b in zip(ours, want):
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                       rtol=tol, atol=tol * float(jnp.max(jnp.abs(b))))
-
-    ours = loss(lambda x, s, b: layers.batch_norm_train(x, s, b, 1e-5))(x, scale, bias)
-    assert ours[0].dtype == dtype
-    check(ours)
-    if dtype == jnp.float32:
-        # The statistics from the sums that kernels.conv1d_elu hands over with its output; here
-        # the sums are computed from x, so their gradients reach x as they must.
-        def from_sums(x, s, b):
-            return layers.batch_norm_from_sums(x, x.sum((0, 1)), jnp.square(x).sum((0, 1)), s, b,
-                                               1e-5)
-
-        check(loss(from_sums)(x, scale, bias))
-        for a, b in zip(from_sums(x, scale, bias), formula(x, scale, bias)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    y, mean, var = layers.batch_norm_train(x, scale, bias, 1e-5)
-    y_want, mean_want, var_want = formula(x, scale, bias)
-    np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(var, var_want, rtol=1e-6)

@@ -245,8 +245,7 @@ def test_optimizer_matches_torch_adam_with_l2_weight_decay():
     weight_decay (L2 added to the gradient before the moments)."""
     opt = common.get_config().optimizer
     tx = state_lib.make_optimizer(opt, 10)
-    # Two arrays of different shapes: Adam runs on them flattened into one vector, and each
-    # update must come back to its own array.
+    # Two arrays of different shapes, each updated from its own gradient.
     p = {"w": jnp.array([1.0, -2.0]), "k": jnp.array([[3.0, 0.5, -1.0], [2.0, -4.0, 0.25]])}
     g = {"w": jnp.array([0.5, 0.25]), "k": jnp.array([[-1.0, 2.0, 0.5], [0.125, 4.0, -3.0]])}
     updates, _ = tx.update(g, tx.init(p), p)

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eegkd_jax.models import cmt, layers, usleep
+from eegkd_jax.models import cmt, usleep
 from eegkd_jax.models.cmt import CrossModalTransformer
 from eegkd_jax.models.usleep import USleep, usleep_widths
 
@@ -93,12 +93,9 @@ def init_variables(module: nn.Module, rng: jax.Array, input_shape: Sequence[int]
     Pure in ``rng`` with a static shape, so it works under ``jax.jit`` (with ``out_shardings`` to
     create replicated parameters in place) and ``jax.eval_shape`` (shapes without any compute).
     """
-    params_rng, dropout_rng, pool_rng = jax.random.split(rng, 3)
+    params_rng, dropout_rng = jax.random.split(rng)
     x = jnp.zeros(tuple(input_shape), jnp.float32)
-    # The uniform initialisers share a few large draws (layers.uniform_pool): the same
-    # distributions, a fraction of the kernels to compile.
-    with layers.uniform_pool(pool_rng):
-        return module.init({"params": params_rng, "dropout": dropout_rng}, x, train=False)
+    return module.init({"params": params_rng, "dropout": dropout_rng}, x, train=False)
 
 
 def count_params(variables_or_params) -> int:

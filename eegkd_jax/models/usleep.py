@@ -68,43 +68,16 @@ def _max_pool_by_two(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class ConvBlock(nn.Module):
-    """conv -> ELU -> batch norm over (B, T, C_in) -> (B, T * upsample, features).
-
-    ``upsample=2`` repeats every input sample twice before the conv (the decoder's nearest-neighbour
-    upsampling), folded into the conv so the repeated signal is never built (k=2 only).
-
-    x is an array, a :class:`layers.Normalised` one, or a tuple of those, which the conv reads
-    side by side along the channels over the shortest one's samples (the decoder's crop and
-    concatenation). Where the CPU kernels take the conv, the block returns its batch norm as a
-    ``Normalised`` (the next kernel conv applies it as it reads; anything else takes
-    ``layers.materialise``), and a tuple of ``Normalised`` inputs is never concatenated.
-    """
+    """conv ("same" padding, bias) -> ELU -> batch norm: (B, T, C_in) -> (B, T, features)."""
 
     features: int
     kernel_size: int
     dtype: Any = jnp.float32
-    upsample: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        inputs = x if isinstance(x, tuple) else (x,)
-        in_features = sum(n.shape[-1] for n in inputs)
-        conv = layers.conv1d(self.features, self.kernel_size, in_features, self.dtype,
-                             upsample=self.upsample, name="conv")
-        bn = layers.batch_norm(train, self.dtype, name="bn")
-        fused = layers.fused_elu_applies(layers.input_probe(inputs, self.dtype), self.kernel_size,
-                                         self.upsample)
-        if fused and all(isinstance(n, layers.Normalised) for n in inputs):
-            x = inputs  # the kernel normalises, crops and concatenates them as it reads
-        else:
-            length = min(n.shape[1] for n in inputs)
-            x = jnp.concatenate([layers.materialise(n, self.dtype)[:, :length] for n in inputs],
-                                -1)
-        if fused:
-            # One CPU kernel for conv, bias, ELU and the batch-norm sums (same function).
-            x, total, total_sq = conv(x, elu_sums=True)
-            return bn(x, sums=(total, total_sq), affine=True)
-        return bn(layers.elu(conv(x)))
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype, name="conv")(x)
+        return layers.batch_norm(train, self.dtype, name="bn")(nn.elu(x))
 
 
 class DecoderBlock(nn.Module):
@@ -116,12 +89,14 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, skip, train: bool):
-        # Nearest-neighbour upsampling x2, then the k=2 conv (one op, see layers.upsample_conv_k2).
-        x = ConvBlock(self.features, 2, self.dtype, upsample=2, name="upconv")(x, train)
+        x = jnp.repeat(x, 2, axis=1)  # nearest-neighbour upsampling
+        x = ConvBlock(self.features, 2, self.dtype, name="upconv")(x, train)
         # The encoder padded odd lengths before pooling, so the upsampled signal can be one sample
-        # longer than the skip; the conv reads [x, skip] over the skip's samples (the first ones
-        # of x, as the original keeps).
-        return ConvBlock(self.features, self.kernel_size, self.dtype, name="conv")((x, skip), train)
+        # longer than the skip; the original keeps its first samples.
+        x = jnp.concatenate([x[:, : skip.shape[1]], skip], axis=-1)
+        return ConvBlock(self.features, self.kernel_size, self.dtype, name="conv")(x, train)
+
+
 class SegmentClassifier(nn.Module):
     """Dense per-sample features -> one score vector per scoring epoch.
 
@@ -136,13 +111,11 @@ class SegmentClassifier(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, t, f = x.shape
-        x = layers.Pointwise(f, self.dtype, name="segment_conv")(x)
-        x = jnp.tanh(x)
+        x = jnp.tanh(layers.dense(f, f, self.dtype, name="segment_conv")(x))
         # Average pooling with window = stride = one epoch. jnp.mean accumulates low-precision
         # inputs in float32, so bfloat16 does not lose the 6000-sample sum.
         x = x.reshape(b, t // self.epoch_samples, self.epoch_samples, f).mean(axis=2)
-        x = layers.dense(self.num_classes, f, self.dtype, name="hidden")(x)
-        x = layers.elu(x)
+        x = nn.elu(layers.dense(self.num_classes, f, self.dtype, name="hidden")(x))
         return layers.dense(self.num_classes, self.num_classes, self.dtype, name="logits")(x)
 
 
@@ -195,12 +168,11 @@ class USleep(nn.Module):
         for i, width in enumerate(self.widths[:-1]):
             x = ConvBlock(width, self.kernel_size, self.dtype, name=f"encoder_{i}")(x, train)
             skips.append(x)
-            x = _max_pool_by_two(layers.materialise(x, self.dtype))
+            x = _max_pool_by_two(x)
         x = ConvBlock(self.widths[-1], self.kernel_size, self.dtype, name="bottom")(x, train)
         for i, (width, skip) in enumerate(zip(reversed(self.widths[:-1]), reversed(skips))):
             block = DecoderBlock(width, self.kernel_size, self.dtype, name=f"decoder_{i}")
             x = block(x, skip, train)
-        x = layers.materialise(x, self.dtype)
         logits = SegmentClassifier(
             self.epoch_samples, self.num_classes, self.dtype, name="classifier"
         )(x)

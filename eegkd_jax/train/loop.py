@@ -26,8 +26,6 @@ from clu import metric_writers
 from tqdm import tqdm
 
 from eegkd_jax import checkpoint as ckpt_lib
-from eegkd_jax import compile_cache
-from eegkd_jax import kernels
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import parallel
 from eegkd_jax.train import state as state_lib
@@ -166,7 +164,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     parallel.check_global_batch_size(config.batch_size, mesh)
     if config.mode not in ("supervised", "offline_kd", "online_kd", "transfer"):
         raise ValueError(f"unknown config.mode {config.mode!r}")
-    kernels.prepare()  # a first run on this machine builds the CPU kernels beside the data
 
     # ---- data
     cohort = pipeline.prepare_cohort(config.data)
@@ -209,46 +206,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             teacher_tx=teacher_tx)
 
     replicated = parallel.replicated_sharding(mesh)
-    # The state's creation and the train step are kept traced on disk (compile_cache.exported_jit)
-    # under this key: what their Python closes over beyond the config, i.e. everything build_model
-    # and make_optimizer got from the data.
-    program_key = json.dumps({
-        "config": config.to_json_best_effort(sort_keys=True),
-        "total_steps": total_steps, "channels": n_in, "window": window,
-        "sampling_rate": float(cohort.sampling_rate),
-        "teacher": (teacher_cfg.to_json_best_effort(sort_keys=True)
-                    if teacher is not None else None),
-    }, sort_keys=True)
-    # Traced once: its shapes serve the restore and the step's compilation; it runs only for a fresh
-    # start, compiled without XLA's optimisations (23 s -> 6 s for the online-KD state).
-    init_once = compile_cache.RunOnce(init, jax.random.PRNGKey(config.seed),
-                                      export_key="state " + program_key, out_shardings=replicated)
+    # The state is created on the devices, already replicated; its shapes serve the restore.
+    init_state = jax.jit(init, out_shardings=replicated)
+    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            init_once.abstract)
+                            abstract)
 
     ckpt_lib.save_config(config, workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume_step = checkpointer.latest_step()
 
-    # ---- the train step, compiled from shapes in a background thread while the state is created
-    # or restored and the input pipeline starts (see compile_cache.AheadOfTime); a finished run is
-    # only re-evaluated, so nothing is compiled for it
     step_fn = steps_lib.build_train_step(config, student=student, tx=tx, teacher=teacher,
                                          teacher_tx=teacher_tx)
     train_step = parallel.jit_train_step(step_fn, mesh)
-    if resume_step is None or resume_step < total_steps:
-        train_step = compile_cache.AheadOfTime(
-            train_step, abstract,
-            parallel.abstract_batch(config.batch_size, window, config.data.sequence_length,
-                                    n_scalp=n_in["scalp"], n_ear=n_in["ear"], mesh=mesh),
-            name="train step", export_key="train step " + program_key, donate_argnums=0)
 
     # ---- state: resume or start
     if resume_step is not None:
         state = checkpointer.restore(abstract, "latest")
         logging.info("resumed from %s at step %d", checkpointer.directory, int(state.step))
     else:
-        state = init_once()
+        state = init_state(jax.random.PRNGKey(config.seed))
         if config.mode == "offline_kd":
             placed = _place_replicated(
                 teacher_params, {"params": abstract.teacher_params,

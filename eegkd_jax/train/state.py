@@ -22,8 +22,6 @@ import ml_collections
 import optax
 from flax import struct
 
-from eegkd_jax import kernels
-
 # Variables the loop never trains: an empty dict for models without batch norm.
 EMPTY: dict = {}
 
@@ -81,94 +79,28 @@ def make_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax
     raise ValueError(f"config.optimizer.schedule must be constant or cosine, got {opt_cfg.schedule!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class AdamSettings:
-    """What :func:`make_optimizer` built, for :func:`apply_gradients`' one-kernel form of it."""
-
-    b1: float
-    b2: float
-    eps: float
-    weight_decay: float
-    max_norm: float  # 0: no clipping
-    schedule: optax.Schedule
-
-
-class Optimizer(optax.GradientTransformationExtraArgs):
-    """An optax transformation (``init`` / ``update`` as any other) that also carries its
-    :class:`AdamSettings` as ``.adam``."""
-
-    adam: AdamSettings
-
-
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
-    """The original's torch.optim.Adam: optional global-norm clipping, then weight decay added to the
-    gradient (L2, not AdamW's decoupled decay), then Adam(b1, b2, eps), then the schedule.
-
-    Adam and the schedule run on the gradient flattened into one vector (``optax.flatten``): the
-    same element-wise arithmetic, but one update instead of a few small kernels per parameter
-    array, and its moments are flat vectors accordingly (checkpoints store them so). Clipping and
-    weight decay stay per array: flattening the parameters too for the decay (the whole chain
-    flat) cost 4% of every U-Sleep step (a 3.1M-element concatenation of the parameters). Where
-    the CPU kernels run, :func:`apply_gradients` does all of it as one kernel instead."""
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+    """The original's torch.optim.Adam as an optax chain: optional global-norm clipping, weight
+    decay added to the gradient (L2, not AdamW's decoupled decay), Adam(b1, b2, eps), the
+    schedule."""
     if opt_cfg.name != "adam":
         raise ValueError(f"only config.optimizer.name='adam' is implemented, got {opt_cfg.name!r}")
-    clip = float(opt_cfg.grad_clip_norm) if opt_cfg.grad_clip_norm else 0.0
-    schedule = make_schedule(opt_cfg, total_steps)
     parts = []
-    if clip > 0:
-        parts.append(optax.clip_by_global_norm(clip))
+    if opt_cfg.grad_clip_norm and float(opt_cfg.grad_clip_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip_norm)))
     if opt_cfg.weight_decay:
         parts.append(optax.add_decayed_weights(float(opt_cfg.weight_decay)))
-    adam = optax.chain(
-        optax.scale_by_adam(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps)),
-        optax.scale_by_learning_rate(schedule))
-    optimizer = Optimizer(*optax.chain(*parts, optax.flatten(adam)))
-    optimizer.adam = AdamSettings(b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
-                                  eps=float(opt_cfg.eps),
-                                  weight_decay=float(opt_cfg.weight_decay or 0.0),
-                                  max_norm=max(clip, 0.0), schedule=schedule)
-    return optimizer
+    parts.append(optax.adam(make_schedule(opt_cfg, total_steps), b1=float(opt_cfg.b1),
+                            b2=float(opt_cfg.b2), eps=float(opt_cfg.eps)))
+    return optax.chain(*parts)
 
 
 def apply_gradients(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
                     params: Any) -> tuple[Any, Any]:
-    """``tx.update`` then ``optax.apply_updates``: -> (new params, new optimiser state).
-
-    For an :class:`Optimizer` where the CPU kernels run (``kernels.available()``, float32
-    parameters), the whole update is one kernel call (``kernels.adam``) that writes the
-    parameters and moments in place: XLA:CPU compiled optax's form of it as ~315 small fusions
-    per U-Sleep (decay, flattening, the split back and the additions, per parameter array), 3 - 4 s
-    of the full-size online-KD step's compile time. Same arithmetic, same state layout, so
-    checkpoints move freely between the two forms."""
-    settings = getattr(tx, "adam", None)
-    leaves, treedef = jax.tree.flatten(params)
-    fused = (settings is not None and kernels.available()
-             and all(leaf.dtype == jnp.float32 for leaf in leaves))
-    # make_optimizer's state: (clipping's and decay's empty states, (Adam's, the schedule's)).
-    inner = opt_state[-1] if isinstance(opt_state, tuple) and opt_state else None
-    fused = (fused and isinstance(inner, tuple) and len(inner) == 2
-             and isinstance(inner[0], optax.ScaleByAdamState)
-             and isinstance(inner[1], optax.ScaleByScheduleState))
-    if not fused:
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-    before, (adam_state, schedule_state) = opt_state[:-1], inner
-    grad_leaves = treedef.flatten_up_to(grads)
-    count = optax.safe_increment(adam_state.count)
-    # As optax computes them: the bias corrections 1 - b^t, the step -1 * learning rate.
-    scalars = jnp.stack([
-        jnp.asarray(-1 * settings.schedule(schedule_state.count), jnp.float32),
-        (1 - settings.b1 ** count).astype(jnp.float32),
-        (1 - settings.b2 ** count).astype(jnp.float32),
-        kernels.global_norm(grad_leaves) if settings.max_norm > 0 else jnp.zeros((), jnp.float32),
-    ])
-    new_leaves, mu, nu = kernels.adam(
-        grad_leaves, leaves, adam_state.mu, adam_state.nu, scalars, b1=settings.b1,
-        b2=settings.b2, eps=settings.eps, eps_root=0.0, weight_decay=settings.weight_decay,
-        max_norm=settings.max_norm)
-    inner = (optax.ScaleByAdamState(count=count, mu=mu, nu=nu),
-             optax.ScaleByScheduleState(count=optax.safe_increment(schedule_state.count)))
-    return jax.tree.unflatten(treedef, new_leaves), (*before, inner)
+    """One optimiser step: -> (new params, new optimiser state)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def _split_variables(variables: Any) -> tuple[Any, Any]:

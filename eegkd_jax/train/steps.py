@@ -19,8 +19,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
-from eegkd_jax import kernels, losses
+from eegkd_jax import losses
 from eegkd_jax.train.state import EMPTY, TrainState, apply_gradients
 
 Batch = dict[str, jax.Array]
@@ -65,7 +66,7 @@ def supervised_step(state: TrainState, batch: Batch, *, model, tx, input_key: st
     params, opt_state = apply_gradients(tx, grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state)
-    return new_state, {"loss": loss, "ce": loss, "grad_norm": kernels.global_norm(grads),
+    return new_state, {"loss": loss, "ce": loss, "grad_norm": optax.tree.norm(grads),
                        "accuracy": losses.accuracy(logits, batch["labels"])}
 
 
@@ -100,7 +101,7 @@ def offline_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx,
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state)
     return new_state, {"loss": loss, "ce": ce, "feature_mse": mse, "kl": kl,
-                       "grad_norm": kernels.global_norm(grads),
+                       "grad_norm": optax.tree.norm(grads),
                        "accuracy": losses.accuracy(logits, labels),
                        "teacher_accuracy": losses.accuracy(t_logits, labels)}
 
@@ -155,10 +156,10 @@ def online_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx, tea
         teacher_params=t_params, teacher_batch_stats=aux["t_stats"], teacher_opt_state=t_opt)
     return new_state, {
         "loss": aux["student_loss"], "ce": aux["ce"], "feature_mse": aux["feature_mse"],
-        "kl": aux["kl"], "grad_norm": kernels.global_norm(s_grads),
+        "kl": aux["kl"], "grad_norm": optax.tree.norm(s_grads),
         "accuracy": losses.accuracy(aux["s_logits"], labels),
         "teacher_loss": aux["teacher_loss"], "teacher_ce": aux["teacher_ce"],
-        "teacher_kl": aux["teacher_kl"], "teacher_grad_norm": kernels.global_norm(t_grads),
+        "teacher_kl": aux["teacher_kl"], "teacher_grad_norm": optax.tree.norm(t_grads),
         "teacher_accuracy": losses.accuracy(aux["t_logits"], labels),
     }
 
