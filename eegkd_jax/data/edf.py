@@ -18,8 +18,17 @@ names are kept, every other type (EOG, EMG, Resp, Temp, Event marker, ...) is no
 Kept channels whose name (without "EEG ") is an ear electrode (EL*/ER*) form the ear group, the rest
 the scalp group. Sleep-EDF's bipolar channels thus become scalp channels, with no ear channels.
 
-Headers: MNE reads the many slightly non-compliant headers found in the wild (free text in reserved
-fields, digital limits written as floats, dates in odd formats); what it cannot read is a DataError.
+Headers: ``read_header`` parses the fixed header itself before MNE sees the file, and refuses what
+MNE would read wrong without a word: a file shorter (truncated) or longer than the records its
+header promises (MNE reads the whole records there are), a record duration that is not a positive
+number or that the EDF+ time-keeping annotations contradict, record, signal and sample counts that
+are not positive whole numbers, duplicate labels (MNE renames them ELA-0, ELA-1). A record count
+of -1 ("still recording" in the spec) is counted from the file size. ``read_psg`` further refuses
+an EEG rate outside EEG_RATE_RANGE_HZ and a signal more than SIGNAL_PER_SCORING_LIMIT times as
+long as its hypnogram covers: the two signs of a wrong record duration in a plain EDF file, which
+has no time-keeping annotations. Past these checks, MNE reads the many slightly non-compliant
+headers found in the wild (free text in reserved fields, digital limits written as floats, dates
+in odd formats); what it cannot read is a DataError.
 
 Cohort layout: a directory of ``*-PSG.edf`` and ``*-Hypnogram.edf``. A PSG ``X-PSG.edf`` pairs with
 ``X-Hypnogram.edf`` if present, otherwise with the one hypnogram whose name shares all of X except
@@ -73,11 +82,317 @@ class Hypnogram:
     source: str
 
 
-def _open_edf(path: pathlib.Path, include=None):
-    import mne  # heavy import, only when a file is actually read
+EDF_ANNOTATIONS = "EDF Annotations"
+MAIN_HEADER_BYTES = 256
+SIGNAL_HEADER_BYTES = 256  # per signal
+SAMPLE_BYTES = 2  # EDF samples are 16-bit little-endian integers
+# The per-signal header fields, in file order: (name as the EDF spec calls it, width in bytes).
+# Each field holds one value per signal before the next field starts.
+SIGNAL_FIELDS = (
+    ("label", 16),
+    ("transducer type", 80),
+    ("physical dimension", 8),
+    ("physical minimum", 8),
+    ("physical maximum", 8),
+    ("digital minimum", 8),
+    ("digital maximum", 8),
+    ("prefiltering", 80),
+    ("number of samples in each data record", 8),
+    ("reserved", 32),
+)
+# Rates an EEG signal can have at all; outside them the header's record duration or samples per
+# record are wrong. Wide on purpose: whether a rate suits a model (> 70 Hz for the 0.3-35 Hz band)
+# is for preprocess and predict to say, not the reader.
+EEG_RATE_RANGE_HZ = (16.0, 65536.0)
+# A PSG may run on after its scoring ends (lights on, the recorder left running), but a signal
+# more than half again as long as everything its hypnogram covers is more likely read with a wrong
+# record duration (twice the true one doubles the signal's length).
+SIGNAL_PER_SCORING_LIMIT = 1.5
+# How far an EDF+ time-keeping onset may miss its record's start; onsets are decimal text, which
+# writers round (often to the millisecond).
+ONSET_TOLERANCE_S = 1e-3
 
+
+@dataclasses.dataclass(frozen=True)
+class EdfHeader:
+    """The fixed part of an EDF/EDF+ header, checked against itself and the file's size.
+
+    Attributes:
+      records: number of data records (counted from the file size where the header says -1).
+      record_seconds: duration of a data record; 0 only in a file of annotations alone.
+      labels: (signals,) signal labels without their padding.
+      samples_per_record: (signals,) samples of each signal in one data record.
+      signal_fields: {field name: (signals,) texts without padding} of every per-signal field.
+    """
+
+    records: int
+    record_seconds: float
+    labels: tuple[str, ...]
+    samples_per_record: tuple[int, ...]
+    signal_fields: dict[str, tuple[str, ...]]
+
+    def signal(self, label: str) -> int:
+        """Index of the signal called ``label``."""
+        return self.labels.index(label)
+
+
+def _field(field: str, signal: int | None = None, labels=()) -> str:
+    """How an error names a header field, e.g. "header field 'label' of signal 2 ('EEG C3')"."""
+    where = f"header field {field!r}"
+    if signal is not None:
+        where += f" of signal {signal + 1}" + (f" ({labels[signal]!r})" if labels else "")
+    return where
+
+
+def _whole_number(path, text: str, field: str, *, signal=None, labels=(), allow=()) -> int:
+    """The positive whole number (or one of ``allow``) in a header field, else a DataError."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or (value < 1 and value not in allow):
+        also = "".join(f" (or {a})" for a in allow)
+        raise DataError(
+            path, f"{_field(field, signal, labels)} is {text!r}, not a positive whole number{also}"
+        )
+    return value
+
+
+def _decimal(path, text: str, field: str, *, signal=None, labels=(), kind="a number") -> float:
+    """The finite number in a header field, else a DataError that says it is not ``kind``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(path, f"{_field(field, signal, labels)} is {text!r}, not {kind}")
+    return value
+
+
+def _header_text(raw: bytes, label: bool = False) -> str:
+    """A header field's text as MNE reads it (so that labels match MNE's channel names, and no
+    field MNE accepts is refused): without padding; a number ends at its first NUL."""
+    if label:
+        return raw.strip().decode("latin-1")
+    return raw.decode("latin-1").split("\x00")[0].strip()
+
+
+def read_header(path: str | pathlib.Path) -> EdfHeader:
+    """Parse and check the fixed header of an EDF/EDF+ file (256 bytes + 256 per signal).
+
+    Checked, each failure a DataError naming the file and the header field: the number of signals,
+    of data records and of samples per record are positive whole numbers (records may be -1, the
+    spec's "still recording", and are then counted from the file size); the record duration is a
+    positive number (0 only where every signal is "EDF Annotations", as in Sleep-EDF's
+    hypnograms); the header length matches the number of signals; no two signals share a label;
+    the file holds exactly the records the header promises (a truncated file is refused, not read
+    in part); and in an EDF+ file the time-keeping annotation of every record agrees with the
+    record duration (no gaps: MNE would join discontinuous records as if they were contiguous).
+    """
+    path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(path, "file is missing")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        main = f.read(MAIN_HEADER_BYTES)
+        if len(main) < MAIN_HEADER_BYTES:
+            raise DataError(
+                path, f"file is {size} bytes, shorter than the {MAIN_HEADER_BYTES}-byte EDF header"
+            )
+        signals = _whole_number(path, _header_text(main[252:256]), "number of signals")
+        header_bytes = MAIN_HEADER_BYTES + SIGNAL_HEADER_BYTES * signals
+        stated = _header_text(main[184:192])
+        try:
+            stated_ok = int(stated) == header_bytes
+        except ValueError:
+            stated_ok = False
+        if not stated_ok:
+            raise DataError(
+                path,
+                f"{_field('number of bytes in header record')} is {stated!r}, but a header of "
+                f"{signals} signals is {MAIN_HEADER_BYTES} + {signals} x {SIGNAL_HEADER_BYTES} = "
+                f"{header_bytes} bytes",
+            )
+        if size < header_bytes:
+            raise DataError(
+                path, f"file is {size} bytes, it ends inside its {header_bytes}-byte header"
+            )
+        rest = f.read(header_bytes - MAIN_HEADER_BYTES)
+
+    signal_fields: dict[str, tuple[str, ...]] = {}
+    at = 0
+    for name, width in SIGNAL_FIELDS:
+        signal_fields[name] = tuple(
+            _header_text(rest[at + i * width: at + (i + 1) * width], label=name == "label")
+            for i in range(signals)
+        )
+        at += width * signals
+    labels = signal_fields["label"]
+    spr_field = "number of samples in each data record"
+    samples = tuple(
+        _whole_number(path, t, spr_field, signal=i, labels=labels)
+        for i, t in enumerate(signal_fields[spr_field])
+    )
+
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if label == EDF_ANNOTATIONS:  # EDF+ allows several annotation signals
+            continue
+        key = label.casefold()  # electrode names know no case: C3 is c3
+        if key in seen:
+            raise DataError(
+                path,
+                f"{_field('label')} {label!r} is used by signals {seen[key] + 1} and {i + 1}: "
+                "duplicate channel labels are ambiguous",
+            )
+        seen[key] = i
+
+    duration_text = _header_text(main[244:252])
+    duration = _decimal(path, duration_text, "duration of a data record", kind="a positive number")
+    only_annotations = all(label == EDF_ANNOTATIONS for label in labels)
+    if duration < 0 or (duration == 0 and not only_annotations):
+        raise DataError(
+            path,
+            f"{_field('duration of a data record')} is {duration_text!r}, not a positive number"
+            + (" (0 is allowed only in a file of annotations alone)" if duration == 0 else ""),
+        )
+
+    record_bytes = SAMPLE_BYTES * sum(samples)
+    records_text = _header_text(main[236:244])
+    records = _whole_number(path, records_text, "number of data records", allow=(-1,))
+    data_bytes = size - header_bytes
+    if records == -1:  # the spec's "unknown while recording": the file size tells
+        records, partial = divmod(data_bytes, record_bytes)
+        if partial or records == 0:
+            raise DataError(
+                path,
+                f"{_field('number of data records')} is '-1' (unknown), and the {data_bytes} bytes "
+                f"after the header are not a whole number of {record_bytes}-byte records "
+                f"({records} records and {partial} bytes): the file ends inside a record",
+            )
+    elif data_bytes != records * record_bytes:
+        whole, partial = divmod(data_bytes, record_bytes)
+        promise = (
+            f"{_field('number of data records')} is {records_text!r}: {records} records of "
+            f"{record_bytes} bytes after a {header_bytes}-byte header make "
+            f"{header_bytes + records * record_bytes} bytes, the file is {size}"
+        )
+        if data_bytes < records * record_bytes:
+            raise DataError(
+                path,
+                f"truncated: {promise} ({whole} whole records"
+                + (f" and {partial} bytes" if partial else "")
+                + f", {records - whole} records missing)",
+            )
+        raise DataError(path, f"{promise} ({data_bytes - records * record_bytes} bytes more): "
+                              "the record count is wrong or data follows the records")
+
+    header = EdfHeader(records, duration, labels, samples, signal_fields)
+    if EDF_ANNOTATIONS in labels and duration > 0:
+        discontinuous = main[192:236].startswith(b"EDF+D")
+        _check_time_keeping(path, header, header_bytes, duration_text, discontinuous)
+    return header
+
+
+def _check_time_keeping(path, header: EdfHeader, header_bytes: int, duration_text: str,
+                        discontinuous: bool) -> None:
+    """Check the EDF+ time-keeping annotations (the onset that opens each record's first
+    "EDF Annotations" signal) against the record duration: contiguous records, each that long."""
+    i = header.signal(EDF_ANNOTATIONS)
+    lo = SAMPLE_BYTES * sum(header.samples_per_record[:i])
+    hi = lo + SAMPLE_BYTES * header.samples_per_record[i]
+    record_bytes = SAMPLE_BYTES * sum(header.samples_per_record)
+    data = np.memmap(path, np.uint8, "r", offset=header_bytes, shape=(header.records, record_bytes))
+    annotations = np.array(data[:, lo:hi])  # only the first annotation signal of each record
+    del data
+    onsets = np.empty(header.records)
+    for k, row in enumerate(annotations):
+        raw = row.tobytes()
+        text = raw[: raw.find(b"\x14")].decode("latin-1") if b"\x14" in raw else ""
+        try:
+            onsets[k] = float(text) if text[:1] in ("+", "-") else math.nan
+        except ValueError:
+            onsets[k] = math.nan
+        if not math.isfinite(onsets[k]):
+            raise DataError(
+                path,
+                f"data record {k + 1} of {header.records}: its 'EDF Annotations' signal does not "
+                f"open with a time-keeping onset (EDF+ requires one; found {raw[:24]!r})",
+            )
+    if header.records < 2:
+        return
+    steps = np.diff(onsets)
+    duration = header.record_seconds
+    regular = np.all(np.abs(steps - steps[0]) <= ONSET_TOLERANCE_S)
+    # Records that all step by another time than the duration: in EDF+C the duration is wrong
+    # (in EDF+D they may be records with gaps between them, reported below).
+    if not discontinuous and regular and abs(steps[0] - duration) > ONSET_TOLERANCE_S:
+        raise DataError(
+            path,
+            f"{_field('duration of a data record')} is {duration_text!r}, but the records' EDF+ "
+            f"time-keeping annotations step by {steps[0]:g} s",
+        )
+    off = np.flatnonzero(np.abs(steps - duration) > ONSET_TOLERANCE_S)
+    if off.size:
+        k = int(off[0]) + 1
+        gap = steps[k - 1] - duration
+        kind = f"a gap of {gap:g} s" if gap > 0 else f"an overlap of {-gap:g} s"
+        raise DataError(
+            path,
+            f"data record {k + 1} of {header.records} starts at {onsets[k]:g} s by its "
+            f"time-keeping annotation, {kind} after data record {k} ({onsets[k - 1]:g} s + "
+            f"{duration:g} s by "
+            f"{_field('duration of a data record')})"
+            + ("; discontinuous EDF+D recordings are not supported" if discontinuous else
+               "; an EDF+C file's records must be contiguous"),
+        )
+
+
+def _check_eeg_signals(path, header: EdfHeader, names) -> None:
+    """Check the header fields of the EEG signals that will be read: a plausible sampling rate
+    and digital and physical limits that give a finite, non-zero scale."""
+    lo, hi = EEG_RATE_RANGE_HZ
+    for name in names:
+        i = header.signal(name)
+        rate = header.samples_per_record[i] / header.record_seconds
+        if not lo <= rate <= hi:
+            raise DataError(
+                path,
+                f"signal {i + 1} ({name!r}) would be sampled at {rate:g} Hz "
+                f"({header.samples_per_record[i]} samples per {header.record_seconds:g}-s record), "
+                f"not a plausible EEG rate ({lo:g} to {hi:g} Hz): check header fields "
+                "'duration of a data record' and 'number of samples in each data record'",
+            )
+        limits = {  # MNE reads a decimal comma in these, as European recorders write them
+            field: _decimal(path, header.signal_fields[field][i].replace(",", "."), field, signal=i,
+                            labels=header.labels)
+            for field in ("physical minimum", "physical maximum",
+                          "digital minimum", "digital maximum")
+        }
+        if limits["digital maximum"] <= limits["digital minimum"]:
+            raise DataError(
+                path,
+                f"{_field('digital maximum', i, header.labels)} is "
+                f"{header.signal_fields['digital maximum'][i]!r}, not above the digital minimum "
+                f"{header.signal_fields['digital minimum'][i]!r}",
+            )
+        if limits["physical maximum"] == limits["physical minimum"]:
+            raise DataError(
+                path,
+                f"{_field('physical maximum', i, header.labels)} equals the physical minimum "
+                f"({header.signal_fields['physical minimum'][i]!r}): the signal would have no "
+                "scale",
+            )
+
+
+def _open_edf(path: pathlib.Path, include=None, header: EdfHeader | None = None):
+    """MNE's reader on ``path``, after ``read_header`` (or with its result ``header``) checked the
+    header: MNE would read a truncated file's whole records, or a -1 record count, without a word,
+    and number duplicate labels (ELA -> ELA-0, ELA-1)."""
+    import mne  # heavy import, only when a file is actually read
+
+    if header is None:
+        read_header(path)
     try:
         return mne.io.read_raw_edf(path, include=include, preload=False, verbose="error")
     # MNE raises anything from AssertionError to UnicodeDecodeError on a bad header.
@@ -208,19 +523,31 @@ def read_psg(
     if hypnogram_path is not None:
         hypnogram_path = pathlib.Path(hypnogram_path)
         hyp = read_hypnogram(hypnogram_path, epoch_seconds)
-    raw = _open_edf(psg_path)
-    kinds = {n: classify_edf_channel(n) for n in raw.ch_names}
-    scalp = [n for n in raw.ch_names if kinds[n] == "scalp"]
-    ear = [n for n in raw.ch_names if kinds[n] == "ear"]
+    header = read_header(psg_path)
+    names = [n for n in header.labels if n != EDF_ANNOTATIONS]
+    kinds = {n: classify_edf_channel(n) for n in names}
+    scalp = [n for n in names if kinds[n] == "scalp"]
+    ear = [n for n in names if kinds[n] == "ear"]
     if not scalp and not ear:
-        raise DataError(psg_path, f"no EEG channels among {raw.ch_names}")
-    if len(scalp) + len(ear) < len(raw.ch_names):
-        # MNE gives a file one rate, the highest of its channels; reopening with only the EEG
-        # keeps the EEG at its own rate when, say, an ECG is sampled faster. (EEG channels of
-        # different rates would still be brought to the highest of them.)
-        raw.close()
-        raw = _open_edf(psg_path, include=scalp + ear)
+        raise DataError(psg_path, f"no EEG channels among {names}")
+    _check_eeg_signals(psg_path, header, scalp + ear)
+    # MNE gives a file one rate, the highest of its channels; opening with only the EEG keeps the
+    # EEG at its own rate when, say, an ECG is sampled faster. (EEG channels of different rates
+    # would still be brought to the highest of them.)
+    raw = _open_edf(psg_path, include=scalp + ear, header=header)
+    per_record = max(header.samples_per_record[header.signal(n)] for n in scalp + ear)
+    if sorted(raw.ch_names) != sorted(scalp + ear) or raw.n_times != header.records * per_record:
+        # read_header checked the header; MNE must read what it describes
+        raise DataError(
+            psg_path,
+            f"MNE read {raw.n_times} samples of channels {raw.ch_names}, the header describes "
+            f"{header.records} records of {per_record} samples of {scalp + ear}",
+        )
     fs = float(raw.info["sfreq"])
+    length = (  # what the header says, for the errors below
+        f"{header.records} records of {header.record_seconds:g} s by header field "
+        f"'duration of a data record'"
+    )
 
     # Seconds from the PSG start to epoch 0.
     first = 0.0 if hyp is None else _scoring_start(hyp, raw.info["meas_date"], psg_path)
@@ -237,6 +564,15 @@ def read_psg(
             raise DataError(psg_path, f"signal is shorter than one {epoch_seconds:g}-s epoch")
     else:
         labels = hyp.labels
+        scored_span = first + labels.shape[0] * epoch_seconds  # PSG seconds the hypnogram covers
+        if raw.n_times / fs > SIGNAL_PER_SCORING_LIMIT * scored_span:
+            raise DataError(
+                psg_path,
+                f"signal runs {raw.n_times / fs:g} s ({length}), more than "
+                f"{SIGNAL_PER_SCORING_LIMIT:g} times the {scored_span:g} s that its hypnogram "
+                f"{hypnogram_path.name} covers: the record duration is wrong, or the hypnogram "
+                "belongs to another recording",
+            )
     covered = max(0, (raw.n_times - start) // samples)  # epochs that fit in the signal
     if covered < labels.shape[0]:
         beyond = labels[covered:]
@@ -247,7 +583,8 @@ def read_psg(
                 f"signal is shorter than the scoring: {raw.n_times / fs:.3f} s recorded, the "
                 f"hypnogram {hypnogram_path.name} scores up to "
                 f"{first + labels.shape[0] * epoch_seconds:.3f} s "
-                f"({missing:.3f} s missing, {int(np.sum(beyond >= 0))} scored epochs past the end)",
+                f"({missing:.3f} s missing, {int(np.sum(beyond >= 0))} scored epochs past the end; "
+                f"the signal's length is {length})",
             )
         labels = labels[:covered]  # only unscored epochs ran past the end
     if labels.shape[0] == 0:
