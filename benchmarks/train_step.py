@@ -128,8 +128,8 @@ MODES = {"supervised": supervised, "offline_kd": offline_kd, "online_kd": online
 
 def create_state(init_state, seed: int, mesh):
     """The state, created under jit straight into its replicated sharding as the loop does."""
-    return jax.jit(init_state, out_shardings=parallel.replicated_sharding(mesh))(
-        jax.random.key(seed))
+    return jax.jit(init_state, out_shardings=parallel.replicated_sharding(mesh),
+                   compiler_options=state_lib.CREATE_STATE_COMPILER_OPTIONS)(jax.random.key(seed))
 
 
 def compiled_memory_mb(compiled) -> dict:

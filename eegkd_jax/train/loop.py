@@ -207,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     replicated = parallel.replicated_sharding(mesh)
     # The state is created on the devices, already replicated; its shapes serve the restore.
-    init_state = jax.jit(init, out_shardings=replicated)
+    init_state = jax.jit(init, out_shardings=replicated,
+                         compiler_options=state_lib.CREATE_STATE_COMPILER_OPTIONS)
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             abstract)

@@ -25,6 +25,11 @@ from flax import struct
 # Variables the loop never trains: an empty dict for models without batch norm.
 EMPTY: dict = {}
 
+# For jitting ``create_state``: it runs once, so XLA's optimisations would cost seconds of
+# compilation and buy nothing (the random draws are the same integer arithmetic either way).
+CREATE_STATE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                                 "xla_llvm_disable_expensive_passes": True}
+
 
 @struct.dataclass
 class TrainState:
