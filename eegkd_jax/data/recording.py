@@ -69,6 +69,10 @@ class Recording:
       epoch_seconds: scoring epoch length, 30 s for AASM scoring.
       rejected_channels: electrodes known to be bad for this night (the per-subject mask); the
         montage leaves them out of every average.
+      true_labels: (epochs,) int8 stages the night really went through, where they are known apart
+        from the scoring (the simulator's hypnogram before its simulated scorer read it); ``None``
+        for real recordings, whose only stages are the scorer's ``labels``. For analysis only: no
+        loss or metric of the models reads it.
     """
 
     subject: str
@@ -81,6 +85,7 @@ class Recording:
     labels: np.ndarray
     epoch_seconds: float = 30.0
     rejected_channels: frozenset[str] = frozenset()
+    true_labels: np.ndarray | None = None
 
     def __post_init__(self):
         if self.sampling_rate <= 0:
@@ -93,6 +98,13 @@ class Recording:
                 f"scalp has {self.scalp.shape[0]} samples but ear has {self.ear.shape[0]}",
             )
         _check_labels(self.source, self.labels)
+        if self.true_labels is not None:
+            _check_labels(self.source, self.true_labels)
+            if self.true_labels.shape != self.labels.shape:
+                raise DataError(
+                    self.source,
+                    f"true_labels have shape {self.true_labels.shape} but labels {self.labels.shape}",
+                )
         needed = int(round(self.labels.shape[0] * self.epoch_samples))
         if self.num_samples < needed:
             raise DataError(

@@ -21,6 +21,11 @@ same pair always gives the same night:
    with contact quality), electrode pops, movement artefacts, and per subject the odd dead
    electrode (flat, or disconnected and noisy), which is listed in ``Recording.rejected_channels``.
 
+4. A scorer (``score_hypnogram``): the labels are what a human would write, not the true stages.
+   Each epoch is misread at the rate published for its stage (AASM inter-scorer program: N1
+   lowest), more often next to a stage change, and into a neighbouring stage. The true stages stay
+   in ``Recording.true_labels`` for analysis.
+
 Subjects differ in alpha and spindle frequency, amplitudes, ear coupling and noise, cycle length
 and stage proportions. Signals are in microvolts.
 """
@@ -211,6 +216,88 @@ def simulate_hypnogram(
 
 
 # --------------------------------------------------------------------------------------------------
+# The scorer: labels are a human reading of the night, not the night itself
+
+# Per-stage agreement of one scorer with the majority of >2,500 scorers in the AASM inter-scorer
+# reliability program (Rosenberg & Van Hout 2013, J Clin Sleep Med 9(1):81-87, doi:10.5664/jcsm.2350;
+# 9 record fragments, 1,800 epochs, >3.2 million scoring decisions): overall 82.6 %, N1 63.0 %,
+# N3 67.4 %, REM 90.5 % (abstract; REM's 90.5 % also in Penzel et al. 2013, J Clin Sleep Med 9(1):89,
+# the editorial on it). W 84.1 % and N2 85.2 % are the paper's per-stage values as quoted to us; the
+# abstract we could read says only that "N2 and W approach" REM's level, so those two are not
+# checked against the text. The majority score is the nearest thing to a true stage a human panel
+# gives, so these are read as P(scorer writes the true stage | true stage).
+SCORER_AGREEMENT = (0.841, 0.630, 0.852, 0.674, 0.905)  # W N1 N2 N3 REM
+SCORER_AGREEMENT_OVERALL = 0.826  # the same paper's overall figure, for the tests
+# Where a disagreeing scorer's label goes, away from a stage boundary. Rosenberg & Van Hout 2013
+# name N2/N3 as "particularly difficult" and the W->N1, N1->N2 and N2->R boundaries; the study
+# "Interrater agreement between American and Chinese sleep centers according to the 2014 AASM
+# standard" (40 PSGs, 37,642 epochs; we read its abstract only and could not check its authors,
+# year or journal) found N2-N3 (22.1 %), W-N1 (19.7 %) and N1-N2 (18.8 %) the most frequent
+# disagreements. The split below follows that order (neighbouring stages only);
+# its exact shares are our design choice, not a published table.
+_CONFUSED_WITH = np.array(
+    [
+        # W     N1    N2    N3    REM      (true stage in the row)
+        [0.00, 0.75, 0.10, 0.00, 0.15],  # W: mostly N1 (drowsy wake vs N1)
+        [0.40, 0.00, 0.45, 0.00, 0.15],  # N1: W or N2, some REM (low-voltage mixed frequency)
+        [0.00, 0.45, 0.00, 0.40, 0.15],  # N2: N1 (arousal rules) or N3 (the 20 % delta threshold)
+        [0.00, 0.00, 1.00, 0.00, 0.00],  # N3: only N2
+        [0.20, 0.50, 0.30, 0.00, 0.00],  # REM: N1 (both low-voltage) or W, N2 at its start
+    ]
+)  # fmt: skip
+# How much likelier a disagreement is on an epoch next to a stage change than inside a bout.
+# Rosenberg & Van Hout 2013 found most disagreement at transitions (last W before sleep onset,
+# first N2 after N1, first R after N2) but give no ratio; 4 is our choice, and the per-stage rates
+# above stay exact whatever it is (see ``score_hypnogram``).
+_TRANSITION_WEIGHT = 4.0
+
+
+def score_hypnogram(rng: np.random.Generator, stages: np.ndarray) -> np.ndarray:
+    """What a human scorer writes for a night whose true stages are ``stages``.
+
+    Design: each epoch is misread with a probability that depends on its true stage (one minus
+    ``SCORER_AGREEMENT``) and is ``_TRANSITION_WEIGHT`` times higher on an epoch next to a stage
+    change than inside a bout, normalised per stage and night so that the expected per-stage
+    agreement is the published one. A misread boundary epoch takes its neighbour's stage (the
+    scorer put the boundary one epoch off); a misread epoch inside a bout takes a neighbouring
+    stage drawn from ``_CONFUSED_WITH``. Epochs labelled -1 stay -1.
+
+    Args:
+      rng: generator for the scorer's choices.
+      stages: (epochs,) int true stages 0..4, or -1.
+
+    Returns:
+      (epochs,) int8 scored labels.
+    """
+    stages = np.asarray(stages).astype(np.int8)
+    n = stages.shape[0]
+    labels = stages.copy()
+    if n == 0:
+        return labels
+    before = np.concatenate(([stages[0]], stages[:-1]))
+    after = np.concatenate((stages[1:], [stages[-1]]))
+    boundary = (before != stages) | (after != stages)
+    weight = np.where(boundary, _TRANSITION_WEIGHT, 1.0)
+    p = np.zeros(n)
+    for s, agreement in enumerate(SCORER_AGREEMENT):
+        here = stages == s
+        if here.any():
+            p[here] = (1.0 - agreement) * weight[here] / weight[here].mean()
+    # A night where nearly all of a stage sits at boundaries would ask for p > 1 there.
+    p = np.minimum(p, 0.95)
+    misread = (rng.random(n) < p) & (stages >= 0)
+    # At a boundary: the other side's stage (either neighbour if both differ).
+    other = np.where(rng.random(n) < 0.5, before, after)
+    other = np.where(other == stages, np.where(before != stages, before, after), other)
+    at_edge = misread & boundary & (other >= 0)
+    labels[at_edge] = other[at_edge]
+    inside = np.flatnonzero(misread & ~at_edge)
+    cumulative = np.cumsum(_CONFUSED_WITH[stages[inside]], axis=1)
+    labels[inside] = (rng.random(inside.size)[:, None] > cumulative).sum(axis=1)
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
 # Sources
 
 
@@ -349,7 +436,12 @@ def _gains(
 
 
 def simulate_recording(
-    subject: str, *, seed: int, hours: float, sampling_rate: float = 200.0
+    subject: str,
+    *,
+    seed: int,
+    hours: float,
+    sampling_rate: float = 200.0,
+    scorer_disagreement: bool = True,
 ) -> Recording:
     """Simulates one paired scalp / ear-EEG night.
 
@@ -358,12 +450,16 @@ def simulate_recording(
       seed: cohort seed; the same (subject, seed) always gives the same night.
       hours: recording length; rounded down to whole 30-s epochs (at least one).
       sampling_rate: Hz; must be a whole number so that a second holds whole samples.
+      scorer_disagreement: if True (the default) ``labels`` are what a human scorer would write
+        (``score_hypnogram``: published inter-scorer agreement, lowest for N1); if False they are
+        the true stages. Either way the signals are the same and ``true_labels`` holds the truth.
 
     Returns:
       A ``Recording`` with scalp (T, 8) electrodes ``SCALP_CHANNELS`` and ear (T, 12) electrodes
       ``EAR_CHANNELS``, float32 microvolts against a common reference, T = epochs * 30 * fs; labels
-      (epochs,) int8 with a few movement epochs marked -1; ``rejected_channels`` the ear electrodes
-      simulated as dead.
+      (epochs,) int8 as scored, with a few movement epochs marked -1; ``true_labels`` (epochs,)
+      int8 the stages the signals were made from (no -1); ``rejected_channels`` the ear
+      electrodes simulated as dead.
     """
     fs = float(sampling_rate)
     if fs <= 0 or fs != int(fs):
@@ -603,7 +699,11 @@ def simulate_recording(
         ear[s0:s1] = mixed[n_scalp:].T
         del mixed
 
-    labels = stages.copy()
+    # The scorer draws from its own stream, so switching it off leaves every signal as it was.
+    if scorer_disagreement:
+        labels = score_hypnogram(_subject_rng(subject, seed, 2), stages)
+    else:
+        labels = stages.copy()
     movement = _movement_epochs(rng, stages)
     labels[movement] = UNSCORED
     for ep in movement:
@@ -622,6 +722,7 @@ def simulate_recording(
         labels=labels.astype(np.int8),
         epoch_seconds=epoch_seconds,
         rejected_channels=frozenset(rejected),
+        true_labels=stages.astype(np.int8),
     )
 
 
