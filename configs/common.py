@@ -36,6 +36,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.simulated.subjects = 9
     d.simulated.hours = 7.5
     d.simulated.seed = 0
+    # Labels are a simulated scorer's reading of the true stages, at the per-stage agreement of
+    # Rosenberg & Van Hout 2013 (see simulate.py); False: labels are the true stages.
+    d.simulated.scorer_disagreement = True
 
     # Subject-level splits; subjects are ids such as "sub-001". Empty validation / test lists mean
     # "take the last subjects in sorted order" (see pipeline.subject_splits).
@@ -109,6 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.kd = ml_collections.ConfigDict()
     c.kd.feature_weight = 1.0  # MSE between student and teacher features (the original's KD)
+    # "sample": U-Sleep's per-sample decoder output, as the original; "epoch": each epoch's mean.
+    c.kd.feature_level = "sample"
     c.kd.response_weight = 0.0  # T^2-scaled KL between softened teacher and student outputs
     c.kd.temperature = 4.0
     c.kd.variant = "original"  # online KD: "original" | "mutual"

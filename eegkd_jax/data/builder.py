@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from eegkd_jax.data.recording import DataError
 
 # Bump when the layout of the examples or the meaning of the stored values changes.
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 DATASET_NAME = "eegkd_cohort"
 
 # Fields of the data config that change the written shards (and nothing else).

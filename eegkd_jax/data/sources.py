@@ -54,7 +54,9 @@ def load_recording(data_cfg, subject: str) -> Recording:
             raise DataError(
                 subject, f"not in the simulated cohort of {len(known)} ({known[0]}..{known[-1]})"
             )
-        recording = simulate.simulate_recording(subject, seed=int(sim.seed), hours=float(sim.hours))
+        recording = simulate.simulate_recording(
+            subject, seed=int(sim.seed), hours=float(sim.hours),
+            scorer_disagreement=bool(sim.get("scorer_disagreement", True)))
         if recording.epoch_seconds != epoch_seconds:
             raise DataError(
                 recording.source,
