@@ -108,7 +108,8 @@ class EegkdCohort(tfds.core.GeneratorBasedBuilder):
     """Per-subject splits of paired scalp / ear epochs; see the module docstring."""
 
     VERSION = tfds.core.Version(FORMAT_VERSION)
-    RELEASE_NOTES = {"1.0.0": "Per-subject array_record splits of paired 30-s epochs."}
+    RELEASE_NOTES = {"1.0.0": "Per-subject array_record splits of paired 30-s epochs.",
+                     "1.1.0": "Simulated labels are a simulated scorer's reading."}
 
     def __init__(self, *, data_cfg, data_dir: str, **kwargs):
         self._data_cfg = data_cfg
