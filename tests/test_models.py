@@ -576,3 +576,28 @@ def test_usleep_gradients_are_finite_without_xla_optimisations():
     grads = jax.jit(jax.grad(loss))(variables["params"])
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("length, in_features, kernel, form", [
+    (1024, 3, 9, "folded"), (1024, 9, 2, "folded, even kernel"), (1026, 5, 9, "plain (T % 4)"),
+    (128, 5, 9, "plain (short)"), (512, 40, 9, "plain (wide)")])
+def test_space_to_depth_conv_equals_the_plain_convolution(length, in_features, kernel, form):
+    from eegkd_jax.models import layers
+
+    x = _signal(1, (2, length, in_features))
+    w = _signal(2, (kernel, in_features, 6)) / kernel
+
+    def plain(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1,), "SAME",
+                                            dimension_numbers=("NWC", "WIO", "NWC"))
+
+    def ours(x, w):
+        return layers.space_to_depth_conv(x, w, (1,), "SAME",
+                                          dimension_numbers=("NWC", "WIO", "NWC"))
+
+    np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5, atol=1e-5, err_msg=form)
+    weights = _signal(3, (2, length, 6))
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * weights), argnums=(0, 1))(x, w)
+             for f in (ours, plain)]
+    for a, b in zip(grads[0], grads[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=form)

@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # PyTorch BatchNorm1d(momentum=0.1) updates running = 0.9 * running + 0.1 * batch; written with
 # Flax's convention (momentum = the weight on the old value) that is 0.9. eps is PyTorch's default.
@@ -75,7 +76,48 @@ def conv1d(features: int, kernel_size: int, in_features: int, dtype: Any, *, str
     return nn.Conv(features=features, kernel_size=(kernel_size,), strides=(strides,),
                    padding=padding, dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=torch_kernel_init,
-                   bias_init=torch_bias_init(in_features * kernel_size), name=name)
+                   bias_init=torch_bias_init(in_features * kernel_size),
+                   conv_general_dilated=space_to_depth_conv, name=name)
+
+
+def _fold_taps(kernel_size: int, fold: int) -> np.ndarray:
+    """0/1 array P (2m + 1, fold, fold, k): P[d, i, o, j] = 1 where input sample i of block
+    b + d - m reaches output sample o of block b through tap j of a "same" k-tap convolution."""
+    left = (kernel_size - 1) // 2
+    m = -(-max(left, kernel_size - 1 - left) // fold)
+    taps = np.zeros((2 * m + 1, fold, fold, kernel_size), np.float32)
+    for d in range(2 * m + 1):
+        for i in range(fold):
+            for o in range(fold):
+                j = (d - m) * fold + i - o + left
+                if 0 <= j < kernel_size:
+                    taps[d, i, o, j] = 1.0
+    return taps
+
+
+def space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
+    """``lax.conv_general_dilated`` for nn.Conv, with a stride-1 "SAME" conv of a long signal with
+    few channels computed on blocks of 4 samples: (B, T, C) viewed as (B, T / 4, 4C) and the kernel
+    scattered into a block-Toeplitz one, because XLA's convolutions run thin long signals far
+    below their FLOP rate (the U-Sleep step measured 1.2 - 1.4x faster on an H200 with it).
+    Same sums, in another order."""
+    batch, length, channels = lhs.shape if lhs.ndim == 3 else (0, 0, 1 << 30)
+    k = rhs.shape[0]
+    plain = (tuple(window_strides) != (1,) or padding != "SAME" or k < 2 or channels > 32
+             or length < 256 or length % 4 or any(v not in (None, (1,)) for v in (
+                 kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation")))
+             or kwargs.get("feature_group_count", 1) != 1)
+    if plain:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    fold, features = 4, rhs.shape[-1]
+    taps = jnp.asarray(_fold_taps(k, fold), rhs.dtype)
+    m = taps.shape[0] // 2
+    kernel = jnp.einsum("dioj,jcf->dicof", taps, rhs).reshape(
+        taps.shape[0], fold * channels, fold * features)
+    y = jax.lax.conv_general_dilated(
+        lhs.reshape(batch, length // fold, fold * channels), kernel, (1,), [(m, m)],
+        dimension_numbers=kwargs.get("dimension_numbers"), precision=kwargs.get("precision"))
+    return y.reshape(batch, length, features)
 
 
 def dense(features: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Dense:
