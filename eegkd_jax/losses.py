@@ -81,7 +81,8 @@ def softened_kl(
 
 
 def feature_mse(
-    student_features: jax.Array, teacher_features: jax.Array, labels: jax.Array
+    student_features: jax.Array, teacher_features: jax.Array, labels: jax.Array,
+    level: str = "sample",
 ) -> jax.Array:
     """Mean squared difference of two feature tensors, over scored epochs only.
 
@@ -91,6 +92,9 @@ def feature_mse(
         masked) or (B, F) per-sequence features (transformer CLS features: a sequence counts when any
         of its epochs is scored).
       labels: (B, L).
+      level: "sample" compares per-sample features as the original does; "epoch" first averages
+        each epoch's S samples, (B, L*S, F) -> (B, L, F): a target an ear signal can follow when
+        it does not carry the scalp waveform itself.
     Returns:
       scalar float32: mean over every kept feature element.
     Raises:
@@ -103,9 +107,16 @@ def feature_mse(
             f"student {tuple(student_features.shape)} vs teacher {tuple(teacher_features.shape)}; "
             "use models of the same kind and size or set config.kd.feature_weight=0"
         )
-    sq = jnp.square(student_features.astype(jnp.float32) - teacher_features.astype(jnp.float32))
-    mask = label_mask(labels)  # (B, L)
+    if level not in ("sample", "epoch"):
+        raise ValueError(f"feature level must be sample or epoch, got {level!r}")
     batch, seq_len = labels.shape
+    student_features = student_features.astype(jnp.float32)
+    teacher_features = teacher_features.astype(jnp.float32)
+    if level == "epoch" and student_features.ndim == 3:
+        student_features = epoch_means(student_features, seq_len)
+        teacher_features = epoch_means(teacher_features, seq_len)
+    sq = jnp.square(student_features - teacher_features)
+    mask = label_mask(labels)  # (B, L)
     if sq.ndim == 3 and sq.shape[1] % seq_len == 0:
         per_epoch = sq.reshape(batch, seq_len, -1)  # (B, L, S*F): each epoch's samples together
         return _masked_mean(jnp.mean(per_epoch, axis=-1), mask)
@@ -115,6 +126,14 @@ def feature_mse(
     raise ValueError(
         f"features of shape {tuple(sq.shape)} do not line up with labels of shape {labels.shape}"
     )
+
+
+def epoch_means(features: jax.Array, seq_len: int) -> jax.Array:
+    """(B, L*S, F) per-sample features -> (B, L, F), the mean over each epoch's S samples."""
+    batch, samples, width = features.shape
+    if samples % seq_len:
+        raise ValueError(f"features of {samples} samples do not split into {seq_len} epochs")
+    return features.reshape(batch, seq_len, samples // seq_len, width).mean(axis=2)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

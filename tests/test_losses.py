@@ -100,6 +100,22 @@ def test_feature_mse_per_sample_masks_unscored_epochs():
     assert float(losses.feature_mse(s, s, labels)) == 0.0
 
 
+def test_feature_mse_at_epoch_level_compares_each_epochs_mean():
+    batch, seq_len, samples, feats = 2, 3, 4, 2
+    s = jax.random.normal(jax.random.PRNGKey(4), (batch, seq_len * samples, feats))
+    t = jax.random.normal(jax.random.PRNGKey(5), (batch, seq_len * samples, feats))
+    labels = jnp.array([[0, -1, 2], [-1, -1, 1]])
+    means = [np.asarray(x).reshape(batch, seq_len, samples, feats).mean(2) for x in (s, t)]
+    want = np.square(means[0] - means[1])[np.asarray(labels) >= 0].mean()
+    np.testing.assert_allclose(float(losses.feature_mse(s, t, labels, "epoch")), want, rtol=1e-5)
+    # A student that matches each epoch's mean but not its waveform has no epoch-level loss.
+    shifted = t + (jnp.arange(samples * seq_len) % 2 * 2 - 1)[None, :, None]
+    assert float(losses.feature_mse(shifted, t, labels, "epoch")) < 1e-10
+    assert float(losses.feature_mse(shifted, t, labels, "sample")) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="sample or epoch"):
+        losses.feature_mse(s, t, labels, "window")
+
+
 def test_feature_mse_per_sequence_and_shape_mismatch():
     s = jax.random.normal(jax.random.PRNGKey(2), (3, 8))
     t = jax.random.normal(jax.random.PRNGKey(3), (3, 8))

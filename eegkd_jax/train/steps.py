@@ -89,7 +89,8 @@ def offline_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx,
         logits, feats, stats = _forward(student, params, state.batch_stats, batch["ear"],
                                         train=True, key=state.step_key())
         ce = losses.masked_cross_entropy(logits, labels, class_weights)
-        mse = losses.feature_mse(feats, t_feats, labels) if kd.feature_weight else jnp.zeros(())
+        mse = (losses.feature_mse(feats, t_feats, labels, kd.feature_level) if kd.feature_weight
+               else jnp.zeros(()))
         kl = (losses.softened_kl(logits, t_logits, labels, kd.temperature)
               if kd.response_weight else jnp.zeros(()))
         loss = ce + kd.feature_weight * mse + kd.response_weight * kl
@@ -133,8 +134,8 @@ def online_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx, tea
         t_ce = losses.masked_cross_entropy(t_logits, labels, class_weights)
         s_ce = losses.masked_cross_entropy(s_logits, labels, class_weights)
         sg = jax.lax.stop_gradient
-        mse = (losses.feature_mse(s_feats, sg(t_feats), labels) if kd.feature_weight
-               else jnp.zeros(()))
+        mse = (losses.feature_mse(s_feats, sg(t_feats), labels, kd.feature_level)
+               if kd.feature_weight else jnp.zeros(()))
         kl = (losses.softened_kl(s_logits, sg(t_logits), labels, kd.temperature)
               if kd.response_weight else jnp.zeros(()))
         student_loss = s_ce + kd.feature_weight * mse + kd.response_weight * kl
