@@ -26,7 +26,9 @@ METHODS = {
     "scalp_teacher": ("supervised", "scalp"),
     "ear_baseline": ("supervised", "ear"),
     "transfer": ("transfer", ""),
-    "offline_kd": ("offline_kd", ""),
+    "offline_kd": ("offline_kd", ""),  # the original's target: every sample's decoder output
+    "offline_kd_epoch": ("offline_kd", "epoch"),  # each epoch's mean decoder output
+    "offline_kd_soft": ("offline_kd", "soft"),  # the teacher's softened outputs (T^2 KL)
     "online_kd": ("online_kd", ""),
     "mutual": ("online_kd", "mutual"),
 }
@@ -38,6 +40,7 @@ def get_config(arg: str = ""):
     c.study = ml_collections.ConfigDict()
     c.study.methods = tuple(METHODS)
     c.study.folds = 0  # 0: every subject is a test subject once; n > 0: the first n in sorted order
+    c.study.seeds = (0, 1, 2)  # every fold is trained once per seed: methods compare paired
     c.study.test_subjects = ()  # explicit test subjects, one fold each (overrides folds)
     c.study.num_validation_subjects = 1  # per fold, taken from that fold's training side
     c.study.checkpoint = "best"  # evaluated checkpoint: best validation kappa (or "latest")

@@ -14,9 +14,13 @@ For every fold (one test subject):
    checkpoint by *validation* kappa (``study.checkpoint``); nothing is ever chosen on the test
    subject.
 
-Results: ``<workdir>/results.md`` and ``results.csv`` (accuracy, kappa and macro-F1 per method, mean
-and sample standard deviation over folds), ``per_fold.csv`` (one row per fold and method, with the
-fold's train / validation / test subjects), ``folds/<fold>.json``.
+Every fold is run for each of ``study.seeds``, so the methods are compared paired by subject and
+seed; the classical floors (``eegkd_jax.baseline``) are scored on every fold beside them.
+
+Results: ``<workdir>/results.md``, ``results.csv`` and ``results.png`` (kappa, macro-F1 and accuracy
+per method, mean and sample SD over runs, the paired kappa difference to ear-only with a 95%
+bootstrap CI and a Wilcoxon p), ``per_run.csv`` (one row per fold, seed and method, with its
+train / validation / test subjects), ``folds/<fold>-seed-<seed>.json``.
 
 Resuming: a run whose training finished leaves ``done.json`` and one whose test evaluation finished
 ``test_result.json``; both are skipped on the next invocation. A run interrupted mid-training has
@@ -138,7 +142,8 @@ def method_config(config: ml_collections.ConfigDict, method: str, fold: Fold,
     cfg = ml_collections.ConfigDict(shared)
     cfg.mode = mode_cfg.mode
     cfg.supervised_input = mode_cfg.supervised_input
-    for field in ("variant", "feature_weight", "response_weight"):
+    for field in ("variant", "feature_weight", "feature_level", "response_weight",
+                  "temperature"):
         cfg.kd[field] = mode_cfg.kd[field]
     cfg.kd.teacher_workdir = ""
     if cfg.mode in NEEDS_TEACHER:
@@ -268,42 +273,82 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
 
     cohort = pipeline.prepare_cohort(config.data)  # built once; every run reuses the shards
     folds = plan_folds(cohort.subjects, config.study)
-    logging.info("study: %d folds x %d methods over %s", len(folds), len(methods),
-                 list(cohort.subjects))
+    seeds = tuple(int(x) for x in config.study.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyConfigError(f"study.seeds must be distinct seeds, got {list(seeds)}")
+    logging.info("study: %d folds x %d seeds x %d methods over %s", len(folds), len(seeds),
+                 len(methods), list(cohort.subjects))
     records = []
     for fold in folds:
         fold_dir = workdir / fold.name
-        record = {"fold": fold.index, "test": fold.test, "validation": list(fold.validation),
-                  "train": list(fold.train), "methods": {}}
-        for method in methods:
-            run_dir = fold_dir / method
-            cfg = method_config(config, method, fold, fold_dir / TEACHER)
-            splits = pipeline.subject_splits(cohort.subjects, cfg.data)
-            if fold.test in splits.train + splits.validation or splits.test != (fold.test,):
-                raise RuntimeError(f"{run_dir}: split {splits} leaks the test subject {fold.test}")
-            logging.info("study: %s %s", fold.name, method)
-            validation = train_run(cfg, run_dir)
-            scores = score_run(run_dir, fold, str(config.study.checkpoint))
-            record["methods"][method] = {
-                "test": scores, "validation": validation,
-                "train_subjects": list(splits.train),
-                "validation_subjects": list(splits.validation),
-                "test_subjects": list(splits.test),
-            }
-        _write_json(workdir / "folds" / f"{fold.name}.json", record)
-        records.append(record)
-        files = write_tables(workdir, records, methods)  # partial tables after every fold
-    summary = summarize(records, methods)
+        floors = fold_floors(cohort, fold, fold_dir)
+        for seed in seeds:
+            seed_dir = fold_dir / f"seed-{seed}"
+            record = {"fold": fold.index, "seed": seed, "test": fold.test,
+                      "validation": list(fold.validation), "train": list(fold.train),
+                      "methods": dict(floors)}
+            for method in methods:
+                run_dir = seed_dir / method
+                cfg = method_config(config, method, fold, seed_dir / TEACHER)
+                cfg.seed = seed
+                splits = pipeline.subject_splits(cohort.subjects, cfg.data)
+                if fold.test in splits.train + splits.validation or splits.test != (fold.test,):
+                    raise RuntimeError(f"{run_dir}: split {splits} leaks the test subject "
+                                       f"{fold.test}")
+                logging.info("study: %s seed %d %s", fold.name, seed, method)
+                validation = train_run(cfg, run_dir)
+                scores = score_run(run_dir, fold, str(config.study.checkpoint))
+                record["methods"][method] = {
+                    "test": scores, "validation": validation,
+                    "train_subjects": list(splits.train),
+                    "validation_subjects": list(splits.validation),
+                    "test_subjects": list(splits.test),
+                }
+            _write_json(workdir / "folds" / f"{fold.name}-seed-{seed}.json", record)
+            records.append(record)
+            files = write_tables(workdir, records, FLOORS + methods)  # partial tables as we go
+    summary = summarize(records, FLOORS + methods)
     return {"folds": records, "summary": summary, "files": files}
+
+
+# The classical floor (band powers + logistic regression, eegkd_jax.baseline) on each fold: trained
+# on the fold's training subjects (the networks' validation subject only picks their checkpoint),
+# scored on its test subject; without and with +-2 neighbouring epochs. It has no seed.
+FLOORS = ("floor_scalp", "floor_scalp_context", "floor_ear", "floor_ear_context")
+_FLOOR_SETTINGS = {"floor_scalp": ("scalp", 0), "floor_scalp_context": ("scalp", 2),
+                   "floor_ear": ("ear", 0), "floor_ear_context": ("ear", 2)}
+
+
+def fold_floors(cohort, fold: Fold, fold_dir: pathlib.Path) -> dict[str, dict]:
+    """{floor method: {"test": scores}} of one fold, computed once and kept in the fold's folder."""
+    from eegkd_jax import baseline
+
+    marker = fold_dir / "floors.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    floors = {}
+    for name, (signal, context) in _FLOOR_SETTINGS.items():
+        result = baseline.cohort_floor(cohort, fold.train, [fold.test], signal, context)
+        overall = result["overall"]
+        floors[name] = {"test": {**{k: float(overall[k]) for k in SCORES}, "step": 0,
+                                 "num_epochs": int(overall["num_epochs"])},
+                        "train_subjects": list(fold.train), "validation_subjects": [],
+                        "test_subjects": [fold.test]}
+    _write_json(marker, floors)
+    return floors
 
 
 # --------------------------------------------------------------------------------------------------
 # Tables
 
 
+REFERENCE = "ear_baseline"  # every method's paired difference is taken against ear-only
+
+
 def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict[str, dict]:
-    """{method: {metric: {"mean", "sd", "folds"}}} over the folds' test scores; "sd" is the sample
-    standard deviation (ddof=1), None with a single fold."""
+    """{method: {metric: {"mean", "sd", "runs"}, "paired": {...} or None}} over the test scores
+    of every (fold, seed) run; "sd" is the sample standard deviation (ddof=1), None for one run.
+    "paired" is :func:`paired_difference` of the kappas against ear-only."""
     out = {}
     for method in methods:
         out[method] = {}
@@ -313,9 +358,46 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict[str, dict
             out[method][metric] = {
                 "mean": float(values.mean()) if values.size else None,
                 "sd": float(values.std(ddof=1)) if values.size > 1 else None,
-                "folds": int(values.size),
+                "runs": int(values.size),
             }
+        out[method]["paired"] = (paired_difference(records, method, REFERENCE)
+                                 if method != REFERENCE else None)
     return out
+
+
+def paired_difference(records: Sequence[dict], method: str, reference: str,
+                      metric: str = "kappa", resamples: int = 10_000) -> dict | None:
+    """method - reference on the same (test subject, seed), over every run that has both.
+
+    Returns {"mean", "ci_low", "ci_high", "p_wilcoxon", "subjects", "pairs"} or None without
+    pairs. The 95% CI is a two-level bootstrap (subjects with replacement, then seeds within each
+    drawn subject), since runs of one subject are not independent. The Wilcoxon signed-rank test
+    is on the per-subject mean differences (n = subjects, two-sided; None under 2 subjects or when
+    every difference is 0).
+    """
+    from scipy import stats
+
+    by_subject: dict[str, list[float]] = {}
+    for r in records:
+        if method in r["methods"] and reference in r["methods"]:
+            diff = r["methods"][method]["test"][metric] - r["methods"][reference]["test"][metric]
+            by_subject.setdefault(r["test"], []).append(float(diff))
+    if not by_subject:
+        return None
+    groups = [np.asarray(v) for v in by_subject.values()]
+    rng = np.random.default_rng(0)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        drawn = rng.integers(len(groups), size=len(groups))
+        means[i] = np.mean([groups[g][rng.integers(groups[g].size, size=groups[g].size)].mean()
+                            for g in drawn])
+    per_subject = np.array([g.mean() for g in groups])
+    p = None
+    if per_subject.size >= 2 and np.any(per_subject != 0):
+        p = float(stats.wilcoxon(per_subject).pvalue)
+    return {"mean": float(np.mean([g.mean() for g in groups])),
+            "ci_low": float(np.percentile(means, 2.5)), "ci_high": float(np.percentile(means, 97.5)),
+            "p_wilcoxon": p, "subjects": len(groups), "pairs": int(sum(g.size for g in groups))}
 
 
 def _fmt(value: float | None) -> str:
@@ -341,58 +423,101 @@ def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
 
 def write_tables(workdir: pathlib.Path, records: Sequence[dict],
                  methods: Sequence[str]) -> dict[str, pathlib.Path]:
-    """Writes results.md, results.csv and per_fold.csv for the folds in ``records``."""
+    """Writes results.md, results.csv, per_run.csv and results.png for the runs in ``records``."""
+    methods = [m for m in methods if any(m in r["methods"] for r in records)]
     summary = summarize(records, methods)
-    per_fold_rows = []
+    per_run_rows = []
     for r in records:
         for method in methods:
             entry = r["methods"][method]
             test = entry["test"]
-            per_fold_rows.append([
-                r["fold"], r["test"], method, " ".join(entry["validation_subjects"]),
+            per_run_rows.append([
+                r["fold"], r["test"], r["seed"], method, " ".join(entry["validation_subjects"]),
                 " ".join(entry["train_subjects"]), test["step"], test["num_epochs"],
                 *(f"{test[m]:.6f}" for m in SCORES)])
-    per_fold = _write_text(workdir / "per_fold.csv", _csv_text(
-        ["fold", "test_subject", "method", "validation_subjects", "train_subjects", "step",
-         "test_epochs", *SCORES], per_fold_rows))
+    per_run = _write_text(workdir / "per_run.csv", _csv_text(
+        ["fold", "test_subject", "seed", "method", "validation_subjects", "train_subjects", "step",
+         "test_epochs", *SCORES], per_run_rows))
+
+    def cell(value):
+        return "" if value is None else f"{value:.6f}"
 
     result_rows = []
     for method in methods:
-        row = [method, summary[method]["kappa"]["folds"]]
+        row = [method, summary[method]["kappa"]["runs"]]
         for metric in SCORES:
-            s = summary[method][metric]
-            row += ["" if s["mean"] is None else f"{s['mean']:.6f}",
-                    "" if s["sd"] is None else f"{s['sd']:.6f}"]
+            row += [cell(summary[method][metric]["mean"]), cell(summary[method][metric]["sd"])]
+        paired = summary[method]["paired"] or {}
+        row += [cell(paired.get(k)) for k in ("mean", "ci_low", "ci_high", "p_wilcoxon")]
         result_rows.append(row)
     results_csv = _write_text(workdir / "results.csv", _csv_text(
-        ["method", "folds", *(f"{m}_{k}" for m in SCORES for k in ("mean", "sd"))], result_rows))
+        ["method", "runs", *(f"{m}_{k}" for m in SCORES for k in ("mean", "sd")),
+         "kappa_minus_ear_baseline", "ci_low", "ci_high", "p_wilcoxon"], result_rows))
 
-    names = {"accuracy": "Accuracy", "kappa": "Kappa", "macro_f1": "Macro-F1"}
+    subjects = sorted({r["test"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
     lines = [
         "# Leave-one-subject-out study",
         "",
-        f"{len(records)} fold(s); each method scored on its fold's held-out subject with its best "
-        "checkpoint by validation kappa. Mean ± sample SD over folds.",
+        f"{len(subjects)} test subject(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}). "
+        "Each network is scored on its fold's held-out subject with its best checkpoint by "
+        "validation kappa; the floors (band powers + logistic regression, plain and with +-2 "
+        "epochs of context) are trained on the same training subjects. Mean ± sample SD over "
+        "runs. Δκ: the paired difference to ear-only on the same subject and seed, with a 95% "
+        "bootstrap CI over subjects and seeds and a Wilcoxon signed-rank p over the subjects' "
+        "mean differences.",
         "",
-        "| Method | " + " | ".join(names[m] for m in SCORES) + " |",
-        "|---|" + "---|" * len(SCORES),
+        "| Method | Kappa | Macro-F1 | Accuracy | Δκ vs ear-only [95% CI] | p | runs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in methods:
         cells = []
-        for metric in SCORES:
-            s = summary[method][metric]
-            cells.append(_fmt(s["mean"]) + ("" if s["sd"] is None else f" ± {_fmt(s['sd'])}"))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per fold", "",
-              "| Fold | Test | Validation | Method | Step | Accuracy | Kappa | Macro-F1 |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        for method in methods:
-            test = r["methods"][method]["test"]
-            lines.append(f"| {r['fold']} | {r['test']} | {' '.join(r['validation'])} | {method} | "
-                         f"{test['step']} | " + " | ".join(_fmt(test[m]) for m in SCORES) + " |")
+        for metric in ("kappa", "macro_f1", "accuracy"):
+            m = summary[method][metric]
+            cells.append(_fmt(m["mean"]) + ("" if m["sd"] is None else f" ± {_fmt(m['sd'])}"))
+        paired = summary[method]["paired"]
+        if paired:
+            cells.append(f"{paired['mean']:+.3f} [{paired['ci_low']:+.3f}, "
+                         f"{paired['ci_high']:+.3f}]")
+            cells.append(_fmt(paired["p_wilcoxon"]))
+        else:
+            cells += ["–", "–"]
+        lines.append(f"| {method} | " + " | ".join(cells)
+                     + f" | {summary[method]['kappa']['runs']} |")
     results_md = _write_text(workdir / "results.md", "\n".join(lines) + "\n")
-    return {"results.md": results_md, "results.csv": results_csv, "per_fold.csv": per_fold}
+    files = {"results.md": results_md, "results.csv": results_csv, "per_run.csv": per_run}
+    if _is_main():
+        files["results.png"] = plot_results(workdir / "results.png", summary, methods)
+    return files
+
+
+def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str]) -> pathlib.Path:
+    """Two panels: each method's kappa (mean ± SD), and its paired Δκ to ear-only with the CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(methods)
+    y = np.arange(len(methods))[::-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.45 * len(methods) + 1.4), sharey=True)
+    means = [summary[m]["kappa"]["mean"] for m in methods]
+    sds = [summary[m]["kappa"]["sd"] or 0.0 for m in methods]
+    left.errorbar(means, y, xerr=sds, fmt="o", color="black", capsize=3)
+    left.set_yticks(y, methods)
+    left.set_xlabel("test kappa (mean ± SD)")
+    for i, m in enumerate(methods):
+        paired = summary[m]["paired"]
+        if paired:
+            right.errorbar([paired["mean"]], [y[i]], fmt="o", color="tab:blue", capsize=3,
+                           xerr=[[paired["mean"] - paired["ci_low"]],
+                                 [paired["ci_high"] - paired["mean"]]])
+    right.axvline(0.0, color="grey", linewidth=1)
+    right.set_xlabel(f"Δκ vs {REFERENCE} (95% bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def tiny_config(cache_dir):
     config.data.sampling_rate = 8.0  # 240 samples per epoch
     config.data.simulated.subjects = 3  # per fold: 1 test, 1 validation, 1 training subject
     config.study.folds = 2
+    config.study.seeds = (0,)
     config.max_steps = 2
     config.log_every_steps = 1
     return config
@@ -87,14 +88,14 @@ def test_method_configs_follow_the_mode_files(tmp_path):
 
 def fake_training(monkeypatch, calls):
     """Replaces training and scoring with instant stand-ins that record what they were asked and
-    return scores that identify the (fold, method): kappa = 0.1 * (test subject number) + 0.01 *
-    (method index)."""
+    return scores that identify the (fold, seed, method): kappa = 0.1 * (test subject number) +
+    0.01 * (method index) + 0.001 * seed."""
     from eegkd_jax import checkpoint as ckpt_lib
     from eegkd_jax import evaluate
     from eegkd_jax.train import loop
 
     def train(cfg, run_dir):
-        calls.append(("train", run_dir.parent.name, run_dir.name, cfg))
+        calls.append(("train", run_dir.parent.parent.name, run_dir.name, cfg))
         ckpt_lib.save_config(cfg, run_dir)
         return {"step": 2, "kappa": 0.5}
 
@@ -102,7 +103,7 @@ def fake_training(monkeypatch, calls):
         cfg = ckpt_lib.load_config(run_dir)
         calls.append(("eval", run_dir.parent.name, run_dir.name, checkpoint, split))
         (test,) = cfg.data.test_subjects
-        kappa = 0.1 * int(test[-2:]) + 0.01 * METHODS.index(run_dir.name)
+        kappa = 0.1 * int(test[-2:]) + 0.01 * METHODS.index(run_dir.name) + 0.001 * cfg.seed
         overall = {"accuracy": kappa + 0.2, "kappa": kappa, "macro_f1": kappa + 0.1,
                    "num_epochs": 24}
         return {"overall": overall, "per_subject": {test: overall}, "step": 2}
@@ -116,46 +117,89 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_every_method_every_fold_in_order_with_clean_splits(tmp_path, monkeypatch, tfds_dir):
+def test_every_method_every_fold_and_seed_in_order_with_clean_splits(tmp_path, monkeypatch,
+                                                                      tfds_dir):
     config = tiny_config(tfds_dir)
     config.study.folds = 0  # all three subjects
+    config.study.seeds = (0, 1)
     calls = []
     fake_training(monkeypatch, calls)
     result = study.run_study(config, tmp_path / "loso")
 
     trained = [c for c in calls if c[0] == "train"]
-    assert [(fold, method) for _, fold, method, _ in trained] == [
-        (f"fold-{i:02d}-sim-0{i + 1}", m) for i in range(3) for m in METHODS]
+    assert [(fold, cfg.seed, method) for _, fold, method, cfg in trained] == [
+        (f"fold-{i:02d}-sim-0{i + 1}", seed, m) for i in range(3) for seed in (0, 1)
+        for m in METHODS]
     for _, fold, method, cfg in trained:
         test = fold[-6:]
         assert cfg.data.test_subjects == (test,) and test not in cfg.data.validation_subjects
-        if method in ("transfer", "offline_kd"):  # from this fold's own teacher
-            assert cfg.kd.teacher_workdir == str(tmp_path / "loso" / fold / "scalp_teacher")
+        if method in ("transfer", "offline_kd", "offline_kd_epoch", "offline_kd_soft"):
+            # from this fold's own teacher of the same seed
+            assert cfg.kd.teacher_workdir == str(
+                tmp_path / "loso" / fold / f"seed-{cfg.seed}" / "scalp_teacher")
     assert all(c[3:] == ("best", "test") for c in calls if c[0] == "eval")
 
-    per_fold = read_csv(tmp_path / "loso" / "per_fold.csv")
-    assert len(per_fold) == 3 * len(METHODS)
-    for row in per_fold:
+    per_run = read_csv(tmp_path / "loso" / "per_run.csv")
+    rows = study.FLOORS + METHODS
+    assert [(r["test_subject"], r["seed"], r["method"]) for r in per_run] == [
+        (f"sim-0{i + 1}", str(seed), m) for i in range(3) for seed in (0, 1) for m in rows]
+    for row in per_run:
         assert row["test_subject"] not in row["validation_subjects"].split()
         assert row["test_subject"] not in row["train_subjects"].split()
-        assert sorted([row["test_subject"], *row["validation_subjects"].split(),
-                       *row["train_subjects"].split()]) == ["sim-01", "sim-02", "sim-03"]
     results = read_csv(tmp_path / "loso" / "results.csv")
-    assert list(results[0]) == ["method", "folds", "accuracy_mean", "accuracy_sd", "kappa_mean",
-                                "kappa_sd", "macro_f1_mean", "macro_f1_sd"]
-    for i, (row, method) in enumerate(zip(results, METHODS, strict=True)):
-        assert row["method"] == method and row["folds"] == "3"
-        assert float(row["kappa_mean"]) == pytest.approx(0.2 + 0.01 * i)  # folds 0.1, 0.2, 0.3
-        assert float(row["kappa_sd"]) == pytest.approx(0.1)  # sample SD of 0.1, 0.2, 0.3
-        assert float(row["accuracy_mean"]) == pytest.approx(0.4 + 0.01 * i)
+    assert list(results[0]) == [
+        "method", "runs", "accuracy_mean", "accuracy_sd", "kappa_mean", "kappa_sd",
+        "macro_f1_mean", "macro_f1_sd", "kappa_minus_ear_baseline", "ci_low", "ci_high",
+        "p_wilcoxon"]
+    assert [r["method"] for r in results] == list(rows)
+    for i, method in enumerate(METHODS):
+        row = results[len(study.FLOORS) + i]
+        assert row["runs"] == "6"
+        # folds 0.1, 0.2, 0.3 (+ 0.000 and 0.001 for the seeds)
+        assert float(row["kappa_mean"]) == pytest.approx(0.2005 + 0.01 * i)
+        if method != "ear_baseline":
+            # The same difference on every subject and seed: a CI of one point, p of 3 equal
+            # signs (two-sided exact Wilcoxon: 2 / 2^3).
+            diff = 0.01 * (i - METHODS.index("ear_baseline"))
+            assert float(row["kappa_minus_ear_baseline"]) == pytest.approx(diff)
+            assert float(row["ci_low"]) == pytest.approx(diff)
+            assert float(row["ci_high"]) == pytest.approx(diff)
+            assert float(row["p_wilcoxon"]) == pytest.approx(0.25)
+        else:
+            assert row["kappa_minus_ear_baseline"] == ""
+    floor = results[0]
+    assert floor["method"] == "floor_scalp" and floor["runs"] == "6"
+    assert 0.0 <= float(floor["kappa_mean"]) <= 1.0
     md = (tmp_path / "loso" / "results.md").read_text()
-    assert "| offline_kd | 0.430 ± 0.100 | 0.230 ± 0.100 | 0.330 ± 0.100 |" in md
-    assert len([line for line in md.splitlines() if line.startswith("| 2 | sim-03 |")]) == 6
-    assert result["summary"]["mutual"]["kappa"]["folds"] == 3
+    assert "| offline_kd | 0.231 ± 0.089 | 0.331 ± 0.089 | 0.431 ± 0.089 | +0.020 " in md
+    assert (tmp_path / "loso" / "results.png").stat().st_size > 1000
+    assert result["summary"]["mutual"]["kappa"]["runs"] == 6
 
     calls.clear()
     again = study.run_study(config, tmp_path / "loso")  # all finished: nothing runs
     assert calls == [] and again["summary"] == result["summary"]
+
+
+def test_paired_difference_bootstraps_subjects_then_seeds():
+    from scipy import stats
+
+    diffs = {"a": [0.10, 0.12, 0.08], "b": [0.0, 0.02, -0.02], "c": [0.05, 0.05, 0.05],
+             "d": [-0.01, 0.03, 0.01]}
+    records = [{"test": subject, "methods": {
+        "x": {"test": {"kappa": 0.5 + d}}, "ear_baseline": {"test": {"kappa": 0.5}}}}
+        for subject, values in diffs.items() for d in values]
+    paired = study.paired_difference(records, "x", "ear_baseline", resamples=2000)
+    per_subject = [sum(v) / 3 for v in diffs.values()]
+    assert paired["mean"] == pytest.approx(sum(per_subject) / 4)
+    assert paired["subjects"] == 4 and paired["pairs"] == 12
+    assert paired["ci_low"] < paired["mean"] < paired["ci_high"]
+    assert paired["ci_low"] >= min(min(v) for v in diffs.values())
+    assert paired["p_wilcoxon"] == pytest.approx(stats.wilcoxon(per_subject).pvalue)
+    same = [{"test": r["test"], "methods": {"x": r["methods"]["ear_baseline"],
+                                            "ear_baseline": r["methods"]["ear_baseline"]}}
+            for r in records]
+    assert study.paired_difference(same, "x", "ear_baseline")["p_wilcoxon"] is None
+    assert study.paired_difference(records, "y", "ear_baseline") is None
 
 
 def test_teacher_dependent_methods_need_the_teacher(tmp_path, tfds_dir):
@@ -183,22 +227,21 @@ def finished(tmp_path_factory, compilation_cache, tfds_dir):
 
 def test_tiny_study_trains_scores_and_tabulates(finished):
     config, workdir, result = finished
-    per_fold = read_csv(workdir / "per_fold.csv")
-    assert [(r["test_subject"], r["method"]) for r in per_fold] == [
-        ("sim-01", "scalp_teacher"), ("sim-02", "scalp_teacher")]
+    per_fold = [r for r in read_csv(workdir / "per_run.csv") if r["method"] == "scalp_teacher"]
+    assert [(r["test_subject"], r["seed"]) for r in per_fold] == [("sim-01", "0"), ("sim-02", "0")]
     for row in per_fold:
         assert row["test_subject"] not in row["validation_subjects"].split()
         assert row["test_subject"] not in row["train_subjects"].split()
         assert 0.0 <= float(row["accuracy"]) <= 1.0
         assert int(row["test_epochs"]) > 0 and int(row["step"]) == 2  # validated at step 2
-    (row,) = read_csv(workdir / "results.csv")
-    assert row["method"] == "scalp_teacher" and row["folds"] == "2"
+    row = read_csv(workdir / "results.csv")[-1]
+    assert row["method"] == "scalp_teacher" and row["runs"] == "2"
     kappas = [float(p["kappa"]) for p in per_fold]
     assert float(row["kappa_mean"]) == pytest.approx(sum(kappas) / 2, abs=1e-6)
-    saved = json.loads((workdir / "folds" / "fold-01-sim-02.json").read_text())
+    saved = json.loads((workdir / "folds" / "fold-01-sim-02-seed-0.json").read_text())
     assert saved["validation"] == ["sim-03"] and saved["train"] == ["sim-01"]
     # The run's own saved config holds the fold's split, and its report the test night.
-    run = workdir / "fold-01-sim-02" / "scalp_teacher"
+    run = workdir / "fold-01-sim-02" / "seed-0" / "scalp_teacher"
     run_config = json.loads((run / "checkpoints" / "config.json").read_text())
     assert run_config["data"]["test_subjects"] == ["sim-02"]
     assert run_config["data"]["validation_subjects"] == ["sim-03"]
@@ -230,7 +273,7 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(finished, monk
 
     # A run "killed" after its last checkpoint but before it was marked done: only it is trained
     # (resumed from its checkpoint, so no new steps) and scored again, to the same result.
-    run = workdir / "fold-00-sim-01" / "scalp_teacher"
+    run = workdir / "fold-00-sim-01" / "seed-0" / "scalp_teacher"
     (run / study.DONE).unlink()
     (run / study.TEST_RESULT).unlink()
     again = study.run_study(config, workdir)
