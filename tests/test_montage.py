@@ -58,12 +58,17 @@ def test_a_side_with_every_electrode_rejected_is_an_error_not_nan():
         montage.derive(rec, ("L-R", "R_E"), rejected={"ERA", "ERB"})
 
 
-def test_missing_ear_electrode_that_is_not_rejected():
+def test_missing_ear_electrode_leaves_the_mean():
+    # An electrode the recording lacks is as good as rejected: the mean is over the ones there are.
     rec = make_recording(ear=tuple(e for e in EAR if e != "ELG"))
-    with pytest.raises(DataError, match="derivation L_E: electrode ELG is missing and not rejected"):
-        montage.derive(rec, ("L_E",))
-    out, _ = montage.derive(rec, ("L_E",), rejected={"ELG"})  # rejecting it by name is fine
+    out, _ = montage.derive(rec, ("L_E",))
     np.testing.assert_allclose(out[:, 0], mean(rec, ["ELA", "ELB"]) - mean(rec, ["ELE", "ELI", "ELK"]), atol=1e-4)
+    rejected_too, _ = montage.derive(rec, ("L_E",), rejected={"ELG"})
+    np.testing.assert_array_equal(rejected_too, out)
+    without_canal = make_recording(ear=("ELA", "ELB", "ERA"), subject="sub-002")
+    with pytest.raises(DataError, match=r"sub-002: derivation L_E: every electrode of ELE, ELG, ELI, "
+                                        r"ELK is rejected or missing"):
+        montage.derive(without_canal, ("L_E",))
 
 
 def test_scalp_pairs_and_ready_made_bipolar_channels():
@@ -81,7 +86,7 @@ def test_scalp_pairs_and_ready_made_bipolar_channels():
 
 def test_unknown_derivation_and_bad_scalp_electrodes():
     rec = make_recording(subject="sub-007")
-    with pytest.raises(DataError, match="sub-007: derivation F3-O1: no such channel"):
+    with pytest.raises(DataError, match=r"sub-007: derivation F3-O1: no channel has F3 \(the recording has \['C3'"):
         montage.derive(rec, ("F3-O1",))
     with pytest.raises(DataError, match="derivation A1-A2: electrode A2 is rejected"):
         montage.derive(rec, ("A1-A2",), rejected={"A2"})
@@ -144,3 +149,118 @@ def test_auto_reject_finds_exactly_the_simulators_dead_electrodes(subject):
     rec = simulate.simulate_recording(subject, seed=0, hours=0.25)
     assert rec.rejected_channels, "this subject is expected to have a dead electrode"
     assert set(montage.auto_reject(rec)) == set(rec.rejected_channels)
+
+
+@pytest.mark.parametrize("label, kind, electrode, reference", [
+    ("EEG C3-A1", "scalp", "C3", "A1"),
+    ("C3-A1", "scalp", "C3", "A1"),
+    ("C3:M2", "scalp", "C3", "M2"),
+    ("EEG Fpz-Cz", "scalp", "Fpz", "Cz"),
+    ("CZ-A1", "scalp", "Cz", "A1"),  # DREAMS writes its labels in capitals
+    ("FP1-A1", "scalp", "Fp1", "A1"),
+    ("eeg o2 - m1", "scalp", "O2", "M1"),
+    ("C3", "scalp", "C3", None),
+    ("EEG C4-REF", "scalp", "C4", None),  # a common reference is no electrode
+    ("Cz-AVG", "scalp", "Cz", None),
+    ("T3", "scalp", "T3", None),
+    ("ELA", "ear", "ELA", None),
+    ("EEG ERK", "ear", "ERK", None),
+    ("EEG(sec)", "eeg", None, None),  # EEG, placement unknown (SHHS)
+    ("EEG 2", "eeg", None, None),
+    ("EOG horizontal", "eog", None, None),
+    ("LOC", "eog", None, None),
+    ("E1-M2", "eog", None, None),
+    ("EMG submental", "emg", None, None),
+    ("CHIN12", "emg", None, None),
+    ("ECG", "ecg", None, None),
+    ("EKG II", "ecg", None, None),
+    ("ELB1", "other", None, None),  # EESM17's unused electrodes
+    ("Resp oro-nasal", "other", None, None),
+    ("Event marker", "other", None, None),
+    ("C3-XY", "other", None, None),
+])
+def test_labels_with_and_without_prefixes_and_references(label, kind, electrode, reference):
+    parsed = montage.parse_label(label)
+    assert (parsed.kind, parsed.electrode, parsed.reference) == (kind, electrode, reference)
+    assert parsed.label == label
+
+
+def test_eeg_group_agrees_with_the_edf_readers_classes():
+    from eegkd_jax.data import edf
+
+    # Every label the EDF reader classifies gets the same group here; and more labels are EEG.
+    for label in ["EEG Fpz-Cz", "EEG ELA", "C3", "ERK", "EOG horizontal", "Event marker", "Temp rectal"]:
+        assert (montage.eeg_group(label) or "drop") == edf.classify_edf_channel(label)
+    assert [montage.eeg_group(n) for n in ["C3-A1", "O1:M2", "EEG ELB", "EOG E1", "EEG(sec)"]] == [
+        "scalp", "scalp", "ear", None, "scalp"]
+
+
+def referenced(labels, seconds=90.0, seed=1):
+    """A recording of the given scalp labels (any referencing), white noise."""
+    return make_recording(seconds, scalp=tuple(labels), ear=(), seed=seed, subject="excerpt3")
+
+
+def test_derivations_through_shared_and_chained_references():
+    # DREAMS style: everything against A1. C3-O1 is (C3-A1) - (O1-A1).
+    rec = referenced(["FP1-A1", "C3-A1", "O1-A1", "CZ-A1"])
+    out, _ = montage.derive(rec, ("C3-O1", "Cz-C3", "C3-A1", "A1-O1"))
+    np.testing.assert_array_equal(out[:, 0], rec.scalp[:, 1] - rec.scalp[:, 2])
+    np.testing.assert_array_equal(out[:, 1], rec.scalp[:, 3] - rec.scalp[:, 1])
+    np.testing.assert_array_equal(out[:, 2], rec.scalp[:, 1])  # the channel itself
+    np.testing.assert_array_equal(out[:, 3], -rec.scalp[:, 2])
+    assert montage.explain(rec, "C3-O1") == "C3-A1 - O1-A1"
+    # A chain over two references: C3-A2 and A1-A2 give C3-A1.
+    chained = referenced(["C3:M2", "C3-A2", "A1-A2"])
+    out, _ = montage.derive(chained, ("C3-A1",))
+    np.testing.assert_allclose(out[:, 0], chained.scalp[:, 1] - chained.scalp[:, 2], atol=1e-5)
+    assert montage.explain(chained, "C3-A1") == "C3-A2 - A1-A2"
+    # Electrodes no channel links cannot be formed, and say so before anything is computed.
+    problems = montage.unformable(rec, ("A1-A2", "C3-O1", "C4-O2", "O1"))
+    assert set(problems) == {"A1-A2", "C4-O2", "O1"}
+    assert problems["A1-A2"].startswith("no channel has A2 (the recording has ['FP1-A1'")
+    assert problems["O1"].startswith("no channel has a channel against the common reference")
+    with pytest.raises(DataError, match=r"excerpt3: derivation C4-O2: no channel has C4"):
+        montage.derive(rec, ("C4-O2",))
+    # A rejected reference takes its channels out of the graph.
+    assert "no chain of channels links C3 and O1" in montage.unformable(rec, ["C3-O1"], rejected={"A1"})["C3-O1"]
+
+
+def test_monopolar_scalp_and_example_maps():
+    # napview style: F3 F4 C3 C4 O1 O2 against the recorder's reference, no A1 / A2.
+    rec = referenced(["F3", "F4", "C3", "C4", "O1", "O2"])
+    specs = ("A1-A2", "C3-O1", "C4-O2")
+    problems = montage.unformable(rec, specs)
+    assert list(problems) == ["A1-A2"]
+    assert montage.example_map(rec, specs, problems) == "A1-A2=F3"  # the form, with a real label
+    mastoids = referenced(["C3-M2", "O1-M2", "M1-M2"])
+    problems = montage.unformable(mastoids, specs)
+    assert montage.example_map(mastoids, specs, problems).startswith("A1-A2=M1-M2,")
+
+
+def test_non_standard_labels_by_name():
+    rec = referenced(["EarL", "EarR", "EEG C3"])
+    out, _ = montage.derive(rec, ("EarL - EarR", "EarL"))
+    np.testing.assert_array_equal(out[:, 0], rec.scalp[:, 0] - rec.scalp[:, 1])
+    np.testing.assert_array_equal(out[:, 1], rec.scalp[:, 0])
+    assert montage.explain(rec, "EarL - EarR") == "EarL - EarR"
+    assert montage.explain(make_recording(), "L_E") == "mean(ELA, ELB) - mean(ELE, ELG, ELI, ELK)"
+
+
+def test_channel_maps_from_the_command_line_and_files(tmp_path):
+    assert montage.parse_channel_map("A1-A2=M1-M2, C3-O1 = EEG C3-A2") == {
+        "A1-A2": "M1-M2", "C3-O1": "EEG C3-A2"}
+    lines = tmp_path / "dreams.map"
+    lines.write_text("# DREAMS excerpt 3\nA1-A2 = CZ-A1  # no A2 in this file\n\nL-R=EarL - EarR\n")
+    assert montage.parse_channel_map(str(lines)) == {"A1-A2": "CZ-A1", "L-R": "EarL - EarR"}
+    as_json = tmp_path / "map.json"
+    as_json.write_text('{"A1-A2": "M1-M2"}')
+    assert montage.parse_channel_map(str(as_json)) == {"A1-A2": "M1-M2"}
+    as_json.write_text('{"A1-A2": 3}')
+    with pytest.raises(DataError, match=r"map\.json: a JSON channel map must be an object of strings"):
+        montage.parse_channel_map(str(as_json))
+    with pytest.raises(DataError, match=r"--channel_map: entry 'C3-O1' is not DERIVATION=CHANNELS"):
+        montage.parse_channel_map("A1-A2=M1-M2,C3-O1")
+    with pytest.raises(DataError, match=r"--channel_map: 'nowhere\.map' is neither a file"):
+        montage.parse_channel_map("nowhere.map")
+    with pytest.raises(DataError, match="derivation A1-A2 is mapped twice"):
+        montage.parse_channel_map("A1-A2=M1-M2,A1-A2=C3")

@@ -1,23 +1,51 @@
-"""Derivations (bipolar montages) from raw electrodes, and the ear-electrode rejection mask.
+"""What channel labels say, derivations (bipolar montages) from a recording's channels, channel
+maps, and the ear-electrode rejection mask.
+
+Channel labels (``parse_label``) name an electrode of the 10-20 / 10-10 system (C3, Fpz, T7 or its
+old name T3, the ear lobes A1 A2, the mastoids M1 M2) or of the EESM17 ear-EEG (ELA ... ELK left,
+ERA ... ERK right), with or without an EDF+ type prefix and a reference after "-" or ":":
+"EEG C3-A1", "C3-A1", "C3:M2", "EEG Fpz-Cz", "CZ-A1". Case does not matter. A label without a
+reference, or with REF / AVG (a common or average reference), is monopolar: the electrode against
+the recording's common reference. Labels typed EOG, EMG or ECG, or named like them (LOC, ROC, E1,
+E2, Chin), are not EEG; an "EEG" label whose placement is unknown ("EEG(sec)") is EEG of kind
+"eeg".
 
 A derivation is named by a config string:
 
-* ``"L-R"``, ``"L_E"``, ``"R_E"``: the ear-EEG derivations of the original work. ``L-R`` is the mean of
-  the kept left-ear electrodes minus the mean of the kept right-ear ones; ``L_E`` is
-  mean(ELA, ELB) - mean(ELE, ELG, ELI, ELK) within the left ear (concha minus canal), ``R_E`` the same
-  on the right. "Kept" means present in the recording and not rejected.
-* A channel that is already a derivation, e.g. ``"Fpz-Cz"`` matching ``"EEG Fpz-Cz"`` in Sleep-EDF,
-  or ``"A1-A2"`` if a channel has that name: used as is.
-* ``"X-Y"`` otherwise: electrode X minus electrode Y (``"C3-O1"``), or a single electrode name.
+* ``"L-R"``, ``"L_E"``, ``"R_E"``: the ear-EEG derivations of the original work. ``L-R`` is the mean
+  of the kept left-ear electrodes minus the mean of the kept right-ear ones; ``L_E`` is
+  mean(ELA, ELB) - mean(ELE, ELG, ELI, ELK) within the left ear (concha minus canal), ``R_E`` the
+  same on the right. "Kept" means present in the recording and not rejected.
+* A channel label of the recording, used as it is: ``"Fpz-Cz"`` matches ``"EEG Fpz-Cz"``, and a
+  non-standard label (``"EarL"``) works too. ``"A - B"`` (spaces around the minus) is the difference
+  of the two channels labelled A and B.
+* ``"X-Y"``: electrode X minus electrode Y (``"C3-O1"``); ``"X"``: electrode X against the common
+  reference.
+
+How ``"X-Y"`` is formed: every EEG channel is a known difference of two potentials (its electrode
+minus its reference, or minus the common reference), so the channels link electrodes into a graph,
+and X-Y is the signed sum of the channels along a path from Y to X. Monopolar C3 and O1 give
+C3 - O1; "C3-A1" and "O1-A1" give (C3-A1) - (O1-A1); a channel "Fpz-Cz" is Fpz-Cz itself. Electrodes
+that no channel links (A1-A2 in a recording without A1 or A2) cannot be formed: ``unformable`` says
+which and why, before anything is computed, and ``example_map`` suggests a channel map.
+
+A channel map (``parse_channel_map``) says which recording channels stand for which model inputs:
+``"A1-A2=M1-M2,C3-O1=EEG C3-A2"`` on the command line or the same, one entry per line, in a file.
 
 The rejection mask is the union of three sources: the config (``data_cfg.ear_rejections[subject]``),
 the recording's own ``rejected_channels``, and, if enabled, ``auto_reject`` below. Rejected
-electrodes leave the averages; a derivation left with no electrode on one side is an error, never
-zeros or NaN. Scalp derivations have no fallback, so a rejected or flat electrode there is an error.
+electrodes leave the averages and the graph; a derivation left with no electrode on one side is an
+error, never zeros or NaN. Other derivations have no fallback, so a rejected or flat electrode there
+is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pathlib
+import re
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -37,6 +65,95 @@ EAR_DERIVATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Auto-rejection thresholds (see ``auto_reject``).
 FLAT_SECONDS = 30.0
 NOISE_RATIO = 10.0
+
+# The 10-10 system with the old 10-20 names (T3 T4 T5 T6), the ear lobes and the mastoids.
+SCALP_ELECTRODES: tuple[str, ...] = tuple(
+    "Nz Fp1 Fpz Fp2 AF7 AF3 AFz AF4 AF8 F9 F7 F5 F3 F1 Fz F2 F4 F6 F8 F10 FT9 FT7 FC5 FC3 FC1 FCz "
+    "FC2 FC4 FC6 FT8 FT10 T9 T7 C5 C3 C1 Cz C2 C4 C6 T8 T10 TP9 TP7 CP5 CP3 CP1 CPz CP2 CP4 CP6 "
+    "TP8 TP10 P9 P7 P5 P3 P1 Pz P2 P4 P6 P8 P10 PO7 PO3 POz PO4 PO8 O9 O1 Oz O2 O10 Iz "
+    "T3 T4 T5 T6 A1 A2 M1 M2".split()
+)
+_SCALP_BY_UPPER = {name.upper(): name for name in SCALP_ELECTRODES}
+_EAR_ELECTRODE = re.compile(r"E[LR][A-Z]")
+# References that mean "the same for every channel": the recording's common reference.
+COMMON_REFERENCE_WORDS = frozenset({"REF", "AVG", "AV", "AVERAGE", "CAR"})
+_TYPE_PREFIX = re.compile(r"(EEG|EOG|EMG|ECG|EKG)(?![A-Z0-9])[\s_:]*(.*)$", re.IGNORECASE)
+_TYPE_KINDS = {"EEG": "eeg", "EOG": "eog", "EMG": "emg", "ECG": "ecg", "EKG": "ecg"}
+_NON_EEG_NAMES = ((re.compile(r"(LOC|ROC|E1|E2|HEOG|VEOG)"), "eog"), (re.compile(r"CHIN\w*"), "emg"))
+_PAIR = re.compile(r"([A-Za-z0-9]+)\s*(?:[-:]\s*([A-Za-z0-9]+))?")
+# Electrodes at (nearly) the same place under another name; example maps try them first.
+STAND_INS = {"A1": "M1", "A2": "M2", "M1": "A1", "M2": "A2", "T3": "T7", "T7": "T3", "T4": "T8",
+             "T8": "T4", "T5": "P7", "P7": "T5", "T6": "P8", "P8": "T6"}
+
+COMMON = "common reference"  # the graph node every monopolar channel is measured against
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """What a channel label says.
+
+    Attributes:
+      label: the label as written.
+      kind: "scalp" or "ear" (EEG at a known electrode), "eeg" (EEG, placement unknown), "eog",
+        "emg", "ecg" or "other".
+      electrode: the electrode in its usual spelling ("Fpz", "ELA"), or None.
+      reference: the reference electrode ("A1", "M2"), or None: the common reference (or unknown,
+        where ``electrode`` is None too).
+    """
+
+    label: str
+    kind: str
+    electrode: str | None = None
+    reference: str | None = None
+
+    @property
+    def is_eeg(self) -> bool:
+        return self.kind in ("scalp", "ear", "eeg")
+
+
+def _electrode(name: str) -> str | None:
+    """The usual spelling of a 10-10 or ear electrode name, or None."""
+    upper = name.upper()
+    if upper in _SCALP_BY_UPPER:
+        return _SCALP_BY_UPPER[upper]
+    return upper if _EAR_ELECTRODE.fullmatch(upper) else None
+
+
+def parse_label(label: str) -> Label:
+    """Reads a channel label (see the module docstring): ``parse_label("C3:M2")`` is
+    ``Label("C3:M2", "scalp", "C3", "M2")``."""
+    text = label.strip()
+    typed = _TYPE_PREFIX.match(text)
+    declared = _TYPE_KINDS[typed.group(1).upper()] if typed else None
+    rest = typed.group(2).strip() if typed else text
+    if declared not in (None, "eeg"):
+        return Label(label, declared)
+    pair = _PAIR.fullmatch(rest)
+    if pair:
+        electrode = _electrode(pair.group(1))
+        ref_text = pair.group(2)
+        reference = None if ref_text is None else _electrode(ref_text)
+        common = ref_text is None or ref_text.upper() in COMMON_REFERENCE_WORDS
+        if electrode is not None and (reference is not None or common):
+            kind = "ear" if _EAR_ELECTRODE.fullmatch(electrode) else "scalp"
+            return Label(label, kind, electrode, reference)
+    if declared == "eeg":
+        return Label(label, "eeg")
+    first = re.split(r"[\s\-:]", rest.upper(), maxsplit=1)[0]
+    for pattern, kind in _NON_EEG_NAMES:
+        if pattern.fullmatch(first):
+            return Label(label, kind)
+    return Label(label, "other")
+
+
+def eeg_group(label: str) -> str | None:
+    """"scalp" or "ear": the Recording group an EEG channel belongs in; None for anything else.
+    EEG of unknown placement goes with the scalp group."""
+    return {"scalp": "scalp", "eeg": "scalp", "ear": "ear"}.get(parse_label(label).kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejection
 
 
 def longest_flat_run(x: np.ndarray) -> tuple[int, int]:
@@ -78,10 +195,10 @@ def auto_reject(
     Args:
       recording: the night; only its ear group is examined.
       already: electrodes rejected by other means; they are neither judged nor counted in the median.
-      electrodes: the ear electrodes to judge (default: all of ``recording.ear_channels``).
+      electrodes: the ear channels to judge (default: all of ``recording.ear_channels``).
 
     Returns:
-      {electrode: reason}, empty if all look fine.
+      {channel: reason}, empty if all look fine.
     """
     already = set(already)
     names = [n for n in (electrodes or recording.ear_channels) if n not in already]
@@ -122,16 +239,18 @@ def rejections(
     Args:
       recording: the night.
       ear_rejections: ``data_cfg.ear_rejections``, {subject: electrodes}; only this subject's entry
-        is used. An electrode named there that the recording lacks is an error (likely a typo).
+        is used. A name there that is neither a channel nor an electrode of the recording is an
+        error (likely a typo).
       auto: also apply ``auto_reject`` to the remaining ear electrodes.
 
     Returns:
-      {electrode: reason}.
+      {electrode or channel: reason}.
     """
     configured = (ear_rejections or {}).get(recording.subject, ())
     # A bare string ("ELK") would otherwise be split into letters.
     configured = (configured,) if isinstance(configured, str) else tuple(configured)
-    present = set(recording.ear_channels) | set(recording.scalp_channels)
+    channels = recording.scalp_channels + recording.ear_channels
+    present = set(channels) | {parse_label(n).electrode for n in channels}
     unknown = [n for n in configured if n not in present]
     if unknown:
         raise DataError(
@@ -141,7 +260,9 @@ def rejections(
     for n in recording.rejected_channels:
         reasons.setdefault(n, "marked bad by the recording")
     if auto:
-        reasons.update(auto_reject(recording, already=reasons))
+        already = set(reasons) | {n for n in recording.ear_channels
+                                  if parse_label(n).electrode in reasons}
+        reasons.update(auto_reject(recording, already=already))
     return reasons
 
 
@@ -156,60 +277,272 @@ def rejection_mask(
     return frozenset(rejections(recording, ear_rejections, auto=auto))
 
 
-def find_channel(recording: Recording, name: str) -> tuple[str, int] | None:
-    """("scalp" | "ear", column) of a channel called ``name`` or ``"EEG name"`` (case-insensitive)."""
-    wanted = {name.upper(), f"EEG {name}".upper()}
+# --------------------------------------------------------------------------------------------------
+# The channel graph and derivation plans
+
+
+@dataclasses.dataclass(frozen=True)
+class _Channel:
+    """One EEG column of a recording as an edge of the graph: plus minus minus."""
+
+    label: str
+    group: str  # "scalp" | "ear"
+    column: int
+    plus: str | None  # electrode, None where the placement is unknown
+    minus: str  # reference electrode or COMMON
+
+
+# A path is ((sign, channel), ...): the potential it leads to is the signed sum of the channels,
+# relative to the graph's root. A side is the paths whose potentials are averaged.
+Path = tuple[tuple[int, _Channel], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How one derivation is computed: mean(plus potentials) - mean(minus potentials)."""
+
+    spec: str
+    plus: tuple[Path, ...]
+    minus: tuple[Path, ...]
+    check_flat: bool  # non-ear derivations refuse flat channels (they have no fallback)
+
+
+def _channels(recording: Recording) -> list[_Channel]:
+    out = []
     for group, names in (("scalp", recording.scalp_channels), ("ear", recording.ear_channels)):
-        for i, n in enumerate(names):
-            if n.upper() in wanted:
-                return group, i
-    return None
+        for i, name in enumerate(names):
+            parsed = parse_label(name)
+            out.append(_Channel(name, group, i, parsed.electrode, parsed.reference or COMMON))
+    return out
 
 
-def _column(recording: Recording, where: tuple[str, int]) -> np.ndarray:
-    group, i = where
-    return (recording.scalp if group == "scalp" else recording.ear)[:, i]
+@dataclasses.dataclass(frozen=True)
+class _Rejected:
+    """Rejected labels and the electrodes they name, so that "ELA" rejects "EEG ELA" and back;
+    ``in`` ignores case."""
+
+    names: tuple[str, ...]
+    keys: frozenset[str]
+
+    @classmethod
+    def of(cls, rejected: Iterable[str]) -> "_Rejected":
+        names = tuple(sorted(set(rejected)))
+        keys = set()
+        for name in names:
+            keys.add(name.casefold())
+            electrode = parse_label(name).electrode
+            if electrode:
+                keys.add(electrode.casefold())
+        return cls(names, frozenset(keys))
+
+    def __contains__(self, name: str) -> bool:
+        return name.casefold() in self.keys
 
 
-def _mean_of(recording, spec, side, rejected) -> np.ndarray:
-    kept = []
-    for e in side:
-        if e in rejected:
+def _is_rejected(channel: _Channel, rejected: _Rejected) -> bool:
+    ends = [channel.label, channel.plus or "", channel.minus]
+    return any(e in rejected for e in ends if e and e != COMMON)
+
+
+def _paths_from(root: str, channels: Sequence[_Channel]) -> dict[str, Path]:
+    """Shortest path from ``root`` to every electrode it is linked to (breadth first, channels in
+    recording order, so the choice is deterministic)."""
+    links: dict[str, list[tuple[str, int, _Channel]]] = {}
+    for c in channels:
+        if c.plus is None:
             continue
-        where = find_channel(recording, e)
-        if where is None:
-            raise DataError(
-                recording.subject, f"derivation {spec}: electrode {e} is missing and not rejected"
-            )
-        kept.append(where)
-    if not kept:
-        raise DataError(
-            recording.subject,
-            f"derivation {spec}: every electrode of {', '.join(side)} is rejected "
-            f"(rejected: {sorted(rejected)})",
-        )
+        links.setdefault(c.minus, []).append((c.plus, +1, c))
+        links.setdefault(c.plus, []).append((c.minus, -1, c))
+    paths: dict[str, Path] = {root: ()}
+    queue = deque([root])
+    while queue:
+        node = queue.popleft()
+        for other, sign, channel in links.get(node, ()):
+            if other not in paths:
+                paths[other] = paths[node] + ((sign, channel),)
+                queue.append(other)
+    return paths
+
+
+def _eeg_labels(recording: Recording) -> list[str]:
+    return list(recording.scalp_channels) + list(recording.ear_channels)
+
+
+def _plan(recording: Recording, spec: str, rejected: _Rejected) -> _Plan:
+    """The plan of derivation ``spec``, or a DataError (named by the subject) saying why it
+    cannot be formed."""
+    channels = _channels(recording)
+    by_label = {c.label.casefold(): c for c in channels}
+
+    def refuse(problem: str):
+        return DataError(recording.subject, f"derivation {spec}: {problem}")
+
+    def whole(label: str) -> _Channel | None:
+        channel = by_label.get(label.casefold()) or by_label.get(f"eeg {label}".casefold())
+        if channel is not None and _is_rejected(channel, rejected):
+            raise refuse(f"electrode {channel.plus or channel.label} is rejected")
+        return channel
+
+    # A channel that already is the derivation, or the difference of two named channels.
+    if spec not in EAR_DERIVATIONS:
+        channel = whole(spec)
+        if channel is not None:
+            return _Plan(spec, (((1, channel),),), (), True)
+        if " - " in spec:
+            a, b = (whole(part.strip()) for part in spec.split(" - ", 1))
+            if a is not None and b is not None:
+                return _Plan(spec, (((1, a),),), (((1, b),),), True)
+
+    usable = [c for c in channels if not _is_rejected(c, rejected)]
+    if spec in EAR_DERIVATIONS:
+        plus, minus = EAR_DERIVATIONS[spec]
+        kept = [[e for e in side if e not in rejected] for side in (plus, minus)]
+        linked_to_common = _paths_from(COMMON, usable)
+        root = COMMON if any(e in linked_to_common for side in kept for e in side) else (
+            kept[1][0] if kept[1] else COMMON)
+        paths = _paths_from(root, usable)
+        sides = []
+        for side, kept_side in zip((plus, minus), kept):
+            found = [e for e in kept_side if e in paths]
+            if not found:
+                what = "rejected" if not kept_side else "rejected or missing"
+                missing = [e for e in kept_side if e not in paths]
+                raise refuse(
+                    f"every electrode of {', '.join(side)} is {what}"
+                    + (f" (missing: {', '.join(missing)})" if missing else "")
+                    + f" (rejected: {list(rejected.names)})")
+            sides.append(tuple(paths[e] for e in found))
+        return _Plan(spec, sides[0], sides[1], False)
+
+    parsed = parse_label(spec)
+    if parsed.electrode is None or not parsed.is_eeg:
+        raise refuse(
+            "no such channel, and not electrodes of the 10-20 system or of the ear-EEG "
+            f"(the recording has {_eeg_labels(recording)})")
+    ends = [parsed.electrode, parsed.reference or COMMON]
+    for e in ends:
+        if e != COMMON and e in rejected:
+            raise refuse(f"electrode {e} is rejected")
+    present = {c.plus for c in channels} | {c.minus for c in channels}
+    absent = [e for e in ends if e not in present]
+    if absent:
+        what = " and ".join("a channel against the common reference" if e == COMMON else e
+                            for e in absent)
+        raise refuse(f"no channel has {what} (the recording has {_eeg_labels(recording)})")
+    root = COMMON if COMMON in _paths_from(ends[0], usable) else ends[1]
+    paths = _paths_from(root, usable)
+    unlinked = [e for e in ends if e not in paths]
+    if unlinked:
+        raise refuse(
+            f"no chain of channels links {' and '.join(ends)} (the recording has "
+            f"{_eeg_labels(recording)})")
+    return _Plan(spec, (paths[ends[0]],), (paths[ends[1]],), True)
+
+
+def unformable(recording: Recording, specs: Sequence[str], *, rejected: Iterable[str] = ()
+               ) -> dict[str, str]:
+    """{spec: why} for every derivation of ``specs`` that the recording cannot give; empty if all
+    can be formed. Reads no samples."""
+    rejected = _Rejected.of(rejected)
+    problems = {}
+    for spec in specs:
+        try:
+            _plan(recording, spec, rejected)
+        except DataError as err:
+            problems[spec] = err.problem.removeprefix(f"derivation {spec}: ")
+    return problems
+
+
+def _in_order(path: Path) -> Path:
+    """The path's channels with the added ones first: (C3-A1) - (O1-A1) reads (and sums) better
+    than -(O1-A1) + (C3-A1)."""
+    return tuple(sorted(path, key=lambda term: term[0] < 0))
+
+
+def _path_text(path: Path) -> str:
+    if not path:
+        return "0"
+    text = ""
+    for i, (sign, channel) in enumerate(_in_order(path)):
+        if i == 0:
+            text = channel.label if sign > 0 else f"-{channel.label}"
+        else:
+            text += f" {'+' if sign > 0 else '-'} {channel.label}"
+    return text
+
+
+def _side_text(side: tuple[Path, ...]) -> str:
+    texts = [_path_text(p) for p in side if p]
+    if len(side) == 1:
+        return texts[0] if texts else ""
+    return f"mean({', '.join(texts)})"
+
+
+def explain(recording: Recording, spec: str, *, rejected: Iterable[str] = ()) -> str:
+    """How ``spec`` is formed from the recording's channels, e.g. "(C3-A1) - (O1-A1)" or
+    "mean(ELA, ELB) - mean(ELE, ELG, ELI, ELK)". Raises a DataError if it cannot be."""
+    plan = _plan(recording, spec, _Rejected.of(rejected))
+    plus, minus = _side_text(plan.plus), _side_text(plan.minus)
+
+    def wrap(text):
+        return f"({text})" if any(op in text for op in (" + ", " - ")) else text
+
+    if not minus:
+        return plus
+    return f"{wrap(plus) if plus else '0'} - {wrap(minus)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Computing derivations
+
+
+def _column(recording: Recording, channel: _Channel) -> np.ndarray:
+    return (recording.scalp if channel.group == "scalp" else recording.ear)[:, channel.column]
+
+
+def _potential(recording: Recording, path: Path) -> np.ndarray | None:
+    """The potential at the end of ``path`` (None: the root itself, zero). A one-channel path is
+    the column itself, not a copy."""
+    if not path:
+        return None
+    path = _in_order(path)
+    sign, channel = path[0]
+    if len(path) == 1 and sign > 0:
+        return _column(recording, channel)
+    out = _column(recording, channel) * np.float32(sign)
+    for sign, channel in path[1:]:
+        if sign > 0:
+            out += _column(recording, channel)
+        else:
+            out -= _column(recording, channel)
+    return out
+
+
+def _side_mean(recording: Recording, side: tuple[Path, ...]) -> np.ndarray | None:
+    if not side:
+        return None
+    if len(side) == 1:
+        return _potential(recording, side[0])
     total = np.zeros(recording.num_samples, np.float32)
-    for where in kept:
-        total += _column(recording, where)
-    total /= np.float32(len(kept))
+    for path in side:
+        value = _potential(recording, path)
+        if value is not None:
+            total += value
+    total /= np.float32(len(side))
     return total
 
 
-def _checked(recording, spec, name, where, rejected) -> np.ndarray:
-    """A single electrode/channel for a scalp-style derivation, refusing rejected or flat ones."""
-    group, i = where
-    actual = (recording.scalp_channels if group == "scalp" else recording.ear_channels)[i]
-    if name in rejected or actual in rejected:
-        raise DataError(recording.subject, f"derivation {spec}: electrode {name} is rejected")
-    x = _column(recording, where)
-    start, length = longest_flat_run(x)
+def _check_not_flat(recording: Recording, plan: _Plan) -> None:
     fs = recording.sampling_rate
-    if length >= FLAT_SECONDS * fs:
-        raise DataError(
-            recording.subject,
-            f"derivation {spec}: {name} is flat for {length / fs:.1f} s from {start / fs:.1f} s",
-        )
-    return x
+    for path in plan.plus + plan.minus:
+        for _, channel in path:
+            start, length = longest_flat_run(_column(recording, channel))
+            if length >= FLAT_SECONDS * fs:
+                raise DataError(
+                    recording.subject,
+                    f"derivation {plan.spec}: {channel.label} is flat for {length / fs:.1f} s "
+                    f"from {start / fs:.1f} s",
+                )
 
 
 def derive(
@@ -220,32 +553,94 @@ def derive(
     Args:
       recording: raw electrodes, (time, channels) microvolts.
       specs: e.g. ``("A1-A2", "C3-O1", "C4-O2")`` or ``("L-R", "L_E", "R_E")``; may be empty.
-      rejected: the rejection mask (``rejection_mask``).
+      rejected: the rejection mask (``rejection_mask``): electrodes or channel labels.
 
     Returns:
       ((time, len(specs)) float32, names) where names are the specs.
+
+    Raises:
+      DataError (named by the subject): a derivation cannot be formed, or a channel it needs is
+        rejected or flat for FLAT_SECONDS.
     """
-    rejected = frozenset(rejected)
+    rejected = _Rejected.of(rejected)
     out = np.empty((recording.num_samples, len(specs)), np.float32)
     for k, spec in enumerate(specs):
-        if spec in EAR_DERIVATIONS:
-            plus, minus = EAR_DERIVATIONS[spec]
-            out[:, k] = _mean_of(recording, spec, plus, rejected)
-            out[:, k] -= _mean_of(recording, spec, minus, rejected)
-            continue
-        whole = find_channel(recording, spec)
-        if whole is not None:
-            out[:, k] = _checked(recording, spec, spec, whole, rejected)
-            continue
-        parts = spec.split("-")
-        ends = [(p, find_channel(recording, p)) for p in parts]
-        if len(parts) != 2 or any(w is None for _, w in ends):
-            raise DataError(
-                recording.subject,
-                f"derivation {spec}: no such channel, and not two electrodes of the recording "
-                f"(scalp {list(recording.scalp_channels)}, ear {list(recording.ear_channels)})",
-            )
-        (a, wa), (b, wb) = ends
-        out[:, k] = _checked(recording, spec, a, wa, rejected)
-        out[:, k] -= _checked(recording, spec, b, wb, rejected)
+        plan = _plan(recording, spec, rejected)
+        if plan.check_flat:
+            _check_not_flat(recording, plan)
+        plus, minus = _side_mean(recording, plan.plus), _side_mean(recording, plan.minus)
+        out[:, k] = 0.0 if plus is None else plus
+        if minus is not None:
+            out[:, k] -= minus
     return out, tuple(specs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel maps
+
+
+def parse_channel_map(text: str, *, source: str = "--channel_map") -> dict[str, str]:
+    """{model derivation: recording channels} from ``"A1-A2=M1-M2,C3-O1=EEG C3-A2"``, or from a file
+    with one ``derivation = channels`` entry per line (``#`` starts a comment) or a JSON object.
+
+    The channels are any derivation string of the module docstring, resolved against the
+    recording: a channel label, ``"A - B"`` of two labels, or electrodes ``"X-Y"``.
+
+    Raises:
+      DataError naming the file (or ``source``) and the entry that is not ``derivation=channels``.
+    """
+    path = pathlib.Path(text)
+    if "=" not in text and path.is_file():
+        source = str(path)
+        body = path.read_text(encoding="utf-8-sig")
+        if body.lstrip().startswith("{"):
+            try:
+                mapping = json.loads(body)
+            except json.JSONDecodeError as e:
+                raise DataError(source, f"invalid JSON ({e})") from None
+            if not isinstance(mapping, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise DataError(source, "a JSON channel map must be an object of strings, "
+                                        'e.g. {"A1-A2": "M1-M2"}')
+            return {k.strip(): v.strip() for k, v in mapping.items()}
+        entries = [line.split("#", 1)[0] for line in body.splitlines()]
+    elif "=" not in text:
+        raise DataError(source, f"{text!r} is neither a file nor DERIVATION=CHANNELS entries "
+                                "(e.g. 'A1-A2=M1-M2,C3-O1=C3-A2')")
+    else:
+        entries = text.split(",")
+    mapping = {}
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        key, sep, value = entry.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise DataError(source, f"entry {entry!r} is not DERIVATION=CHANNELS (e.g. A1-A2=M1-M2)")
+        if key in mapping:
+            raise DataError(source, f"derivation {key} is mapped twice")
+        mapping[key] = value
+    return mapping
+
+
+def example_map(recording: Recording, specs: Sequence[str], problems: Mapping[str, str]) -> str:
+    """A channel map for the derivations in ``problems``, in command-line form: an electrode
+    under another name at the same place (A1 -> M1, T3 -> T7) where the recording has it, else
+    the recording's first EEG channel, to show the form."""
+    labels = _eeg_labels(recording)
+    entries = []
+    for spec in specs:
+        if spec not in problems:
+            continue
+        parsed = parse_label(spec)
+        candidate = None
+        if parsed.electrode is not None and spec not in EAR_DERIVATIONS:
+            ends = [parsed.electrode, parsed.reference]
+            swapped = [STAND_INS.get(e, e) if e else e for e in ends]
+            trial = swapped[0] + (f"-{swapped[1]}" if swapped[1] else "")
+            if trial != spec and not unformable(recording, [trial]):
+                candidate = trial
+        if candidate is None:
+            candidate = labels[0] if labels else "CHANNEL"
+        entries.append(f"{spec}={candidate}")
+    return ",".join(entries)
