@@ -73,13 +73,34 @@ def predict_nights(
         )
 
 
+def classical_floor(cohort, config: ml_collections.ConfigDict, subjects: Sequence[str],
+                    signal: str) -> dict[str, Any] | None:
+    """The band-power floor (``eegkd_jax.baseline``) on ``subjects``' whole nights from ``signal``,
+    trained on the run's training subjects, without and with +-2 epochs of context; None when the
+    run has no training subjects to fit it on."""
+    from eegkd_jax import baseline
+    from eegkd_jax.data import pipeline
+
+    train = pipeline.subject_splits(cohort.subjects, config.data).train
+    if not train:
+        return None
+    scores = {}
+    for name, context in (("plain", 0), ("+-2 epochs of context", 2)):
+        overall = baseline.cohort_floor(cohort, train, subjects, signal, context)["overall"]
+        scores[name] = {k: float(overall[k]) for k in ("kappa", "accuracy", "macro_f1")}
+    return {"method": f"{signal} band powers", "train_subjects": list(train), "scores": scores}
+
+
 def _write(
     out_dir: pathlib.Path,
     collector: metrics_lib.NightCollector,
     epoch_seconds: float,
     metadata: dict,
+    floor: dict | None = None,
 ) -> dict[str, Any]:
     results = collector.results()
+    if floor:
+        results = {**results, "floor": floor}
     nights = collector.hypnograms()
     probabilities = collector.probabilities()
     hypnograms = {
@@ -107,6 +128,7 @@ def evaluate_checkpoint(
     subjects: Sequence[str] | None = None,
     batch_size: int | None = None,
     teacher: bool = False,
+    floor: bool = True,
 ) -> dict[str, Any]:
     """Scores a trained run on whole subjects and writes report.json / report.md / figures / TSVs.
 
@@ -121,6 +143,7 @@ def evaluate_checkpoint(
         run's ``config.batch_size``.
       teacher: also score the scalp teacher held in a KD checkpoint (its report goes to
         ``out_dir/teacher``).
+      floor: also score the classical floor on the same nights (:func:`classical_floor`).
 
     Returns:
       ``metrics.evaluate_subjects`` output for the trained model, plus "step" (the checkpoint's),
@@ -206,8 +229,10 @@ def evaluate_checkpoint(
             "sequence_length": int(config.data.sequence_length),
         }
         target = out_dir / name if name else out_dir
+        floor_scores = classical_floor(cohort, config, subjects, signal) if floor else None
         if jax.process_index() == 0:
-            scores = _write(target, collector, float(config.data.epoch_seconds), metadata)
+            scores = _write(target, collector, float(config.data.epoch_seconds), metadata,
+                            floor_scores)
         else:
             scores = collector.results()
         logging.info("%s%s", f"{name}: " if name else "",

@@ -450,6 +450,17 @@ def _markdown(report: Mapping[str, Any]) -> str:
         ("macro_precision", "macro precision"),
     ):
         out.append(f"| {label} | {_fmt(overall[key])} |")
+    floor = report.get("floor")
+    if floor:
+        out += ["", "## Classical floor", "",
+                f"Band powers + logistic regression ({floor['method']}), trained on "
+                f"{', '.join(floor['train_subjects'])}, scored on the same epochs:", "",
+                "| | kappa | accuracy | macro F1 |", "|---|---|---|---|",
+                f"| this model | {_fmt(overall['kappa'])} | {_fmt(overall['accuracy'])} | "
+                f"{_fmt(overall['macro_f1'])} |"]
+        for name, scores in floor["scores"].items():
+            out.append(f"| floor, {name} | {_fmt(scores['kappa'])} | "
+                       f"{_fmt(scores['accuracy'])} | {_fmt(scores['macro_f1'])} |")
     across = report.get("across_subjects", {})
     if across:
         out += ["", "Across subjects (unweighted mean ± standard deviation over subjects):", ""]

@@ -224,8 +224,9 @@ def score_run(run_dir: pathlib.Path, fold: Fold, checkpoint: str) -> dict:
     marker = run_dir / TEST_RESULT
     if marker.is_file():
         return json.loads(marker.read_text())
+    # The fold's floors are scored once for all its runs (fold_floors).
     results = evaluate.evaluate_checkpoint(run_dir, run_dir / "test", checkpoint=checkpoint,
-                                           split="test")
+                                           split="test", floor=False)
     scored = sorted(results["per_subject"])
     if scored != [fold.test]:  # the run's own split must hold exactly the fold's test subject
         raise RuntimeError(f"{run_dir}: evaluated {scored}, expected [{fold.test!r}]")

@@ -580,7 +580,8 @@ def test_usleep_gradients_are_finite_without_xla_optimisations():
 
 @pytest.mark.parametrize("length, in_features, kernel, form", [
     (1024, 3, 9, "folded"), (1024, 9, 2, "folded, even kernel"), (1026, 5, 9, "plain (T % 4)"),
-    (128, 5, 9, "plain (short)"), (512, 40, 9, "plain (wide)")])
+    (128, 5, 9, "plain (short)"), (512, 40, 9, "plain (wide)"), (6, 30, 9, "patches"),
+    (9, 12, 9, "patches, as long as the kernel"), (3, 30, 2, "plain (k=2)")])
 def test_space_to_depth_conv_equals_the_plain_convolution(length, in_features, kernel, form):
     from eegkd_jax.models import layers
 

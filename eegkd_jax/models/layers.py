@@ -96,20 +96,26 @@ def _fold_taps(kernel_size: int, fold: int) -> np.ndarray:
 
 
 def space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
-    """``lax.conv_general_dilated`` for nn.Conv, with a stride-1 "SAME" conv of a long signal with
-    few channels computed on blocks of 4 samples: (B, T, C) viewed as (B, T / 4, 4C) and the kernel
-    scattered into a block-Toeplitz one, because XLA's convolutions run thin long signals far
-    below their FLOP rate (the U-Sleep step measured 1.2 - 1.4x faster on an H200 with it).
-    Same sums, in another order."""
-    batch, length, channels = lhs.shape if lhs.ndim == 3 else (0, 0, 1 << 30)
-    k = rhs.shape[0]
-    plain = (tuple(window_strides) != (1,) or padding != "SAME" or k < 2 or channels > 32
-             or length < 256 or length % 4 or any(v not in (None, (1,)) for v in (
-                 kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation")))
-             or kwargs.get("feature_group_count", 1) != 1)
-    if plain:
+    """``lax.conv_general_dilated`` for nn.Conv, with U-Sleep's two kinds of stride-1 "SAME"
+    convolution that XLA runs far below their FLOP rate in another form (together measured 1.2 -
+    1.4x on the U-Sleep step on an H200, and more on a CPU): a long signal with few channels is
+    convolved on blocks of 4 samples, (B, T, C) viewed as (B, T / 4, 4C) with the kernel scattered
+    into a block-Toeplitz one, and a signal no longer than the kernel (U-Sleep's deepest levels)
+    is one matrix product of its patches. Same sums, in another order."""
+    if (lhs.ndim != 3 or tuple(window_strides) != (1,) or padding != "SAME"
+            or kwargs.get("feature_group_count", 1) != 1
+            or any(v not in (None, (1,)) for v in (kwargs.get("lhs_dilation"),
+                                                    kwargs.get("rhs_dilation")))):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    fold, features = 4, rhs.shape[-1]
+    (batch, length, channels), (k, _, features) = lhs.shape, rhs.shape
+    left = (k - 1) // 2
+    if 2 < k and length <= k:
+        padded = jnp.pad(lhs, ((0, 0), (left, k - 1 - left), (0, 0)))
+        patches = jnp.concatenate([padded[:, j:j + length] for j in range(k)], axis=-1)
+        return patches @ rhs.reshape(k * channels, features)
+    if k < 2 or channels > 32 or length < 256 or length % 4:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    fold = 4
     taps = jnp.asarray(_fold_taps(k, fold), rhs.dtype)
     m = taps.shape[0] // 2
     kernel = jnp.einsum("dioj,jcf->dicof", taps, rhs).reshape(
