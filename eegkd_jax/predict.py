@@ -1,13 +1,22 @@
 """Stage a new night with a trained run: a hypnogram (TSV + PNG) for one recording.
 
-    python -m eegkd_jax.predict --checkpoint runs/offline_kd night-PSG.edf
-    python -m eegkd_jax.predict --checkpoint runs/teacher --which latest --out out/ \\
+    eegkd predict --checkpoint runs/offline_kd night-PSG.edf
+    eegkd predict --checkpoint runs/teacher --which latest --out out/ \\
         data/eesm17/sub-003                       # a BIDS subject directory (or its *_eeg.set)
+    eegkd predict --checkpoint runs/teacher --channel_map='A1-A2=M1-M2' psg.edf
+
+Any EDF/EDF+ file whose channels can form the model's derivations will do: labels are read with or
+without their type and reference ("EEG C3-A1", "C3-A1", "C3:M2"), and a derivation such as C3-O1
+is formed from C3-A1 and O1-A1 (``montage``). ``--channel_map`` says which recording channels stand
+for inputs the recording lacks. The ear-EEG student reads the EESM17 ear electrodes (ELA ... ERK);
+a scalp-only recording needs a scalp model (``--network=teacher`` of a KD run, or a supervised
+:scalp run). The run's model card is printed, with a one-line warning when the model never saw a
+real recording.
 
 The flow, one recording at a time::
 
     EDF/EDF+ (+ hypnogram beside it, if any) or EESM BIDS .set ──readers──▶ Recording
-    ──check channels and rate against the run──▶ prepare_night with the run's saved data config
+    ──check channels (and --channel_map) and rate against the run──▶ prepare_night with the run's saved data config
     (only the derivations the model reads) ──▶ (epochs * S, C) ──sharded forward──▶ (epochs, 5)
     ──▶ <name>_hypnogram.tsv, <name>_hypnogram.png, <name>_prediction.json
 
@@ -33,7 +42,8 @@ import dataclasses
 import json
 import math
 import pathlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -44,7 +54,7 @@ from absl import logging
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import evaluate
 from eegkd_jax import metrics as metrics_lib
-from eegkd_jax import parallel
+from eegkd_jax import model_card, parallel
 from eegkd_jax import report as report_lib
 from eegkd_jax.data import montage
 from eegkd_jax.data.recording import STAGES, DataError, PairedNight, Recording
@@ -230,45 +240,68 @@ def read_new_recording(
     return NewRecording(recording, path, hypnogram is not None, start)
 
 
-def _missing_electrodes(recording: Recording, spec: str) -> list[str]:
-    """Electrodes derivation ``spec`` needs that the recording lacks (montage's naming rules)."""
-    if spec in montage.EAR_DERIVATIONS:
-        missing = []
-        for side in montage.EAR_DERIVATIONS[spec]:
-            present = [e for e in side if montage.find_channel(recording, e) is not None]
-            if not present:  # one kept electrode per side is enough for the mean
-                missing.append("any of " + "/".join(side))
-        return missing
-    if montage.find_channel(recording, spec) is not None:
-        return []
-    parts = spec.split("-")
-    if len(parts) != 2:
-        return [spec]
-    return [p for p in parts if montage.find_channel(recording, p) is None]
+def input_specs(model: TrainedModel, channel_map: Mapping[str, str] | None = None
+                ) -> tuple[str, ...]:
+    """The derivation strings to form from the recording, one per model input: the model's own
+    derivation names, or what ``channel_map`` puts in their place.
+
+    Raises:
+      DataError (named "--channel_map"): the map names a derivation the model does not read.
+    """
+    channel_map = dict(channel_map or {})
+    unknown = [k for k in channel_map if k not in model.derivations]
+    if unknown:
+        raise DataError(
+            "--channel_map",
+            f"maps {unknown}, which the model does not read; it reads the {model.input_key} "
+            f"derivations {list(model.derivations)}")
+    return tuple(channel_map.get(d, d) for d in model.derivations)
 
 
-def check_compatible(new: NewRecording, model: TrainedModel) -> None:
+def _channels_hint(new: NewRecording, model: TrainedModel, specs: tuple[str, ...],
+                   problems: Mapping[str, str]) -> str:
+    """What the error of an unformable input tells the user: channels present, derivations
+    needed, an example map (and, for an ear model on a scalp-only recording, another model)."""
+    recording = new.recording
+    labels = list(recording.scalp_channels) + list(recording.ear_channels)
+    by_spec = dict(zip(specs, model.derivations))
+    detail = "; ".join(f"{by_spec[spec]}" + (f" (mapped to {spec})" if spec != by_spec[spec] else "")
+                       + f": {why}" for spec, why in problems.items())
+    example = montage.example_map(recording, specs, problems)
+    example = ",".join(f"{by_spec.get(k, k)}={v}" for k, v in
+                       (e.split("=", 1) for e in example.split(",")))
+    text = (f"cannot form the {model.input_key} derivations {list(model.derivations)} that the "
+            f"model reads ({detail}). The recording's EEG channels are {labels}. Say which "
+            f"channels stand for each derivation with --channel_map, e.g. "
+            f"--channel_map='{example}' (a channel label, 'A - B' of two labels, or electrodes "
+            f"X-Y; or a file with one DERIVATION=CHANNELS per line)")
+    if model.input_key == "ear" and not recording.ear_channels:
+        text += (". This model reads ear-EEG: the EESM17 ear electrodes ELA ELB ELE ELG ELI ELK "
+                 "(left) and ERA ERB ERE ERG ERI ERK (right); for a scalp-only recording use a "
+                 "scalp model, e.g. --network=teacher of a KD run or a supervised :scalp run")
+    return text
+
+
+def check_compatible(new: NewRecording, model: TrainedModel,
+                     channel_map: Mapping[str, str] | None = None) -> None:
     """Raises a DataError naming the file unless the recording can give the model its input.
 
-    Checks: every electrode of the model's derivations is present (ear derivations need at least
-    one electrode per side), and the sampling rate carries the band the model was trained on:
-    the run's band-pass must fit below the recording's Nyquist frequency, and the recording must
-    reach the top of what the model saw (min of the band-pass edge and the model's Nyquist);
-    upsampling cannot invent frequencies a recording never had. The rational-ratio check of
-    resampling runs too.
+    Checks: every derivation the model reads (or what ``channel_map`` puts in its place) can be
+    formed from the recording's channels (``montage.unformable``: ear derivations need one kept
+    electrode per side); and the sampling rate carries the band the model was trained on: the
+    run's band-pass must fit below the recording's Nyquist frequency, and the recording must reach
+    the top of what the model saw (min of the band-pass edge and the model's Nyquist), since
+    upsampling cannot invent frequencies a recording never had. A refusal says what would work:
+    channels and an example map, or the training option that fits the recording's rate. The
+    rational-ratio check of resampling runs too.
     """
     from eegkd_jax.data import preprocess
 
     recording, source = new.recording, str(new.path)
-    missing = {spec: m for spec in model.derivations if (m := _missing_electrodes(recording, spec))}
-    if missing:
-        detail = "; ".join(f"{spec} needs {', '.join(m)}" for spec, m in missing.items())
-        raise DataError(
-            source,
-            f"cannot form the {model.input_key} derivations {list(model.derivations)} the model "
-            f"was trained on ({detail}); the recording has scalp channels "
-            f"{list(recording.scalp_channels)} and ear channels {list(recording.ear_channels)}",
-        )
+    specs = input_specs(model, channel_map)
+    problems = montage.unformable(recording, specs)
+    if problems:
+        raise DataError(source, _channels_hint(new, model, specs, problems))
     rate_in, rate_out = float(recording.sampling_rate), model.sampling_rate
     band = model.config.data.preprocess.bandpass_hz
     high = None if band is None else band[1]
@@ -277,23 +310,31 @@ def check_compatible(new: NewRecording, model: TrainedModel) -> None:
     if nyquist < top or (high is not None and float(high) >= nyquist):
         needed = 2 * max(top, float(high) if high is not None else 0.0)
         trained = f"band-passed to {list(band)} Hz" if band is not None else "unfiltered"
+        low = band[0] if band is not None and band[0] is not None else 0.3
+        fitting = math.floor(0.8 * nyquist)  # a band edge clear of the recording's Nyquist
         raise DataError(
             source,
             f"sampled at {rate_in:g} Hz (content up to {nyquist:g} Hz), but the model was trained "
             f"on {rate_out:g}-Hz input {trained}, which needs a recording rate above "
-            f"{needed:g} Hz; resampling cannot restore frequencies the recording lacks",
+            f"{needed:g} Hz; resampling cannot restore frequencies the recording lacks. To stage "
+            f"it, train a model on a band below {nyquist:g} Hz, e.g. add "
+            f"--config.data.preprocess.bandpass_hz='({low:g}, {fitting:g})' to the training "
+            f"command, or record at {needed:g} Hz or more",
         )
     preprocess.resample_ratio(rate_in, rate_out, source)
 
 
-def prepare_input(new: NewRecording, model: TrainedModel) -> PairedNight:
+def prepare_input(new: NewRecording, model: TrainedModel,
+                  channel_map: Mapping[str, str] | None = None) -> PairedNight:
     """``prepare_night`` with the run's data config, deriving only the model's own input group
-    (a recording without the other group's electrodes still works). Errors name the file."""
+    (a recording without the other group's electrodes still works), each input formed as
+    ``input_specs`` says. Errors name the file."""
     from eegkd_jax.data import preprocess
 
     data_cfg = model.config.data.copy_and_resolve_references()
     other = "ear" if model.input_key == "scalp" else "scalp"
     data_cfg[f"{other}_derivations"] = ()
+    data_cfg[f"{model.input_key}_derivations"] = input_specs(model, channel_map)
     try:
         return preprocess.prepare_night(new.recording, data_cfg)
     except DataError as err:
@@ -397,6 +438,7 @@ def predict_recording(
     hypnogram: str | pathlib.Path | None = "auto",
     batch_size: int | None = None,
     max_sequence_epochs: int = 0,
+    channel_map: str | Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Stages one recording with a trained run and writes its hypnogram.
 
@@ -407,21 +449,32 @@ def predict_recording(
       which: "best", "latest" or a step. network: "model" or "teacher" (see ``load_trained_model``).
       hypnogram: EDF scoring: "auto" (beside the PSG, if any), None (ignore), or a path.
       batch_size, max_sequence_epochs: see ``predict_probabilities``.
+      channel_map: which recording channels stand for which model input: {derivation: channels}
+        or its text form (``montage.parse_channel_map``: "A1-A2=M1-M2,C3-O1=C3-A2" or a file).
 
     Returns:
-      {"name", "epochs", "scored", "step", "tsv", "png", "json", "metrics"}: the TSV has one row
-      per epoch (onset on the recording's clock, duration, stage, p_W .. p_REM); "metrics" is the
-      pooled summary against the scoring (``metrics.summarize``), or None without scoring.
+      {"name", "epochs", "scored", "step", "tsv", "png", "json", "metrics", "inputs",
+      "model_card", "trained_on_real_recordings"}: the TSV has one row per epoch (onset on the
+      recording's clock, duration, stage, p_W .. p_REM); "metrics" is the pooled summary against
+      the scoring (``metrics.summarize``), or None without scoring; "inputs" says how each model
+      input was formed from the recording's channels; "model_card" is the run's card (None for a
+      run without one).
 
     Raises:
-      DataError: the recording cannot be read, or cannot give the model its input (channels,
-        rate); the message names the file.
+      DataError: the recording or the channel map cannot be read, or the recording cannot give
+        the model its input (channels, rate); the message names the file and what would work.
     """
     model = load_trained_model(checkpoint, which, network=network)
+    if isinstance(channel_map, str):
+        channel_map = montage.parse_channel_map(channel_map)
+    input_specs(model, channel_map)  # a map that names no model input fails before any reading
+    card = model_card.load(model.workdir)
     new = read_new_recording(recording_path, hypnogram=hypnogram,
                              epoch_seconds=model.epoch_seconds)
-    check_compatible(new, model)
-    night = prepare_input(new, model)
+    check_compatible(new, model, channel_map)
+    night = prepare_input(new, model, channel_map)
+    inputs = {d: montage.explain(new.recording, spec)
+              for d, spec in zip(model.derivations, input_specs(model, channel_map))}
     name = new.recording.subject
     logging.info("staging %s (%d epochs) with %s", new.path, night.num_epochs, model.describe())
     signal = night.ear if model.input_key == "ear" else night.scalp
@@ -465,15 +518,29 @@ def predict_recording(
                        "model": model.model_config.name, "input": model.input_key,
                        "derivations": list(model.derivations),
                        "sampling_rate": model.sampling_rate},
+        "inputs": inputs,
+        "channel_map": dict(channel_map or {}),
         "metrics": summary,
         "files": {"tsv": tsv.name, "png": png.name},
+        "model_card": card,
     }
     json_path = out_dir / f"{name}_prediction.json"
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
     tmp.replace(json_path)
     return {"name": name, "epochs": int(predicted.size), "scored": scored, "step": model.step,
-            "tsv": tsv, "png": png, "json": json_path, "metrics": summary}
+            "tsv": tsv, "png": png, "json": json_path, "metrics": summary, "inputs": inputs,
+            "model_card": card, "network": model.network, "workdir": model.workdir,
+            "trained_on_real_recordings": model_card.trained_on_real_recordings(card, model.config)}
+
+
+def card_lines(result: Mapping[str, Any]) -> list[str]:
+    """What predict prints about the model: its card's summary (or that the run has none)."""
+    card = result["model_card"]
+    if card is None:
+        return [f"no model card in {result['workdir']} (a run from before model cards were saved)"]
+    lines = model_card.summary(card, result["network"]).splitlines()
+    return [f"model card ({model_card.path(result['workdir'])}):"] + [f"  {t}" for t in lines]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,6 +570,11 @@ def define_flags():
         flags.DEFINE_integer("batch_size", None, "Sequences per batch when a night is split.")
         flags.DEFINE_integer("max_sequence_epochs", 0,
                              "U-Sleep: 0 stages the whole night at once; n > 0 in n-epoch pieces.")
+        flags.DEFINE_string("channel_map", None,
+                            "Which recording channels stand for which model input: "
+                            "'A1-A2=M1-M2,C3-O1=EEG C3-A2' (a channel label, 'A - B' of two "
+                            "labels, or electrodes X-Y), or a file with one DERIVATION=CHANNELS "
+                            "per line.")
         _FLAGS = flags.FLAGS
     return _FLAGS
 
@@ -531,7 +603,8 @@ def main(argv) -> None:
         result = predict_recording(
             flag_values.checkpoint, argv[1], flag_values.out, which=which,
             network=flag_values.network, hypnogram=hypnogram, batch_size=flag_values.batch_size,
-            max_sequence_epochs=flag_values.max_sequence_epochs)
+            max_sequence_epochs=flag_values.max_sequence_epochs,
+            channel_map=flag_values.channel_map)
     except (DataError, FileNotFoundError, ValueError) as err:
         # One clear line, not a traceback: these are problems with the inputs, not with the code.
         raise SystemExit(f"error: {err}") from None
@@ -540,6 +613,9 @@ def main(argv) -> None:
         line += f"; against the scoring: {metrics_lib.summary_line(result['metrics'])}"
     print(line)
     print(f"hypnogram: {result['tsv']}\nfigure: {result['png']}")
+    print("\n".join(card_lines(result)))
+    if result["trained_on_real_recordings"] is False:
+        print(model_card.SIMULATED_WARNING, file=sys.stderr)
 
 
 if __name__ == "__main__":

