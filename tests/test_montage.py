@@ -172,6 +172,8 @@ def test_auto_reject_finds_exactly_the_simulators_dead_electrodes(subject):
     ("E1-M2", "eog", None, None),
     ("EMG submental", "emg", None, None),
     ("CHIN12", "emg", None, None),
+    ("EOG1-A1", "eog", None, None),
+    ("EMG1", "emg", None, None),
     ("ECG", "ecg", None, None),
     ("EKG II", "ecg", None, None),
     ("ELB1", "other", None, None),  # EESM17's unused electrodes

@@ -1,14 +1,25 @@
-"""Look at a recording or a cohort before training on it.
+"""Look at a recording or a cohort before training on it or staging it.
 
-    python -m eegkd_jax.data.inspect PATH
+    eegkd inspect night.edf                      # any EDF/EDF+ file, scored or not
+    eegkd inspect night.edf --hypnogram scoring.edf
+    eegkd inspect sub-003_ses-001_task-sleep_eeg.set
+    eegkd inspect /data/eesm17                   # a BIDS root, a sub-XXX directory or an EDF cohort
 
-PATH may be an EESM17 ``*_eeg.set`` file, a BIDS subject directory (``sub-XXX``), a BIDS root, an
-``*-PSG.edf`` (paired with its hypnogram in the same directory), an ``*-Hypnogram.edf`` alone, or a
-directory of Sleep-EDF pairs. Prints one JSON object: format, subjects, sampling rate, channel names,
-duration, and epochs per stage (totals, and per recording). Duration is that of the signal the
-reader returns: for EESM17 the scored span from Lights Off, for EDF from the first scored epoch to
-the end of the file. Every recording is read in full through
-the same readers training uses, one at a time, so a file that inspects cleanly also loads cleanly.
+Prints one JSON object.
+
+A file: its channels with their kinds (``montage.parse_label``: scalp / ear EEG with electrode and
+reference, EEG of unknown placement, EOG, EMG, ECG, other), sampling rates, duration and start
+time, and the EEG channels a model would read (``scalp_channels``, ``ear_channels``). With scoring,
+the stages per 30-s epoch: for an EDF file, the hypnogram named by ``--hypnogram`` or the
+Sleep-EDF hypnogram paired with a ``*-PSG.edf`` by name; for an EESM17 ``*_eeg.set``, the scoring
+file beside it. Only that file (and its hypnogram or sidecars) is opened: never the other
+recordings in its folder. An EDF file is read through its header (checked as the reader checks it:
+truncation, record counts, duplicate labels), not sample by sample.
+
+A directory: the cohort as training reads it, every night through the same readers, one at a time
+(format, subjects, rate, channels, duration and epochs per stage, totals and per recording). There
+the duration is that of the signal the reader returns: for EESM17 the scored span from Lights
+Off, for EDF from the first scored epoch to the end of the file.
 
 Unreadable input: one line ``error: <file>: <problem>`` on stderr and exit status 1, no traceback.
 """
@@ -17,13 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator
 
-from eegkd_jax.data import bids, edf
+import numpy as np
+
+from eegkd_jax.data import bids, edf, montage
 from eegkd_jax.data.recording import STAGES, DataError, Recording
+
+EPOCH_SECONDS = edf.EPOCH_SECONDS
 
 
 def _stage_counts(labels) -> dict[str, int]:
@@ -32,8 +48,163 @@ def _stage_counts(labels) -> dict[str, int]:
     return counts
 
 
+def describe_channel(label: str, **extra) -> dict:
+    """{"name", "kind", "electrode", "reference", **extra} of one channel label."""
+    parsed = montage.parse_label(label)
+    described = {"name": label, "kind": parsed.kind}
+    if parsed.electrode is not None:
+        described["electrode"] = parsed.electrode
+        described["reference"] = parsed.reference or "common"
+    described.update(extra)
+    return described
+
+
+def _rate(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(float(value), 6)
+
+
+# --------------------------------------------------------------------------------------------------
+# One file
+
+
+def _edf_start(path: pathlib.Path) -> str | None:
+    """The start date and time in the file's header (its own clock: EDF has no time zone), as
+    ISO 8601, or None if the header has none."""
+    import mne
+
+    try:
+        raw = mne.io.read_raw_edf(path, preload=False, verbose="error")
+    except Exception as e:  # noqa: BLE001 - MNE raises all sorts on headers it cannot read
+        raise DataError(path, f"cannot read EDF header ({type(e).__name__}: {e})") from None
+    start = raw.info["meas_date"]
+    raw.close()
+    return None if start is None else start.replace(tzinfo=None).isoformat()
+
+
+def _edf_variant(path: pathlib.Path) -> str:
+    """"edf+" for EDF+ (continuous or not), "edf" for plain EDF (the header's reserved field)."""
+    with path.open("rb") as f:
+        f.seek(192)
+        reserved = f.read(44)
+    return "edf+" if reserved.startswith((b"EDF+C", b"EDF+D")) else "edf"
+
+
+def _scoring(psg: pathlib.Path, hypnogram: pathlib.Path, duration: float) -> dict:
+    """Stages of ``hypnogram`` placed on the PSG's clock; the epochs that fall past the end of
+    the signal are counted apart (the reader drops unscored ones and refuses scored ones)."""
+    hyp = edf.read_hypnogram(hypnogram)
+    first = edf.scoring_start(psg, hypnogram)
+    labels = hyp.labels
+    within = max(0, min(labels.shape[0], math.floor((duration - first) / EPOCH_SECONDS + 1e-9)))
+    past = labels[within:]
+    summary = {
+        "scored": True,
+        "hypnogram": str(hypnogram),
+        "first_epoch_onset_seconds": round(first, 6),
+        "epochs": int(within),
+        "epochs_per_stage": _stage_counts(labels[:within]),
+    }
+    if past.size:
+        summary["epochs_past_end_of_signal"] = {"scored": int((past >= 0).sum()),
+                                                "unscored": int((past < 0).sum())}
+    return summary
+
+
+def inspect_edf(path: pathlib.Path, hypnogram: str | pathlib.Path | None = "auto") -> dict:
+    """Summary of one EDF/EDF+ file, whatever its name and channels (see the module docstring).
+
+    Args:
+      path: the file.
+      hypnogram: "auto" (the Sleep-EDF hypnogram paired with a ``*-PSG.edf`` by name, if any),
+        None (read as unscored) or the hypnogram's path.
+    """
+    header = edf.read_header(path)
+    if all(label == edf.EDF_ANNOTATIONS for label in header.labels):
+        return _hypnogram_only(path)
+    duration = header.records * header.record_seconds
+    channels, scalp, ear = [], [], []
+    for i, label in enumerate(header.labels):
+        if label == edf.EDF_ANNOTATIONS:
+            continue
+        rate = header.samples_per_record[i] / header.record_seconds
+        channels.append(describe_channel(label, sampling_rate=_rate(rate),
+                                         unit=header.signal_fields["physical dimension"][i]))
+        group = montage.eeg_group(label)
+        if group == "scalp":
+            scalp.append(label)
+        elif group == "ear":
+            ear.append(label)
+    eeg_rates = sorted({c["sampling_rate"] for c in channels if c["name"] in scalp + ear})
+    if isinstance(hypnogram, str) and hypnogram == "auto":
+        hypnogram = edf.find_hypnogram(path)
+    summary = {
+        "path": str(path),
+        "format": _edf_variant(path),
+        "subjects": [path.name.removesuffix(edf.PSG_SUFFIX).removesuffix(".edf")],
+        "start_time": _edf_start(path),
+        "duration_seconds": round(duration, 6),
+        "sampling_rate": eeg_rates[0] if len(eeg_rates) == 1 else (eeg_rates or None),
+        "channels": channels,
+        "scalp_channels": scalp,
+        "ear_channels": ear,
+    }
+    if hypnogram is None:
+        summary.update({"scored": False, "hypnogram": None,
+                        "epochs": int(duration // EPOCH_SECONDS), "epochs_per_stage": None})
+    else:
+        summary.update(_scoring(path, pathlib.Path(hypnogram), duration))
+    return summary
+
+
+def inspect_set(path: pathlib.Path) -> dict:
+    """Summary of one EESM17 ``*_eeg.set`` with its sidecars, scored or not. The night is read in
+    full through the training reader (from Lights Off, to the end of the scoring or signal)."""
+    files = bids.BidsFiles.for_set(path)
+    recording = bids.read_recording(files, require_scoring=False)
+    listed = bids.read_tsv(files.channels_tsv)
+    channels = [describe_channel(row["name"], bids_type=row.get("type", ""),
+                                 unit=row.get("units", ""),
+                                 sampling_rate=_rate(recording.sampling_rate)) for row in listed]
+    scored = files.scoring_tsv.is_file()
+    summary = _combine(path, "eesm17-bids", [summarize_recording(recording)])
+    summary.update({
+        "start_time": None,  # the sidecars give times from the recording's start, no date
+        "channels": channels,
+        "scored": scored,
+        "first_epoch_onset_seconds": float(bids.scoring_start(files, scored=scored)),
+    })
+    if not scored:
+        summary["epochs_per_stage"] = None
+    return summary
+
+
+def _hypnogram_only(path: pathlib.Path) -> dict:
+    hyp = edf.read_hypnogram(path)
+    epochs = int(hyp.labels.shape[0])
+    return {
+        "path": str(path),
+        "format": "edf-hypnogram",
+        "subjects": [path.name.removesuffix(edf.HYPNOGRAM_SUFFIX).removesuffix(".edf")],
+        "start_time": None if hyp.start is None else hyp.start.replace(tzinfo=None).isoformat(),
+        "sampling_rate": None,
+        "channels": [],
+        "scalp_channels": [],
+        "ear_channels": [],
+        "duration_seconds": epochs * EPOCH_SECONDS,
+        "scored": True,
+        "first_epoch_onset_seconds": hyp.first_onset,
+        "epochs": epochs,
+        "epochs_per_stage": _stage_counts(hyp.labels),
+        "recordings": [],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# A cohort
+
+
 def summarize_recording(recording: Recording) -> dict:
-    """The JSON-able facts about one night."""
+    """The JSON-able facts about one night as a reader returned it."""
     return {
         "subject": recording.subject,
         "source": recording.source,
@@ -80,44 +251,30 @@ def _each(read, subjects) -> Iterator[dict]:
         yield summarize_recording(read(subject))
 
 
-def _hypnogram_only(path: pathlib.Path) -> dict:
-    hyp = edf.read_hypnogram(path)
-    epochs = int(hyp.labels.shape[0])
-    return {
-        "path": str(path),
-        "format": "edf-hypnogram",
-        "subjects": [path.name.removesuffix(edf.HYPNOGRAM_SUFFIX)],
-        "sampling_rate": None,
-        "scalp_channels": [],
-        "ear_channels": [],
-        "duration_seconds": epochs * edf.EPOCH_SECONDS,
-        "first_epoch_onset_seconds": hyp.first_onset,
-        "epochs": epochs,
-        "epochs_per_stage": _stage_counts(hyp.labels),
-        "recordings": [],
-    }
+def inspect_path(path: str | pathlib.Path, *, hypnogram: str | pathlib.Path | None = "auto"
+                 ) -> dict:
+    """Summary of a recording file or a cohort directory (see the module docstring).
 
+    Args:
+      path: an EDF/EDF+ file, an EESM17 ``*_eeg.set``, a BIDS subject directory or root, or a
+        directory of Sleep-EDF style ``*-PSG.edf`` / ``*-Hypnogram.edf`` pairs.
+      hypnogram: EDF files only: "auto", None or a path (see ``inspect_edf``).
 
-def inspect_path(path: str | pathlib.Path) -> dict:
-    """Summary of a recording file or a cohort directory (see module docstring).
-
-    Raises DataError naming the file and the problem if anything is unreadable.
+    Raises:
+      DataError naming the file and the problem if anything is unreadable.
     """
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(path, "no such file or directory")
+    if hypnogram not in (None, "auto") and not (path.is_file() and path.suffix.lower() == ".edf"):
+        raise DataError(path, "--hypnogram goes with an EDF file")
     if path.is_file():
-        name = path.name
-        if name.endswith(".set"):
-            return _combine(path, "eesm17-bids", [summarize_recording(bids.read_recording(path))])
-        if name.endswith(edf.HYPNOGRAM_SUFFIX):
-            return _hypnogram_only(path)
-        if name.endswith(edf.PSG_SUFFIX):
-            subject = name[: -len(edf.PSG_SUFFIX)]
-            return _combine(path, "edf", [summarize_recording(edf.read_subject(path.parent, subject))])
-        raise DataError(
-            path, "not a recording this project reads (*_eeg.set, *-PSG.edf, *-Hypnogram.edf)"
-        )
+        if path.suffix.lower() == ".set":
+            return inspect_set(path)
+        if path.suffix.lower() == ".edf":
+            return inspect_edf(path, hypnogram)
+        raise DataError(path, "not a recording this project reads (an EDF/EDF+ .edf file or an "
+                              "EESM17 *_eeg.set), nor a directory")
     if path.name.startswith("sub-") and any(path.glob("ses-*")):
         recordings = _each(lambda s: bids.read_subject(path.parent, s), [path.name])
         return _combine(path, "eesm17-bids", recordings)
@@ -132,18 +289,27 @@ def inspect_path(path: str | pathlib.Path) -> dict:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m eegkd_jax.data.inspect", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("path", help="a .set / .edf file, a BIDS subject or root, or an EDF directory")
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", help="an EDF/EDF+ or EESM17 .set file, a BIDS subject or root, or "
+                                     "an EDF cohort directory")
+    parser.add_argument("--hypnogram", default="auto",
+                        help='EDF only: "auto" (the *-Hypnogram.edf paired with a *-PSG.edf), '
+                             '"none", or the hypnogram file')
     parser.add_argument("--indent", type=int, default=None, help="pretty-print the JSON")
     args = parser.parse_args(argv)
+    hypnogram = {"auto": "auto", "none": None}.get(args.hypnogram.lower(), args.hypnogram)
     import mne
 
     mne.set_log_level("ERROR")  # MNE logs to stdout, which must hold only our JSON
     try:
-        summary = inspect_path(args.path)
+        summary = inspect_path(args.path, hypnogram=hypnogram)
     except DataError as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 1
@@ -151,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.path}: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 1
     try:
-        print(json.dumps(summary, indent=args.indent), flush=True)
+        print(json.dumps(summary, indent=args.indent, default=_json_default), flush=True)
     except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
         sys.stdout = open(os.devnull, "w")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m eegkd_jax.data.inspect"))

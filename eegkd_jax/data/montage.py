@@ -79,7 +79,8 @@ _EAR_ELECTRODE = re.compile(r"E[LR][A-Z]")
 COMMON_REFERENCE_WORDS = frozenset({"REF", "AVG", "AV", "AVERAGE", "CAR"})
 _TYPE_PREFIX = re.compile(r"(EEG|EOG|EMG|ECG|EKG)(?![A-Z0-9])[\s_:]*(.*)$", re.IGNORECASE)
 _TYPE_KINDS = {"EEG": "eeg", "EOG": "eog", "EMG": "emg", "ECG": "ecg", "EKG": "ecg"}
-_NON_EEG_NAMES = ((re.compile(r"(LOC|ROC|E1|E2|HEOG|VEOG)"), "eog"), (re.compile(r"CHIN\w*"), "emg"))
+_NON_EEG_NAMES = ((re.compile(r"LOC|ROC|E1|E2|HEOG|VEOG|EOG\w*"), "eog"),
+                  (re.compile(r"CHIN\w*|EMG\w*"), "emg"), (re.compile(r"ECG\w*|EKG\w*"), "ecg"))
 _PAIR = re.compile(r"([A-Za-z0-9]+)\s*(?:[-:]\s*([A-Za-z0-9]+))?")
 # Electrodes at (nearly) the same place under another name; example maps try them first.
 STAND_INS = {"A1": "M1", "A2": "M2", "M1": "A1", "M2": "A2", "T3": "T7", "T7": "T3", "T4": "T8",
