@@ -24,16 +24,4 @@ def get_config(arg: str = ""):
     c.kd.variant = "mutual" if "mutual" in words else "original"
     c.kd.feature_weight = 1.0
     c.kd.response_weight = 1.0 if "mutual" in words else 0.0
-    # CPU-sized default (see the docstring): smaller U-Sleeps on shorter simulated nights.
-    c.data.simulated.hours = 2.0
-    for m in (c.model, c.teacher):
-        m.depth = 8
-        m.initial_filters = 5
-        m.complexity_factor = 1.0
-    c.num_epochs = 4
-    # With so few steps a constant rate ends wherever the last batches left it; decaying it to 0
-    # makes the final (reported) weights the settled ones. The :paper variant restores constant.
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 20
-    c.log_every_steps = 20
     return common.apply_size_variant(c, words)

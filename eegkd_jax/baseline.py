@@ -252,3 +252,17 @@ def cohort_floor(
     )
     results["predictions"] = predictions
     return results
+
+
+def validation_floors(data_cfg, context: int = 0) -> dict[str, float]:
+    """{"scalp": kappa, "ear": kappa} of the floor on the validation subjects of ``data_cfg``'s
+    split, trained on its training subjects: what a run's validation kappas are read against."""
+    from eegkd_jax.data import pipeline
+
+    cohort = pipeline.prepare_cohort(data_cfg)
+    splits = pipeline.subject_splits(cohort.subjects, data_cfg)
+    if not splits.train or not splits.validation:
+        return {}
+    return {signal: float(cohort_floor(cohort, splits.train, splits.validation, signal,
+                                       context)["overall"]["kappa"])
+            for signal in ("scalp", "ear")}

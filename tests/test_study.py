@@ -77,8 +77,9 @@ def test_method_configs_follow_the_mode_files(tmp_path):
     for m, c in made.items():
         assert "study" not in c
         # The shared settings are the study's, not the mode file's own CPU defaults.
-        assert c.data.simulated.hours == config.data.simulated.hours and c.max_steps == 40
-        assert c.model.depth == config.model.depth == 4
+        assert c.data.simulated.hours == config.data.simulated.hours
+        assert c.max_steps == config.max_steps == 300
+        assert c.model.depth == config.model.depth == 6
         splits = pipeline.subject_splits([f"sim-0{i}" for i in range(1, 5)], c.data)
         assert splits.test == ("sim-02",) and splits.validation == ("sim-03",)
         assert splits.train == ("sim-01", "sim-04")
@@ -298,7 +299,7 @@ def test_cli_flags_reduced_and_overrides(monkeypatch):
         holder = study.define_flags()
         flags.FLAGS(argv)
         config = holder.value
-        assert config.study.folds == 3 and config.max_steps == 7 and flags.FLAGS.workdir == "/tmp/x"
+        assert config.study.folds == 0 and config.max_steps == 7 and flags.FLAGS.workdir == "/tmp/x"
         assert flags.FLAGS.data_path == "/data/eesm17"
     finally:
         for name in set(flags.FLAGS) - before:

@@ -78,6 +78,8 @@ def make_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax
         )
     if opt_cfg.schedule == "cosine":
         decay_steps = max(int(total_steps), warmup + 1)
+        if warmup <= 0:  # optax's warm-up form logs a complaint about a 0-step warm-up
+            return optax.cosine_decay_schedule(lr, decay_steps)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=decay_steps, end_value=0.0
         )
