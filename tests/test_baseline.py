@@ -149,12 +149,19 @@ def test_floor_learns_stages_and_keeps_nights_apart(context):
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort_config(tmp_path_factory):
     c = data_config()
     c.cache_dir = str(tmp_path_factory.mktemp("tfds"))
     c.simulated.subjects = 4
     c.simulated.hours = 0.5  # 60 epochs a night: every stage, a few unscored epochs
-    return pipeline.prepare_cohort(c)
+    # What the features carry is the point here, not how well a scorer's labels can be followed.
+    c.simulated.scorer_disagreement = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def cohort(cohort_config):
+    return pipeline.prepare_cohort(cohort_config)
 
 
 TRAIN, EVALUATE = ("sim-01", "sim-02", "sim-03"), ("sim-04",)
@@ -206,3 +213,12 @@ def test_ear_floor_runs_and_arguments_are_checked(cohort):
         baseline.cohort_floor(cohort, TRAIN, EVALUATE, "eeg")
     with pytest.raises(ValueError, match="both"):
         baseline.cohort_floor(cohort, TRAIN, ("sim-03",))
+
+
+def test_validation_floors_score_the_splits_validation_subjects(cohort, cohort_config):
+    data_cfg = cohort_config.copy_and_resolve_references()
+    data_cfg.validation_subjects, data_cfg.test_subjects = ("sim-04",), ("sim-03",)
+    floors = baseline.validation_floors(data_cfg)
+    for signal in ("scalp", "ear"):
+        want = baseline.cohort_floor(cohort, ("sim-01", "sim-02"), ("sim-04",), signal)
+        assert floors[signal] == pytest.approx(want["overall"]["kappa"])
