@@ -212,13 +212,16 @@ def first_step_child(config_name: str, batch: int) -> None:
 
     cache = compilation_cache.enable()
     imported = time.perf_counter()
-    if config_name == "online_kd":
+    args = step_args(batch, 1, 0, "float32")
+    if config_name == "online_kd":  # the default run's networks, rate, sequences and batch
         from configs import online_kd
-        model_cfg = online_kd.get_config().model
+        config = online_kd.get_config()
+        model_cfg = config.model
+        args.batch, args.sequence_length = config.batch_size, config.data.sequence_length
+        args.sampling_rate = config.data.sampling_rate
     else:
         model_cfg = common.MODELS["usleep"]()
     mesh = parallel.make_mesh()
-    args = step_args(batch, 1, 0, "float32")
     step, init_state, host_batch = train_step.MODES["online_kd"](model_cfg, args, mesh)
     # As train_and_evaluate does: the state created under jit, then the step compiled and run.
     state = train_step.create_state(init_state, 0, mesh)
@@ -237,6 +240,8 @@ def first_step_child(config_name: str, batch: int) -> None:
         "compile_s": round(compiled_at - initialised, 2),
         "step_s": round(done - compiled_at, 2),
         "params": models.count_params(state.params),
+        "batch": args.batch, "sequence_length": args.sequence_length,
+        "sampling_rate": getattr(args, "sampling_rate", train_step.SAMPLING_RATE),
         "cache_dir": str(cache) if cache else None,
     }), flush=True)
 

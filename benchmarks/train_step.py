@@ -61,10 +61,11 @@ def model_config(name: str, dtype: str):
     return cfg
 
 
-def synthetic_batch(batch: int, sequence_length: int, seed: int) -> dict[str, np.ndarray]:
+def synthetic_batch(batch: int, sequence_length: int, seed: int,
+                    sampling_rate: float = SAMPLING_RATE) -> dict[str, np.ndarray]:
     """Host batch with the pipeline's keys: "scalp", "ear" (batch, L*S, 3), "labels" (batch, L)."""
     rng = np.random.default_rng(seed)
-    samples = sequence_length * int(SAMPLING_RATE * EPOCH_SECONDS)
+    samples = sequence_length * int(sampling_rate * EPOCH_SECONDS)
     return {
         "scalp": rng.standard_normal((batch, samples, CHANNELS), dtype=np.float32),
         "ear": rng.standard_normal((batch, samples, CHANNELS), dtype=np.float32),
@@ -74,12 +75,13 @@ def synthetic_batch(batch: int, sequence_length: int, seed: int) -> dict[str, np
 
 def supervised(model_cfg, args, mesh):
     """CE on the ear input, as a supervised ear baseline trains (the scalp run costs the same)."""
+    rate = getattr(args, "sampling_rate", SAMPLING_RATE)
     module = models.build_model(
-        model_cfg, in_channels=CHANNELS, sampling_rate=SAMPLING_RATE, epoch_seconds=EPOCH_SECONDS
+        model_cfg, in_channels=CHANNELS, sampling_rate=rate, epoch_seconds=EPOCH_SECONDS
     )
     opt_cfg = common.get_config().optimizer
     tx = state_lib.make_optimizer(opt_cfg, total_steps=args.warmup + args.steps)
-    host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
+    host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed, rate)
     input_shape = (1,) + host_batch["ear"].shape[1:]
     init = functools.partial(models.init_variables, module, input_shape=input_shape)
     step = functools.partial(steps_lib.supervised_step, model=module, tx=tx, input_key="ear")
@@ -90,12 +92,13 @@ def supervised(model_cfg, args, mesh):
 def _kd_setup(model_cfg, args, mesh, *, trained_teacher: bool):
     """Teacher and student of the same configuration (as the original distils U-Sleep into
     U-Sleep and the transformer into the transformer), one state holding both."""
+    rate = getattr(args, "sampling_rate", SAMPLING_RATE)
     module = models.build_model(
-        model_cfg, in_channels=CHANNELS, sampling_rate=SAMPLING_RATE, epoch_seconds=EPOCH_SECONDS
+        model_cfg, in_channels=CHANNELS, sampling_rate=rate, epoch_seconds=EPOCH_SECONDS
     )
     config = common.get_config()
     tx = state_lib.make_optimizer(config.optimizer, total_steps=args.warmup + args.steps)
-    host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed)
+    host_batch = synthetic_batch(args.batch, args.sequence_length, args.seed, rate)
     input_shape = (1,) + host_batch["ear"].shape[1:]
     init = functools.partial(models.init_variables, module, input_shape=input_shape)
     def init_state(key):

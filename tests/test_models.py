@@ -582,7 +582,7 @@ def test_usleep_gradients_are_finite_without_xla_optimisations():
     (1024, 3, 9, "folded"), (1024, 9, 2, "folded, even kernel"), (1026, 5, 9, "plain (T % 4)"),
     (128, 5, 9, "plain (short)"), (512, 40, 9, "plain (wide)"), (6, 30, 9, "patches"),
     (9, 12, 9, "patches, as long as the kernel"), (3, 30, 2, "plain (k=2)")])
-def test_space_to_depth_conv_equals_the_plain_convolution(length, in_features, kernel, form):
+def test_shaped_conv_equals_the_plain_convolution(length, in_features, kernel, form):
     from eegkd_jax.models import layers
 
     x = _signal(1, (2, length, in_features))
@@ -593,7 +593,7 @@ def test_space_to_depth_conv_equals_the_plain_convolution(length, in_features, k
                                             dimension_numbers=("NWC", "WIO", "NWC"))
 
     def ours(x, w):
-        return layers.space_to_depth_conv(x, w, (1,), "SAME",
+        return layers.shaped_conv(x, w, (1,), "SAME",
                                           dimension_numbers=("NWC", "WIO", "NWC"))
 
     np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-5, atol=1e-5, err_msg=form)
