@@ -282,18 +282,29 @@ def _channels_hint(new: NewRecording, model: TrainedModel, specs: tuple[str, ...
     return text
 
 
+def input_band(new: NewRecording, model: TrainedModel) -> tuple[float | None, float | None] | None:
+    """The band-pass to apply at the recording's rate: the run's, or, where its upper edge lies at
+    or above the recording's Nyquist frequency, its high-pass alone (the model never saw content
+    above its own Nyquist frequency, and ``check_compatible`` has made sure that the recording
+    carries everything up to it)."""
+    band = model.config.data.preprocess.bandpass_hz
+    if band is None or band[1] is None or float(band[1]) < new.recording.sampling_rate / 2:
+        return None if band is None else tuple(band)
+    return (band[0], None)
+
+
 def check_compatible(new: NewRecording, model: TrainedModel,
                      channel_map: Mapping[str, str] | None = None) -> None:
     """Raises a DataError naming the file unless the recording can give the model its input.
 
     Checks: every derivation the model reads (or what ``channel_map`` puts in its place) can be
     formed from the recording's channels (``montage.unformable``: ear derivations need one kept
-    electrode per side); and the sampling rate carries the band the model was trained on: the
-    run's band-pass must fit below the recording's Nyquist frequency, and the recording must reach
-    the top of what the model saw (min of the band-pass edge and the model's Nyquist), since
-    upsampling cannot invent frequencies a recording never had. A refusal says what would work:
-    channels and an example map, or the training option that fits the recording's rate. The
-    rational-ratio check of resampling runs too.
+    electrode per side); and the recording carries every frequency the model saw: up to the
+    run's band-pass edge or the model's Nyquist frequency, whichever is lower (upsampling cannot
+    invent frequencies a recording never had). A recording sampled too slowly for the run's
+    band-pass edge but fast enough for what the model saw is filtered with the high-pass alone
+    (``input_band``). A refusal says what would work: channels and an example map, or the model
+    rate to train for this recording. The rational-ratio check of resampling runs too.
     """
     from eegkd_jax.data import preprocess
 
@@ -304,22 +315,18 @@ def check_compatible(new: NewRecording, model: TrainedModel,
         raise DataError(source, _channels_hint(new, model, specs, problems))
     rate_in, rate_out = float(recording.sampling_rate), model.sampling_rate
     band = model.config.data.preprocess.bandpass_hz
-    high = None if band is None else band[1]
-    top = rate_out / 2 if high is None else min(float(high), rate_out / 2)
+    high = None if band is None or band[1] is None else float(band[1])
+    seen = rate_out / 2 if high is None else min(high, rate_out / 2)  # the top the model saw
     nyquist = rate_in / 2
-    if nyquist < top or (high is not None and float(high) >= nyquist):
-        needed = 2 * max(top, float(high) if high is not None else 0.0)
-        trained = f"band-passed to {list(band)} Hz" if band is not None else "unfiltered"
-        low = band[0] if band is not None and band[0] is not None else 0.3
-        fitting = math.floor(0.8 * nyquist)  # a band edge clear of the recording's Nyquist
+    if nyquist < seen:
+        trained = (f"band-passed to {list(band)} Hz" if band is not None else "unfiltered")
         raise DataError(
             source,
             f"sampled at {rate_in:g} Hz (content up to {nyquist:g} Hz), but the model was trained "
-            f"on {rate_out:g}-Hz input {trained}, which needs a recording rate above "
-            f"{needed:g} Hz; resampling cannot restore frequencies the recording lacks. To stage "
-            f"it, train a model on a band below {nyquist:g} Hz, e.g. add "
-            f"--config.data.preprocess.bandpass_hz='({low:g}, {fitting:g})' to the training "
-            f"command, or record at {needed:g} Hz or more",
+            f"on {rate_out:g}-Hz input {trained}: content up to {seen:g} Hz, which needs a "
+            f"recording rate of {2 * seen:g} Hz or more; resampling cannot restore frequencies "
+            f"the recording lacks. To stage it, train a model at this recording's rate: add "
+            f"--config.data.sampling_rate={rate_in:g} to the training command",
         )
     preprocess.resample_ratio(rate_in, rate_out, source)
 
@@ -328,13 +335,14 @@ def prepare_input(new: NewRecording, model: TrainedModel,
                   channel_map: Mapping[str, str] | None = None) -> PairedNight:
     """``prepare_night`` with the run's data config, deriving only the model's own input group
     (a recording without the other group's electrodes still works), each input formed as
-    ``input_specs`` says. Errors name the file."""
+    ``input_specs`` says, filtered with ``input_band``. Errors name the file."""
     from eegkd_jax.data import preprocess
 
     data_cfg = model.config.data.copy_and_resolve_references()
     other = "ear" if model.input_key == "scalp" else "scalp"
     data_cfg[f"{other}_derivations"] = ()
     data_cfg[f"{model.input_key}_derivations"] = input_specs(model, channel_map)
+    data_cfg.preprocess.bandpass_hz = input_band(new, model)
     try:
         return preprocess.prepare_night(new.recording, data_cfg)
     except DataError as err:
@@ -511,6 +519,7 @@ def predict_recording(
         "epoch_seconds": epoch_seconds,
         "first_onset_seconds": new.start_seconds,
         "recording_sampling_rate": float(new.recording.sampling_rate),
+        "bandpass_hz": input_band(new, model),
         "scored": scored,
         "predicted_stage_counts": counts,
         "checkpoint": {"workdir": str(model.workdir), "which": model.which, "step": model.step,

@@ -15,7 +15,7 @@ from matplotlib import image as mpl_image
 from configs import common, supervised
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import predict, report
-from eegkd_jax.data.recording import DataError
+from eegkd_jax.data.recording import DataError, Recording
 from eegkd_jax.train import state as state_lib
 from test_bids import make_night
 from test_edf import write_hypnogram, write_psg
@@ -209,7 +209,7 @@ def test_usleep_in_pieces_when_asked(runs, edf_dir):
 
 
 def test_an_exported_simulated_night_is_staged_as_evaluation_staged_it(runs, tmp_path):
-    """The cohort's night sim-01, written to EDF and staged by the predict tool, gets the stages and
+    """The cohort's test night sim-04, written to EDF and staged by the predict tool, gets the stages and
     probabilities evaluate_checkpoint gave it from the training pipeline's shards: the tool feeds
     the model what it was trained on (derivations, rejections, filtering, rate, scaling)."""
     import mne
@@ -218,20 +218,20 @@ def test_an_exported_simulated_night_is_staged_as_evaluation_staged_it(runs, tmp
     from eegkd_jax.data import simulate
 
     workdir = runs["ear"][0]
-    evaluate.evaluate_checkpoint(workdir, tmp_path / "eval", subjects=["sim-01"], batch_size=8)
+    evaluate.evaluate_checkpoint(workdir, tmp_path / "eval", subjects=["sim-04"], batch_size=8)
     _, want_stages, want_probabilities = report.read_hypnogram_tsv(
-        tmp_path / "eval" / "hypnograms" / "sim-01.tsv")
+        tmp_path / "eval" / "hypnograms" / "sim-04.tsv")
 
     config = ckpt_lib.load_config(workdir)
-    night = simulate.simulate_recording("sim-01", seed=config.data.simulated.seed,
+    night = simulate.simulate_recording("sim-04", seed=config.data.simulated.seed,
                                         hours=config.data.simulated.hours)
     signal = np.concatenate([night.scalp, night.ear], axis=1).T.astype(np.float64) * 1e-6
     names = [*night.scalp_channels, *night.ear_channels]
     raw = mne.io.RawArray(signal, mne.create_info(names, night.sampling_rate, "eeg"),
                           verbose="error")
-    mne.export.export_raw(str(tmp_path / "sim-01-PSG.edf"), raw, fmt="edf", verbose="error")
+    mne.export.export_raw(str(tmp_path / "sim-04-PSG.edf"), raw, fmt="edf", verbose="error")
     # The training windows were single epochs (sequence_length 1): stage the same way.
-    result = predict.predict_recording(workdir, tmp_path / "sim-01-PSG.edf", tmp_path / "pred",
+    result = predict.predict_recording(workdir, tmp_path / "sim-04-PSG.edf", tmp_path / "pred",
                                        max_sequence_epochs=1)
     _, stages, probabilities = report.read_hypnogram_tsv(result["tsv"])
     np.testing.assert_array_equal(stages, want_stages)
@@ -259,13 +259,27 @@ def test_wrong_channels_and_rate_name_the_file(runs, tmp_path):
                                         r"not read; it reads the ear derivations"):
         predict.predict_recording(workdir, sleep_edf, tmp_path / "x", channel_map="C3-O1=C3")
 
-    slow = tmp_path / "slow-PSG.edf"  # 50 Hz cannot carry the 0.3-35 Hz band it was trained on
+    # A 10-Hz model saw up to 5 Hz: a 50-Hz recording carries that, though the run's 35-Hz edge
+    # lies above its Nyquist frequency: the high-pass alone is applied.
+    slow = tmp_path / "slow-PSG.edf"
     write_psg(slow, 120.0, fs=50.0, channels=SCALP + EAR)
-    with pytest.raises(DataError, match=r"slow-PSG\.edf: sampled at 50 Hz .*needs a recording "
-                                        r"rate above 70 Hz.*train a model on a band below 25 Hz, "
-                                        r"e\.g\. add --config\.data\.preprocess\.bandpass_hz="
-                                        r"'\(0\.3, 20\)'"):
-        predict.predict_recording(workdir, slow, tmp_path / "x")
+    staged = predict.predict_recording(workdir, slow, tmp_path / "slow")
+    assert json.loads(staged["json"].read_text())["bandpass_hz"] == [0.3, None]
+    # An 8-Hz recording does not: refused, with the model rate that would fit it.
+    rng = np.random.default_rng(0)
+    too_slow = Recording(subject="s", source=str(tmp_path / "s.edf"), sampling_rate=8.0,
+                         scalp=np.zeros((960, 0), np.float32), scalp_channels=(),
+                         ear=rng.standard_normal((960, 12)).astype(np.float32),
+                         ear_channels=tuple(e.removeprefix("EEG ") for e in EAR),
+                         labels=np.full(4, -1, np.int8))
+    model = predict.load_trained_model(workdir)
+    with pytest.raises(DataError, match=r"s\.edf: sampled at 8 Hz \(content up to 4 Hz\), but the "
+                                        r"model was trained on 10-Hz input band-passed to "
+                                        r"\[0\.3, 35\.0\] Hz: content up to 5 Hz, which needs a "
+                                        r"recording rate of 10 Hz or more.*add "
+                                        r"--config\.data\.sampling_rate=8 to the training command"):
+        predict.check_compatible(predict.NewRecording(too_slow, tmp_path / "s.edf", False, 0.0),
+                                 model)
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
     with pytest.raises(DataError, match="must be a BIDS subject directory"):
