@@ -1,0 +1,256 @@
+"""The ``eegkd`` command: one entry point for every tool of the package.
+
+    eegkd train --config=configs/online_kd.py --workdir=runs/online_kd
+    eegkd eval --workdir=runs/online_kd
+    eegkd predict --checkpoint=runs/online_kd night.edf
+    eegkd study --workdir=runs/loso --reduced
+    eegkd inspect night.edf
+    eegkd export --checkpoint runs/online_kd --format litert
+
+``eegkd <command> --help`` lists a command's options. train, eval, predict and study take absl
+flags (``--name=value``, and ``--config.field=value`` overrides for train and study); inspect and
+export take ordinary options. ``python train.py`` and ``python eval.py`` run the same code as
+``eegkd train`` and ``eegkd eval``.
+
+``--config`` takes a config file, or the name of one shipped inside the package
+(``--config=online_kd:tiny``) once the configs live there, so that an installed ``eegkd`` works
+from any directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+COMMANDS: dict[str, str] = {
+    "train": "train a mode (supervised, offline KD, online KD, transfer) from a config",
+    "eval": "score a trained run on its held-out subjects: report.json, report.md, figures",
+    "predict": "stage a new recording (EDF/EDF+, EESM17 .set) with a trained run",
+    "study": "the paper's leave-one-subject-out comparison of all methods, resumable",
+    "inspect": "look at a recording or cohort: channels, rates, duration, stages (JSON)",
+    "export": "write a trained network as one LiteRT or ONNX file for on-device scoring",
+}
+PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: eegkd <command> [options]   (eegkd <command> --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def resolve_config(args: Sequence[str]) -> list[str]:
+    """``--config=NAME[:variant]`` -> the packaged ``eegkd_jax/configs/NAME.py`` when NAME is no
+    file here but the package ships that config; every other argument as it is."""
+    out = []
+    for arg in args:
+        if arg.startswith("--config="):
+            value = arg.removeprefix("--config=")
+            path, colon, variant = value.partition(":")
+            packaged = PACKAGED_CONFIGS / f"{path.removesuffix('.py')}.py"
+            if not os.path.exists(path) and os.sep not in path and packaged.is_file():
+                arg = f"--config={packaged}{colon}{variant}"
+        out.append(arg)
+    return out
+
+
+def _run_absl(prog: str, args: Sequence[str], define: Callable[[], object],
+              main: Callable[[list[str]], None]) -> None:
+    """Runs an absl main under the name ``prog``. ml_collections' config flags read their
+    ``--config.*`` overrides from sys.argv when they are defined, so sys.argv is set first."""
+    from absl import app, flags
+
+    sys.argv = [prog, *args]
+    before = set(flags.FLAGS)
+    define()
+    # --help lists the key flags of the module named by argv[0]: make the command's flags its own.
+    for name in sorted(set(flags.FLAGS) - before):
+        flags.FLAGS.register_key_flag_for_module(prog, flags.FLAGS[name])
+    app.run(main, argv=list(sys.argv))
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+_TRAIN_FLAGS = None
+
+
+def define_train_flags():
+    """``--config`` (a config file and its ``--config.*`` overrides) and ``--workdir``; defined
+    once, not at import, so that importing the package leaves absl's flag registry alone."""
+    global _TRAIN_FLAGS
+    if _TRAIN_FLAGS is None:
+        from absl import flags
+        from ml_collections import config_flags
+
+        config = config_flags.DEFINE_config_file(
+            "config", None, "Config file (configs/<mode>.py[:variant]).", lock_config=True)
+        workdir = flags.DEFINE_string("workdir", None, "Run directory; default runs/<mode>.")
+        flags.mark_flags_as_required(["config"])
+        _TRAIN_FLAGS = (config, workdir)
+    return _TRAIN_FLAGS
+
+
+class _QuietOrbax(std_logging.Filter):
+    """Orbax logs a dozen INFO lines per checkpoint; keep its warnings, drop the chatter."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def train_main(argv: Sequence[str]) -> None:
+    """absl main of ``eegkd train``: flags -> config -> ``train_and_evaluate``; prints the final
+    validation scores. Re-running the same command resumes from the latest checkpoint."""
+    from absl import app, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    from eegkd_jax import compilation_cache
+    from eegkd_jax.train.loop import train_and_evaluate
+
+    compilation_cache.enable()  # a rerun skips the tens of seconds of step compilation
+    config_flag, workdir_flag = define_train_flags()
+    config = config_flag.value
+    workdir = workdir_flag.value or f"runs/{config.mode}"
+    logging.info("config:\n%s", config)
+    result = train_and_evaluate(config, workdir)
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    print(f"final validation ({workdir}): {json.dumps(summary)}")
+    if "kappa" in result:
+        line = (f"validation kappa: {'student' if 'teacher_kappa' in result else 'model'} "
+                f"{result['kappa']:.3f}")
+        if "teacher_kappa" in result:
+            line += f", teacher {result['teacher_kappa']:.3f}"
+        print(line)
+
+
+def train(args: Sequence[str], prog: str = "eegkd train") -> None:
+    _run_absl(prog, resolve_config(args), define_train_flags, train_main)
+
+
+# --------------------------------------------------------------------------------------------------
+# eval
+
+
+_EVAL_FLAGS = None
+
+
+def define_eval_flags():
+    """The flags of ``eegkd eval`` (defined once, not at import)."""
+    global _EVAL_FLAGS
+    if _EVAL_FLAGS is None:
+        from absl import flags
+
+        from eegkd_jax import evaluate
+
+        flags.DEFINE_string("workdir", None, "Directory of the trained run.", required=True)
+        flags.DEFINE_string("out_dir", None, "Where to write the report (default under the "
+                                             "workdir).")
+        flags.DEFINE_string("checkpoint", "best",
+                            'Which checkpoint: "best", "latest" or a step number.')
+        flags.DEFINE_enum("split", "test", list(evaluate.SPLITS),
+                          "Which subjects of the run's split.")
+        flags.DEFINE_list("subjects", None, "Explicit subject ids to evaluate instead of --split.")
+        flags.DEFINE_integer("batch_size", None, "Global batch size (default: the run's).")
+        flags.DEFINE_bool("teacher", False, "Also score the scalp teacher held in a KD checkpoint.")
+        _EVAL_FLAGS = flags.FLAGS
+    return _EVAL_FLAGS
+
+
+def eval_main(argv: Sequence[str]) -> None:
+    """absl main of ``eegkd eval``: scores the run's checkpoint on whole held-out subjects and
+    writes report.json, report.md, confusion_matrix.png and hypnograms/ (see
+    ``evaluate.evaluate_checkpoint``)."""
+    from absl import app, logging
+
+    from eegkd_jax import checkpoint as ckpt_lib
+    from eegkd_jax import compilation_cache, evaluate, metrics, parallel
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+    flags = define_eval_flags()
+    logging.set_verbosity(logging.INFO)
+    compilation_cache.enable()
+    checkpoint = flags.checkpoint
+    if checkpoint not in ("best", "latest"):
+        try:
+            checkpoint = int(checkpoint)
+        except ValueError:
+            raise app.UsageError(
+                f'--checkpoint must be "best", "latest" or a step number, got {checkpoint!r}'
+            ) from None
+    # A multi-host evaluation starts the same way the run did (before any device is touched).
+    parallel.maybe_initialize_distributed(ckpt_lib.load_config(flags.workdir).distributed)
+    results = evaluate.evaluate_checkpoint(
+        flags.workdir, flags.out_dir, checkpoint=checkpoint, split=flags.split,
+        subjects=flags.subjects, batch_size=flags.batch_size, teacher=flags.teacher)
+    print(f"step {results['step']}: {metrics.summary_line(results['overall'])}")
+    if "teacher" in results:
+        print(f"teacher: {metrics.summary_line(results['teacher']['overall'])}")
+    print(f"report: {results['out_dir']}/report.md")
+
+
+def evaluate(args: Sequence[str], prog: str = "eegkd eval") -> None:
+    _run_absl(prog, args, define_eval_flags, eval_main)
+
+
+# --------------------------------------------------------------------------------------------------
+# predict, study, inspect, export
+
+
+def predict(args: Sequence[str], prog: str = "eegkd predict") -> None:
+    from eegkd_jax import predict as predict_lib
+
+    _run_absl(prog, args, predict_lib.define_flags, predict_lib.main)
+
+
+def study(args: Sequence[str], prog: str = "eegkd study") -> None:
+    from eegkd_jax import study as study_lib
+
+    argv = study_lib.expand_reduced([prog, *resolve_config(args)])
+    _run_absl(prog, argv[1:], study_lib.define_flags, study_lib.main)
+
+
+def inspect(args: Sequence[str], prog: str = "eegkd inspect") -> int:
+    from eegkd_jax.data import inspect as inspect_lib
+
+    return inspect_lib.main(list(args), prog=prog)
+
+
+def export(args: Sequence[str], prog: str = "eegkd export") -> int:
+    from eegkd_jax import export as export_lib
+
+    return export_lib.main(list(args), prog=prog)
+
+
+RUNNERS: dict[str, Callable[..., int | None]] = {
+    "train": train, "eval": evaluate, "predict": predict, "study": study, "inspect": inspect,
+    "export": export,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``eegkd <command> [options]``; returns the exit status (absl commands exit themselves)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in RUNNERS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    status = RUNNERS[command](rest)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The `eegkd` command: dispatch, config lookup, the train command's flags, and a package that
+holds the library and the command (and neither configs/ nor tests/)."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from eegkd_jax import cli
+from test_edf import REAL_HYPNOGRAM
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_usage_and_unknown_commands(capsys):
+    assert cli.main([]) == 2 and "commands:" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[3:]] == list(cli.COMMANDS)
+    assert cli.main(["frobnicate"]) == 2
+    assert capsys.readouterr().err == ("error: unknown command 'frobnicate'; choose one of train, "
+                                       "eval, predict, study, inspect, export\n")
+
+
+def test_inspect_and_export_through_eegkd(tmp_path, capsys):
+    assert cli.main(["inspect", str(REAL_HYPNOGRAM)]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 852
+    missing = str(tmp_path / "nothing")
+    assert cli.main(["export", "--checkpoint", missing, "--format", "litert"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "nothing" in err
+
+
+def test_config_names_resolve_to_packaged_configs(tmp_path, monkeypatch):
+    packaged = tmp_path / "configs"
+    packaged.mkdir()
+    (packaged / "online_kd.py").write_text("")
+    monkeypatch.setattr(cli, "PACKAGED_CONFIGS", packaged)
+    monkeypatch.chdir(tmp_path / "configs")  # no ./online_kd here: "online_kd.py" is the file
+    assert cli.resolve_config(["--config=online_kd:tiny", "--config.seed=1", "--workdir=x"]) == [
+        f"--config={packaged / 'online_kd.py'}:tiny", "--config.seed=1", "--workdir=x"]
+    monkeypatch.chdir(tmp_path)
+    as_file = ["--config=configs/online_kd.py"]
+    assert cli.resolve_config(as_file) == as_file
+    assert cli.resolve_config(["--config=supervised:scalp"]) == ["--config=supervised:scalp"]
+
+
+def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch, capsys):
+    from absl import flags
+
+    from eegkd_jax.train import loop
+
+    seen = {}
+
+    def fake_train(config, workdir):
+        seen.update(config=config, workdir=workdir)
+        return {"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.123456}
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    from eegkd_jax import compilation_cache
+
+    monkeypatch.setattr(compilation_cache, "enable", lambda: None)  # no cache for later tests
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    before = set(flags.FLAGS)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
+                      "--config.seed=3", f"--workdir={tmp_path / 'run'}"])
+        assert done.value.code in (0, None)
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        monkeypatch.setattr(cli, "_TRAIN_FLAGS", None)
+    assert seen["config"].mode == "online_kd" and seen["config"].seed == 3
+    assert seen["config"].max_steps == 4 and seen["workdir"] == str(tmp_path / "run")
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == (f"final validation ({tmp_path / 'run'}): "
+                       '{"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.1235}')
+    assert out[-1] == "validation kappa: student 0.250, teacher 0.500"
+
+
+def test_the_command_works_from_any_directory(tmp_path):
+    # The module behind the console script, started outside the repository.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    shutil.copyfile(REAL_HYPNOGRAM, tmp_path / "night.edf")
+    done = subprocess.run([sys.executable, "-m", "eegkd_jax.cli", "inspect", "night.edf"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["format"] == "edf-hypnogram"
+
+
+def test_the_package_holds_the_library_and_the_command(tmp_path):
+    # Built from a copy, so that the build leaves nothing in the repository.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, source / name)
+    shutil.copytree(ROOT / "eegkd_jax", source / "eegkd_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                           "--no-build-isolation", "--quiet", "-w", str(tmp_path / "dist"),
+                           str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    wheel, = (tmp_path / "dist").glob("eegkd_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("eegkd_jax/cli.py", "eegkd_jax/export.py", "eegkd_jax/model_card.py",
+                   "eegkd_jax/data/montage.py", "eegkd_jax/models/usleep.py",
+                   "eegkd_jax/train/loop.py"):
+        assert module in names
+    assert not [n for n in names if n.startswith(("configs/", "tests/", "benchmarks/"))]
+    entry_points = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "eegkd = eegkd_jax.cli:main" in entry_points
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
+    assert b"Provides-Extra: export" in metadata and b"Requires-Dist: pytest" in metadata
