@@ -533,7 +533,8 @@ def main(argv: list[str] | None = None, prog: str = "eegkd export") -> int:
           f"({' '.join(result.card['input']['derivations'])} at "
           f"{result.card['input']['sampling_rate_hz']:g} Hz), output "
           f"{result.card['output']['shape']} probabilities of {' '.join(STAGES)}")
-    print(f"check on {check['input']}: largest difference to JAX {check['max_abs_difference']:.2g}, "
+    print(f"check on {check['input']}: largest difference to JAX "
+          f"{check['max_abs_difference']:.2g}, "
           f"stages agree on {100 * check['stage_agreement']:.1f}% (kappa "
           f"{check['kappa_agreement']:.3f}), {check['latency_ms_per_epoch']:.2f} ms per epoch")
     if result.card["model_card"] is None:

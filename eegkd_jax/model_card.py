@@ -3,10 +3,10 @@
 A card is a small JSON object saved as ``<workdir>/model_card.json`` by the training loop, printed
 by ``eegkd predict`` and packed beside every exported model::
 
-    card = model_card.build(config, cohort, splits, validation_metrics)   # end of training
+    card = model_card.build(config, cohort, splits, validation_metrics)  # end of training
     model_card.save(workdir, card)
-    model_card.record_test(workdir, overall, step=step)                 # after scoring the test split
-    card = model_card.load(workdir)                                     # None for a run without one
+    model_card.record_test(workdir, overall, step=step)  # after scoring the test split
+    card = model_card.load(workdir)  # None for a run without one
 
 It says where the data came from (simulated nights, EESM17 or EDF recordings), the montage and
 rate the networks read, the subjects of each split, and the validation and test metrics. A network

@@ -29,7 +29,8 @@ def test_card_of_a_simulated_online_kd_run_round_trips(tmp_path):
     assert card["data"]["source"] == "simulated" and card["data"]["real_recordings"] is False
     simulated = card["data"]["simulated"]
     assert (simulated["subjects"], simulated["hours"], simulated["seed"]) == (4, 0.2, 0)
-    assert card["input"]["sampling_rate_hz"] == 200.0 and card["input"]["bandpass_hz"] == [0.3, 35.0]
+    assert card["input"]["sampling_rate_hz"] == 200.0
+    assert card["input"]["bandpass_hz"] == [0.3, 35.0]
     assert card["networks"]["model"]["input"] == "ear"
     assert card["networks"]["model"]["derivations"] == ["L-R", "L_E", "R_E"]
     assert card["networks"]["teacher"]["derivations"] == ["A1-A2", "C3-O1", "C4-O2"]
@@ -47,7 +48,8 @@ def test_card_of_a_simulated_online_kd_run_round_trips(tmp_path):
                                     "4 subjects, 0.2 h each, seed 0")
     assert "usleep depth 3, online_kd model, reads ear L-R L_E R_E at 200 Hz" in text
     assert "subjects: train 2 (sim-01, sim-02); validation 1 (sim-03); test 1 (sim-04)" in text
-    assert "validation at step 4: kappa 0.432, accuracy 0.612, macro-F1 0.500; test: not scored" in text
+    assert ("validation at step 4: kappa 0.432, accuracy 0.612, macro-F1 0.500; test: not scored"
+            in text)
     assert "validation at step 4: kappa 0.650" in model_card.summary(card, "teacher")
 
     overall = {"accuracy": 0.5, "kappa": 0.25, "macro_f1": 0.4, "g_mean": 0.3, "num_epochs": 5,

@@ -209,9 +209,10 @@ def test_usleep_in_pieces_when_asked(runs, edf_dir):
 
 
 def test_an_exported_simulated_night_is_staged_as_evaluation_staged_it(runs, tmp_path):
-    """The cohort's test night sim-04, written to EDF and staged by the predict tool, gets the stages and
-    probabilities evaluate_checkpoint gave it from the training pipeline's shards: the tool feeds
-    the model what it was trained on (derivations, rejections, filtering, rate, scaling)."""
+    """The cohort's test night sim-04, written to EDF and staged by the predict tool, gets the
+    stages and probabilities evaluate_checkpoint gave it from the training pipeline's shards: the
+    tool feeds the model what it was trained on (derivations, rejections, filtering, rate,
+    scaling)."""
     import mne
 
     from eegkd_jax import evaluate

@@ -617,7 +617,8 @@ def parse_channel_map(text: str, *, source: str = "--channel_map") -> dict[str, 
         key, sep, value = entry.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise DataError(source, f"entry {entry!r} is not DERIVATION=CHANNELS (e.g. A1-A2=M1-M2)")
+            raise DataError(source,
+                            f"entry {entry!r} is not DERIVATION=CHANNELS (e.g. A1-A2=M1-M2)")
         if key in mapping:
             raise DataError(source, f"derivation {key} is mapped twice")
         mapping[key] = value
