@@ -6,14 +6,16 @@
 
 Writes report.json, report.md, confusion_matrix.png and hypnograms/<subject>.{png,tsv} to
 ``--out_dir`` (default ``<workdir>/eval/<split>-step<step>``). The data and model come from the
-run's saved config; see ``eegkd_jax.evaluate.evaluate_checkpoint``.
+config saved with the restored checkpoint; see ``eegkd_jax.evaluate.evaluate_checkpoint``. A
+mistake (a missing workdir, a damaged checkpoint) is reported in one line; --verbose adds the
+traceback.
 """
 
+import ml_collections
 from absl import app, flags, logging
 
-from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import compilation_cache
-from eegkd_jax import evaluate, metrics, parallel
+from eegkd_jax import errors, evaluate, metrics, parallel
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory of the trained run.", required=True)
@@ -25,6 +27,7 @@ flags.DEFINE_integer("batch_size", None, "Global batch size (default: the run's)
 flags.DEFINE_bool("teacher", False, "Also score the scalp teacher held in a KD checkpoint.")
 
 
+@errors.report_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -38,8 +41,10 @@ def main(argv):
             raise app.UsageError(
                 f'--checkpoint must be "best", "latest" or a step number, got {checkpoint!r}'
             ) from None
-    # A multi-host evaluation starts the same way the run did (before any device is touched).
-    parallel.maybe_initialize_distributed(ckpt_lib.load_config(FLAGS.workdir).distributed)
+    # A multi-host evaluation is started by its launcher's environment, never by the distributed
+    # block saved with the run: that names the training job's hosts (before any device is touched).
+    parallel.maybe_initialize_distributed(ml_collections.ConfigDict(
+        {"initialize": "auto", "coordinator_address": "", "num_processes": 0, "process_id": -1}))
     results = evaluate.evaluate_checkpoint(
         FLAGS.workdir,
         FLAGS.out_dir,
@@ -56,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

@@ -34,13 +34,13 @@ class _QuietOrbax(std_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = errors.config_value(_CONFIG)  # before the slow imports below
     logging.get_absl_handler().addFilter(_QuietOrbax())
     from eegkd_jax import compilation_cache
     from eegkd_jax.train.loop import train_and_evaluate
 
     compilation_cache.enable()  # a rerun skips the tens of seconds of step compilation
 
-    config = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{config.mode}"
     logging.info("config:\n%s", config)
     result = train_and_evaluate(config, workdir)

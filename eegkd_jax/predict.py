@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from eegkd_jax import checkpoint as ckpt_lib
-from eegkd_jax import evaluate
+from eegkd_jax import errors, evaluate
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card, parallel
 from eegkd_jax import report as report_lib
@@ -588,8 +588,11 @@ def define_flags():
     return _FLAGS
 
 
+@errors.report_errors
 def main(argv) -> None:
-    """absl main: ``argv[1]`` is the recording; the flags are ``define_flags``'."""
+    """absl main: ``argv[1]`` is the recording; the flags are ``define_flags``'. A user error (a
+    missing run, a damaged checkpoint, a full disk) ends it in one line (``--verbose``: with the
+    traceback)."""
     from absl import app
 
     flag_values = define_flags()
@@ -631,4 +634,4 @@ if __name__ == "__main__":
     from absl import app
 
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

@@ -49,6 +49,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from eegkd_jax import errors
+
 SCORES = ("accuracy", "kappa", "macro_f1")
 STUDY_CONFIG = "study_config.json"
 DONE = "done.json"
@@ -564,8 +566,11 @@ def expand_reduced(argv: Sequence[str]) -> list[str]:
     return [argv[0], f"--config={LOSO_CONFIG}:reduced", *argv[1:]]
 
 
+@errors.report_errors
 def main(argv) -> None:
-    """absl main: the config comes from ``--config`` (see ``define_flags``)."""
+    """absl main: the config comes from ``--config`` (see ``define_flags``). A user error (a
+    workdir of another study, a busy or damaged run, a full disk) ends it in one line
+    (``--verbose``: with the traceback)."""
     from absl import app, flags
 
     from eegkd_jax import compilation_cache
@@ -573,7 +578,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    config = define_flags().value
+    config = errors.config_value(define_flags())
     data_path = flags.FLAGS.data_path
     if data_path:
         config.data.path = data_path
@@ -596,6 +601,9 @@ if __name__ == "__main__":
 
     from absl import app
 
-    sys.argv = expand_reduced(sys.argv)
-    define_flags()
-    app.run(main)
+    try:
+        sys.argv = expand_reduced(sys.argv)
+        define_flags()  # parses the default config and its --config.* overrides already
+    except Exception as error:
+        errors.exit_on_flag_error(error, sys.argv)
+    app.run(main, flags_parser=errors.parse_flags)

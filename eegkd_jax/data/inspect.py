@@ -21,7 +21,8 @@ A directory: the cohort as training reads it, every night through the same reade
 the duration is that of the signal the reader returns: for EESM17 the scored span from Lights
 Off, for EDF from the first scored epoch to the end of the file.
 
-Unreadable input: one line ``error: <file>: <problem>`` on stderr and exit status 1, no traceback.
+Unreadable input: one line ``error: <file>: <problem>`` on stderr and exit status 1, no traceback
+(``--verbose`` prints it first).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import math
 import os
 import pathlib
 import sys
+import traceback
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
                         help='EDF only: "auto" (the *-Hypnogram.edf paired with a *-PSG.edf), '
                              '"none", or the hypnogram file')
     parser.add_argument("--indent", type=int, default=None, help="pretty-print the JSON")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an error before its one line")
     args = parser.parse_args(argv)
     hypnogram = {"auto": "auto", "none": None}.get(args.hypnogram.lower(), args.hypnogram)
     import mne
@@ -311,9 +315,13 @@ def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
     try:
         summary = inspect_path(args.path, hypnogram=hypnogram)
     except DataError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:  # anything a reader did not wrap still gets one line
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {args.path}: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 1
     try:
