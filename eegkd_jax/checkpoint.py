@@ -1,159 +1,473 @@
-"""Checkpoints of a run in ``<workdir>/checkpoints`` (orbax), the run's config beside them, and
+"""Checkpoints of a run, each bound to its config and verified on restore; the workdir lock; and
 restoring a trained teacher from another run's workdir.
 
-Kept: the latest ``keep`` checkpoints plus the one with the best validation kappa. Orbax writes each
-step into a temporary directory and renames it when complete, so a run killed at any moment (even
-mid-save) leaves only whole checkpoints behind; half-written temporaries are cleaned up on the next
-start.
+One step lives in ``<workdir>/checkpoints/<step>/``::
+
+    state/          the TrainState (orbax, StandardCheckpointHandler)
+    config.json     the run's config when the step was saved
+    metrics.json    its validation metrics (null when the step had none)
+    manifest.json   the size and SHA-256 of every other file of the step
+
+A step is written into ``<step>.tmp`` and renamed when complete: the rename is the commit, so a run
+killed at any moment leaves whole steps only, and the next run that holds the workdir removes the
+leftovers. Restoring checks the manifest first (orbax verifies only part of what it reads: single
+bit flips were restored silently); a step that fails the check or fails to restore is reported by
+number and the newest step that passes is used instead. ``best`` only ever names a step that passes.
+
+Kept: the latest ``keep`` intact steps plus the intact one with the best validation kappa; damaged
+steps are left where they are for the user to look at.
+
+orbax's CheckpointManager is not used: it reads every step's metrics when it opens (one truncated
+file made the whole workdir unreadable), deletes a concurrent run's temporary directories, and
+commits a step before a manifest of it could be written.
+
+Steps written by an eegkd-jax from before the manifests (orbax's own layout, the config in
+``checkpoints/config.json``) are still restored, unverified, with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
 import json
-from absl import logging
+import math
+import os
 import pathlib
+import shutil
+import socket
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
+from absl import logging
 
+from eegkd_jax.errors import UserError
 from eegkd_jax.train.state import TrainState
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+STATE_DIR = "state"
+LOCK_FILE = "run.lock"
 BEST_METRIC = "kappa"
+_TMP = ".tmp"  # a step being written
+_TRASH = ".deleting"  # a step being pruned
+_DAMAGED = ".damaged"  # a damaged step moved aside so that its step can be saved again
+_LEGACY_MARK = "_CHECKPOINT_METADATA"  # what orbax's CheckpointManager wrote at a step's top level
+
+# A resumed run must train the same networks on the same data in the same mode; these config
+# fields say so. Everything else (learning rate, schedule length, logging) may change on resume.
+IDENTITY_FIELDS = ("mode", "supervised_input", "model", "teacher", "data", "kd")
+# Where the shards are cached and how far ahead tf.data reads: not what the model learns from.
+FREE_FIELDS = ("data.cache_dir", "data.prefetch")
+
+
+class CheckpointError(UserError):
+    """No intact checkpoint to restore, or the one asked for is damaged."""
+
+
+class ConfigMismatchError(UserError, ValueError):
+    """A run's config differs from the one its workdir's checkpoints were trained with."""
+
+
+class WorkdirBusyError(UserError):
+    """Another live run holds the workdir."""
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / "checkpoints"
 
 
-def _best_metric(metrics: dict) -> float:
-    return float(metrics[BEST_METRIC])
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    """Waits for every process (multi-host runs write the state together, process 0 the rest)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _kappa(metrics: dict | None) -> float:
+    value = float((metrics or {}).get(BEST_METRIC, math.nan))
+    return value if math.isfinite(value) else -math.inf
+
+
+# ---------------------------------------------------------------------------------- the manifest
+def _files(directory: pathlib.Path) -> list[str]:
+    """Every regular file under ``directory`` but the manifest, as sorted relative posix paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE)
+
+
+def _digest(path: pathlib.Path, *, sync: bool = False) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if sync:
+            os.fsync(f.fileno())
+    return digest
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: pathlib.Path, step: int) -> None:
+    """Writes ``manifest.json`` (size and SHA-256 of every file) and syncs the step to disk, so
+    that a power loss after the commit cannot leave a committed step with data still in memory."""
+    files = {}
+    for rel in _files(directory):
+        path = directory / rel
+        files[rel] = {"size": path.stat().st_size, "sha256": _digest(path, sync=True)}
+    manifest = directory / MANIFEST_FILE
+    with open(manifest, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    for sub in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        _fsync_dir(sub)
+
+
+def check_manifest(directory: pathlib.Path, step: int) -> str | None:
+    """None if every file of the step matches its manifest, else what is wrong (one line)."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        expected = manifest["files"]
+        if manifest["step"] != step:
+            return f"{MANIFEST_FILE} describes step {manifest['step']}"
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST_FILE} is unreadable ({type(error).__name__})"
+    try:
+        present = _files(directory)
+    except OSError as error:
+        return f"cannot list its files ({error})"
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    if extra:
+        return f"{len(extra)} file(s) not in its manifest, e.g. {extra[0]}"
+    for rel in present:
+        path = directory / rel
+        try:
+            size = path.stat().st_size
+            if size != expected[rel]["size"]:
+                return f"{rel} has {size} bytes, its manifest says {expected[rel]['size']}"
+            if _digest(path) != expected[rel]["sha256"]:
+                return f"{rel} does not match its checksum"
+        except (OSError, KeyError, TypeError) as error:
+            return f"{rel} cannot be checked ({error})"
+    return None
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What ``Checkpointer.restore_raw`` returns: the step, its state as a dict of arrays, and the
+    config it was trained with."""
+
+    step: int
+    state: dict
+    config: ml_collections.ConfigDict
 
 
 class Checkpointer:
-    """Saves and restores ``TrainState``s of one workdir.
+    """Saves, verifies and restores the ``TrainState``s of one workdir.
 
     Args:
       workdir: the run's directory; checkpoints go to ``<workdir>/checkpoints``.
-      keep: how many of the most recent checkpoints to keep (the best one is kept on top of these).
-      read_only: open someone else's checkpoints (a teacher) without touching them.
+      keep: how many of the most recent intact steps to keep (the best one is kept on top).
+      read_only: open someone else's checkpoints (eval, predict, a teacher) without touching them.
+        A writer must hold the workdir's ``WorkdirLock``.
     """
 
     def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2, read_only: bool = False):
+        self.workdir = pathlib.Path(workdir).absolute()
         self.directory = checkpoint_dir(workdir)
+        self.keep = max(int(keep), 1)
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
-            raise FileNotFoundError(f"{self.directory}: no checkpoints directory")
-        policy = checkpoint_managers.AnyPreservationPolicy([
-            checkpoint_managers.LatestN(n=max(int(keep), 1)),
-            # Only checkpoints saved with validation metrics compete for "best".
-            checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
-                                      keep_checkpoints_without_metrics=False),
-        ])
-        options = ocp.CheckpointManagerOptions(
-            best_fn=_best_metric,
-            best_mode="max",
-            preservation_policy=None if read_only else policy,
-            # Synchronous saves: a step's checkpoint is complete when save() returns, which keeps
-            # "killed after step k was saved" well defined; the states here are small.
-            enable_async_checkpointing=False,
-            cleanup_tmp_directories=not read_only,
-            read_only=read_only,
-            create=not read_only,
-        )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+            what = "no such directory" if not self.workdir.exists() else "no checkpoints directory"
+            raise FileNotFoundError(f"{self.directory}: {what}; is {self.workdir} the workdir of a "
+                                    "training run?")
+        self._orbax = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        self._problems: dict[int, str | None] = {}  # steps never change once committed
+        self._cleaned = read_only
 
     # ------------------------------------------------------------------ queries
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def best_step(self) -> int | None:
-        """The step with the highest validation kappa (the latest if none has metrics)."""
-        with_metrics = [s for s in self._manager.all_steps() if self._manager.metrics(s)]
-        if not with_metrics:
-            return self.latest_step()
-        return self._manager.best_step()
-
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """Every committed step on disk, intact or not."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and p.is_dir())
+
+    def _legacy(self, step: int) -> bool:
+        path = self.directory / str(step)
+        return not (path / MANIFEST_FILE).exists() and (path / _LEGACY_MARK).is_file()
+
+    def problem(self, step: int) -> str | None:
+        """None if the step passes its checks, else what is wrong with it (reported once)."""
+        if step not in self._problems:
+            if self._legacy(step):
+                logging.warning("%s/%d was written without checksums (by an earlier eegkd-jax); it "
+                                "is restored unverified", self.directory, step)
+                problem = None
+            else:
+                problem = check_manifest(self.directory / str(step), step)
+            if problem:
+                logging.warning("checkpoint step %d in %s fails its check: %s; it is skipped",
+                                step, self.directory, problem)
+            self._problems[step] = problem
+        return self._problems[step]
+
+    def intact_steps(self) -> list[int]:
+        return [s for s in self.all_steps() if not self.problem(s)]
+
+    def latest_step(self) -> int | None:
+        """The newest intact step (None if there is none)."""
+        for step in reversed(self.all_steps()):
+            if not self.problem(step):
+                return step
+        return None
 
     def metrics(self, step: int) -> dict | None:
-        return self._manager.metrics(step)
+        path = self.directory / str(step)
+        path = path / "metrics" / "metrics" if self._legacy(step) else path / METRICS_FILE
+        try:
+            return json.loads(path.read_text()) or None
+        except (OSError, ValueError):
+            return None
 
-    # ------------------------------------------------------------------ save / restore
-    def save(self, state: TrainState, *, metrics: dict | None = None) -> bool:
-        """Saves ``state`` under its step. ``metrics`` (JSON-able, with "kappa") ranks it for "best".
-        Returns False if that step was saved already (e.g. the final step right after a periodic
-        save)."""
-        step = int(jax.device_get(state.step))
-        if step in self._manager.all_steps():
-            return False
-        metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state.to_dict()))
-        return self._manager.save(step, args=args, metrics=metrics)
+    def best_step(self) -> int | None:
+        """The intact step with the highest validation kappa (the latest intact if none has
+        metrics)."""
+        scored = [s for s in self.intact_steps() if _kappa(self.metrics(s)) > -math.inf]
+        if not scored:
+            return self.latest_step()
+        return max(scored, key=lambda s: (_kappa(self.metrics(s)), s))
+
+    def config(self, step: int) -> ml_collections.ConfigDict:
+        """The config the step was trained with."""
+        path = self.directory / str(step) / CONFIG_FILE
+        if self._legacy(step):
+            return load_config(self.workdir)
+        try:
+            return ml_collections.ConfigDict(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: unreadable ({error})") from None
 
     def resolve_step(self, which: str | int = "latest") -> int | None:
-        """"latest", "best" or an explicit step -> a saved step (None if there are none)."""
+        """"latest", "best" or an explicit step -> an intact step (None if there are none)."""
         if which == "latest":
             return self.latest_step()
         if which == "best":
             return self.best_step()
         step = int(which)
-        if step not in self._manager.all_steps():
+        if step not in self.all_steps():
             raise FileNotFoundError(
                 f"{self.directory}: no checkpoint for step {step}; saved: {self.all_steps()}")
+        problem = self.problem(step)
+        if problem:
+            raise CheckpointError(f"{self.directory}/{step}: {problem}; intact steps: "
+                                  f"{self.intact_steps()}")
         return step
+
+    # ------------------------------------------------------------------ save
+    def remove_leftovers(self) -> None:
+        """Removes what a killed run left (half-written and half-deleted steps); the caller holds
+        the workdir lock, so nothing of a live run can be among them."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if _is_main() and self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if path.name.endswith((_TMP, _TRASH)) or ".orbax-checkpoint-tmp" in path.name:
+                    logging.info("removing %s, left by an interrupted run", path)
+                    shutil.rmtree(path, ignore_errors=True)
+        _sync("eegkd_checkpoint_cleanup")
+
+    def _move_aside(self, step: int) -> None:
+        path = self.directory / str(step)
+        target, n = path.with_name(f"{step}{_DAMAGED}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{step}{_DAMAGED}-{n}"), n + 1
+        logging.warning("moving damaged %s to %s to save step %d again", path, target.name, step)
+        path.rename(target)
+
+    def save(self, state: TrainState, *, config: ml_collections.ConfigDict | None = None,
+             metrics: dict | None = None) -> bool:
+        """Saves ``state`` under its step with the run's ``config`` (default: the workdir's
+        ``save_config`` copy); ``metrics`` (JSON-able, with "kappa") rank it for "best". Returns
+        False if that step is saved already (e.g. the final step right after a periodic save)."""
+        if self.read_only:
+            raise PermissionError(f"{self.directory}: opened read-only")
+        config = load_config(self.workdir) if config is None else config
+        self.remove_leftovers()
+        step = int(jax.device_get(state.step))
+        final = self.directory / str(step)
+        if final.exists():
+            if not self.problem(step):
+                return False
+            if _is_main():
+                self._move_aside(step)
+            self._problems.pop(step, None)
+        tmp = self.directory / f"{step}{_TMP}"
+        if _is_main():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if jax.process_count() == 1:  # on several hosts a refusal on one would hang the rest
+                self._check_space(state, step)
+            tmp.mkdir()
+        _sync("eegkd_checkpoint_tmp")
+        self._orbax.save(tmp / STATE_DIR, args=ocp.args.StandardSave(state.to_dict()))
+        if _is_main():
+            metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+            (tmp / CONFIG_FILE).write_text(config_json(config))
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, sort_keys=True))
+            write_manifest(tmp, step)
+            tmp.rename(final)
+            _fsync_dir(self.directory)
+        _sync("eegkd_checkpoint_commit")
+        self._problems[step] = None
+        self._prune()
+        return True
+
+    def _check_space(self, state: TrainState, step: int) -> None:
+        """Refuses a save that cannot fit, before a byte of it is written: on a full disk orbax
+        leaves a half-written step and pages of tracebacks from its writer threads. The need is
+        the larger of the state's size and the last step's size on disk, plus a quarter."""
+        state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state.to_dict()))
+        last = self.latest_step()
+        on_disk = 0 if last is None else sum(
+            p.stat().st_blocks * 512 for p in (self.directory / str(last)).rglob("*") if p.is_file())
+        need = max(state_bytes, on_disk) * 5 // 4
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device for checkpoint step {step} (about "
+                          f"{need} bytes needed, {free} free)", str(self.directory))
+
+    def _prune(self) -> None:
+        intact = self.intact_steps()
+        keep = set(intact[-self.keep:]) | {self.best_step()}
+        for step in intact:
+            if step in keep:
+                continue
+            if _is_main():
+                # Renamed first, so that a run killed mid-deletion leaves no half step behind.
+                trash = self.directory / f"{step}{_TRASH}"
+                (self.directory / str(step)).rename(trash)
+                shutil.rmtree(trash)
+            self._problems.pop(step, None)
+        _sync("eegkd_checkpoint_prune")
+
+    # ------------------------------------------------------------------ restore
+    def _candidates(self, which: str | int) -> list[int]:
+        if which == "latest":
+            return [s for s in reversed(self.all_steps()) if not self.problem(s)]
+        if which == "best":
+            best = self.best_step()
+            rest = sorted(self.intact_steps(), key=lambda s: (_kappa(self.metrics(s)), s),
+                          reverse=True)
+            return [best] + [s for s in rest if s != best] if best is not None else []
+        return [self.resolve_step(which)]
+
+    def _restore(self, which: str | int, restore_fn) -> tuple[int, Any]:
+        """Restores the first candidate step that restores. "latest" and "best" fall back to the
+        next intact step, reporting the failed one by number; an explicit step does not."""
+        explicit = which not in ("latest", "best")
+        for step in self._candidates(which):
+            try:
+                return step, restore_fn(self.directory / str(step) / STATE_DIR)
+            except Exception as error:  # orbax / tensorstore errors on damaged data
+                if isinstance(error, ValueError) and "structures do not match" in str(error):
+                    raise ValueError(
+                        f"{self.directory}: the state saved at step {step} does not fit this "
+                        "run's: it was written for another model, mode or optimiser, or by an "
+                        "eegkd-jax from before 2026-12-04, whose Adam kept its moments as one flat "
+                        "vector; train in a new --workdir (eval.py still reads the old "
+                        "checkpoint's model)") from error
+                problem = (f"fails to restore ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:300]})")
+            self._problems[step] = problem
+            if explicit:
+                raise CheckpointError(f"{self.directory}/{step}: {problem}")
+            logging.warning("checkpoint step %d in %s %s; trying an earlier one", step,
+                            self.directory, problem)
+        if not self.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        damaged = "; ".join(f"step {s}: {self.problem(s)}" for s in self.all_steps()
+                            if self.problem(s))
+        raise CheckpointError(f"{self.directory}: no intact checkpoint ({damaged})")
 
     def restore(self, abstract_state: TrainState, which: str | int = "latest") -> TrainState:
         """Restores into the structure, dtypes and shardings of ``abstract_state`` (a TrainState of
         ``jax.ShapeDtypeStruct`` with ``.sharding``, e.g. from ``jax.eval_shape`` + shardings).
+        "latest" and "best" fall back to the next intact step when one fails.
 
         Raises:
           FileNotFoundError: nothing saved (or not that step).
+          CheckpointError: no step passes its checks (each is named with its problem).
           ValueError: the saved state is laid out differently from ``abstract_state`` (another
             model, mode or optimiser, or an earlier eegkd-jax: see the message).
         """
-        step = self.resolve_step(which)
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         target = abstract_state.to_dict()
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        except ValueError as error:
-            if "structures do not match" not in str(error):
-                raise
-            raise ValueError(
-                f"{self.directory}: the state saved at step {step} does not fit this run's: it "
-                f"was written for another model, mode or optimiser, or by an eegkd-jax from "
-                f"before 2026-12-04, whose Adam kept its moments as one flat vector; train in a "
-                f"new --workdir (eval.py still reads the old checkpoint's model)") from error
+        _, restored = self._restore(which, lambda path: self._orbax.restore(
+            path, args=ocp.args.StandardRestore(target)))
         return abstract_state.replace(**restored)
 
-    def restore_raw(self, which: str | int = "best") -> tuple[int, dict]:
+    def restore_raw(self, which: str | int = "best") -> Restored:
         """Restores a saved state as a plain dict of arrays without knowing its structure (for
-        reading another run's model). Returns (step, state dict)."""
-        step = self.resolve_step(which)
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-        return step, restored
+        reading a run's model), with the config it was trained with."""
+        step, state = self._restore(which, lambda path: self._orbax.restore(path))
+        config = self.config(step)
+        _warn_if_edited(self.workdir, step, config)
+        return Restored(step, state, config)
 
     def close(self) -> None:
-        self._manager.close()
+        self._orbax.close()
 
 
-# ---------------------------------------------------------------------- config beside the checkpoints
-def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
-    """Writes the run's config as JSON to ``<workdir>/checkpoints/config.json`` (process 0 only)."""
+def _warn_if_edited(workdir: pathlib.Path, step: int, config: ml_collections.ConfigDict) -> None:
+    """Says so when ``checkpoints/config.json`` no longer matches the config saved with the step
+    (someone edited it): the step's own config is the one used."""
     path = checkpoint_dir(workdir) / CONFIG_FILE
-    if jax.process_index() == 0:
+    try:
+        top = _flatten(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return
+    own = _flatten(json.loads(config_json(config)))
+    changed = sorted(k for k in top.keys() | own.keys() if top.get(k) != own.get(k))
+    if changed:
+        logging.warning("%s differs from the config saved with step %d (%s); the step's config is "
+                        "used", path, step, ", ".join(changed[:8]))
+
+
+# ---------------------------------------------------------------------- the run's config
+def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+    """Writes the run's config to ``<workdir>/checkpoints/config.json`` (process 0 only): a copy
+    for people and tools; eval, predict and resume read the config saved with the step they
+    restore."""
+    path = checkpoint_dir(workdir) / CONFIG_FILE
+    if _is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        tmp.write_text(config_json(config))
         tmp.replace(path)  # atomic, like the checkpoints
     return path
 
@@ -162,8 +476,107 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """Reads back what ``save_config`` wrote (tuples come back as lists)."""
     path = checkpoint_dir(workdir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no saved config; is {workdir} the workdir of a finished run?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+        raise FileNotFoundError(f"{path}: no saved config; is {workdir} the workdir of a training run?")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as error:
+        raise ValueError(f"{path}: not a readable config ({error})") from None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict
+                       ) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (saved value, wanted value)} over the fields that define a run
+    (``IDENTITY_FIELDS`` less ``FREE_FIELDS``). A field only one side has is skipped: it was added
+    or removed by a newer eegkd-jax, and the run could not have set it."""
+    old = _flatten(json.loads(config_json(saved)))
+    new = _flatten(json.loads(config_json(wanted)))
+
+    def counts(key: str) -> bool:
+        return (key.split(".")[0] in IDENTITY_FIELDS
+                and not any(key == f or key.startswith(f + ".") for f in FREE_FIELDS))
+
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if counts(k) and old[k] != new[k]}
+
+
+def check_resumable(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict,
+                    where: str) -> None:
+    """Raises ConfigMismatchError, naming the fields, unless ``wanted`` trains the same networks
+    on the same data in the same mode as ``saved`` (the config of ``where``, a checkpoint)."""
+    diff = config_differences(saved, wanted)
+    if not diff:
+        return
+    shown = list(diff.items())[:8]
+    changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown)
+    more = f" and {len(diff) - len(shown)} more" if len(diff) > len(shown) else ""
+    flags = " ".join(f"--config.{k}={a!r}" for k, (a, _) in shown)
+    raise ConfigMismatchError(
+        f"{where} was trained with other settings than this run's: {changes}{more}. Resume it "
+        f"with its own ({flags}) or train in a new --workdir")
+
+
+# ---------------------------------------------------------------------- one run per workdir
+class WorkdirLock:
+    """One training run per workdir: an exclusive ``flock`` on ``<workdir>/run.lock``, which holds
+    the holder's pid and host.
+
+    The kernel releases the lock when its holder exits, however it exits, so the lock of a killed
+    run is simply taken over by the next one; a second live run is refused at once. On several
+    hosts only process 0 takes it. Use as a context manager.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path):
+        self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        if not _is_main():
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise WorkdirBusyError(
+                f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for that run "
+                "to finish or stop it, or use another --workdir") from None
+        previous = self._holder(fd)
+        if previous.get("pid"):
+            logging.info("taking over %s from pid %s on %s, which is no longer running", self.path,
+                         previous["pid"], previous.get("host", "?"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }).encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except ValueError:  # being written this very moment
+            return {}
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            # The file stays: removing it would let a third run lock a new file while a second
+            # still waits on this one.
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---------------------------------------------------------------------- teacher from another run
@@ -183,16 +596,21 @@ def restore_teacher(teacher_workdir: str | pathlib.Path, which: str | int = "bes
       (model config, params, batch_stats, step): host arrays; the caller places them on its mesh.
     Raises:
       FileNotFoundError: no such run / no checkpoint, with the command that trains one.
+      CheckpointError: no intact checkpoint there.
       ValueError: the run did not train a scalp model.
     """
     if not teacher_workdir:
         raise FileNotFoundError("config.kd.teacher_workdir is empty: " + TRAIN_TEACHER_HINT)
     try:
-        saved = load_config(teacher_workdir)
         ckpt = Checkpointer(teacher_workdir, read_only=True)
+        try:
+            restored = ckpt.restore_raw(which)
+        finally:
+            ckpt.close()
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no trained teacher in {teacher_workdir} ({e}); "
                                 + TRAIN_TEACHER_HINT) from None
+    saved, state = restored.config, restored.state
     mode = saved.get("mode")
     if mode == "supervised" and saved.get("supervised_input") == "scalp":
         fields = ("params", "batch_stats")
@@ -202,9 +620,5 @@ def restore_teacher(teacher_workdir: str | pathlib.Path, which: str | int = "bes
         raise ValueError(
             f"{teacher_workdir} holds a {mode!r} run (input {saved.get('supervised_input')!r}), "
             "not a scalp model; " + TRAIN_TEACHER_HINT)
-    try:
-        step, state = ckpt.restore_raw(which)
-    finally:
-        ckpt.close()
-    logging.info("teacher: %s step %d (%s)", teacher_workdir, step, which)
-    return saved.teacher, state[fields[0]], state.get(fields[1]) or {}, step
+    logging.info("teacher: %s step %d (%s)", teacher_workdir, restored.step, which)
+    return saved.teacher, state[fields[0]], state.get(fields[1]) or {}, restored.step

@@ -1,13 +1,14 @@
 """``evaluate_checkpoint(workdir, ...)``: score a trained run on whole held-out subjects and write
 its report.
 
-    workdir/checkpoints (orbax) + config.json ──restore──▶ model variables
+    workdir/checkpoints/<step> (state + its config, verified) ──restore──▶ model variables
     prepare_cohort ──eval_batches (every epoch once)──▶ jitted sharded forward ──▶ probabilities
     NightCollector ──▶ whole nights ──▶ metrics.evaluate_subjects ──▶ report.write_report
                                                            + one hypnogram TSV per night
 
-The run's own saved config decides the data (source, preprocessing, splits, sequence length) and
-the model, so an evaluation always sees the inputs the model was trained on. Only the checkpoint
+The config saved with the restored step decides the data (source, preprocessing, splits, sequence
+length) and the model, so an evaluation always sees the inputs the model was trained on (an edited
+``checkpoints/config.json`` changes nothing and is warned about). Only the checkpoint
 (best validation kappa, latest, or a step), the split or an explicit subject list, and the batch
 size can be chosen.
 
@@ -133,7 +134,7 @@ def evaluate_checkpoint(
     """Scores a trained run on whole subjects and writes report.json / report.md / figures / TSVs.
 
     Args:
-      workdir: the training run's directory (``<workdir>/checkpoints`` with its config.json).
+      workdir: the training run's directory (``<workdir>/checkpoints``).
       out_dir: where the report goes; default ``<workdir>/eval/<split>-step<step>``.
       checkpoint: "best" (highest validation kappa), "latest", or a step number.
       split: "train", "validation" or "test" subjects of the run's own split; ignored when
@@ -151,6 +152,7 @@ def evaluate_checkpoint(
 
     Raises:
       FileNotFoundError: no such run or checkpoint.
+      checkpoint.CheckpointError: the checkpoint asked for (or every one) fails its checks.
       ValueError: unknown split, an empty subject list, subjects not in the cohort, or
         ``teacher=True`` on a run without a teacher.
     """
@@ -159,7 +161,13 @@ def evaluate_checkpoint(
     from eegkd_jax.models import build_model
 
     workdir = pathlib.Path(workdir).absolute()
-    config = ckpt_lib.load_config(workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+        # "best" / "latest" fall back to the next intact step when one fails its checks.
+        restored = checkpointer.restore_raw(checkpoint)
+    finally:
+        checkpointer.close()
+    step, state, config = restored.step, restored.state, restored.config
     mesh = parallel.make_mesh()
     batch_size = int(batch_size or config.batch_size)
     parallel.check_global_batch_size(batch_size, mesh)
@@ -179,11 +187,6 @@ def evaluate_checkpoint(
     if unknown:
         raise ValueError(f"subjects {unknown} are not in the cohort {list(cohort.subjects)}")
 
-    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        step, state = checkpointer.restore_raw(checkpoint)
-    finally:
-        checkpointer.close()
     out_dir = pathlib.Path(out_dir or workdir / "eval" / f"{label}-step{step}")
     logging.info("evaluating %s step %d (%s) on %s", workdir, step, checkpoint, list(subjects))
 

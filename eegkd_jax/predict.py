@@ -115,10 +115,9 @@ class TrainedModel:
 
 
 def run_workdir(checkpoint: str | pathlib.Path) -> pathlib.Path:
-    """The run directory for ``--checkpoint``: a workdir, or its ``checkpoints`` directory (the
-    one holding config.json)."""
+    """The run directory for ``--checkpoint``: a workdir, or its ``checkpoints`` directory."""
     path = pathlib.Path(checkpoint).absolute()
-    if ckpt_lib.checkpoint_dir(path.parent) == path and (path / ckpt_lib.CONFIG_FILE).is_file():
+    if ckpt_lib.checkpoint_dir(path.parent) == path and not ckpt_lib.checkpoint_dir(path).is_dir():
         return path.parent
     return path
 
@@ -135,7 +134,8 @@ def load_trained_model(
         of an offline / online KD checkpoint).
 
     Raises:
-      FileNotFoundError: no run, no saved config or no such checkpoint there.
+      FileNotFoundError: no run or no such checkpoint there.
+      checkpoint.CheckpointError: the checkpoint asked for (or every one) fails its checks.
       ValueError: ``network="teacher"`` on a run without a teacher.
     """
     from eegkd_jax.models import build_model
@@ -144,12 +144,13 @@ def load_trained_model(
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     workdir = run_workdir(checkpoint)
-    config = ckpt_lib.load_config(workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
-        step, state = checkpointer.restore_raw(which)
+        # The config saved with the step (verified with it) decides the input, not config.json.
+        restored = checkpointer.restore_raw(which)
     finally:
         checkpointer.close()
+    step, state, config = restored.step, restored.state, restored.config
     if network == "teacher":
         if state.get("teacher_params") is None:
             raise ValueError(f"{workdir} ({config.mode}) holds no teacher network")

@@ -106,8 +106,9 @@ def test_evaluate_best_checkpoint_on_test_split(run, tmp_path):
 def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
     config, cohort, module, workdir, saved = run
     subjects = cohort.subjects[:2]
+    # floor=False: the classical floor is fitted on the training subjects, which are among these.
     results = evaluate.evaluate_checkpoint(workdir, tmp_path / "latest", checkpoint="latest",
-                                           subjects=subjects)
+                                           subjects=subjects, floor=False)
     assert results["step"] == 2 and list(results["per_subject"]) == sorted(subjects)
     tsv = tmp_path / "latest" / "hypnograms" / f"{subjects[0]}.tsv"
     _, stages, _ = report.read_hypnogram_tsv(tsv)
@@ -120,7 +121,7 @@ def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
         evaluate.evaluate_checkpoint(workdir, tmp_path / "x", teacher=True)
     with pytest.raises(FileNotFoundError, match="step 7"):
         evaluate.evaluate_checkpoint(workdir, tmp_path / "x", checkpoint=7)
-    with pytest.raises(FileNotFoundError, match="no saved config"):
+    with pytest.raises(FileNotFoundError, match="nothing-here/checkpoints: no such directory"):
         evaluate.evaluate_checkpoint(tmp_path / "nothing-here")
 
 
@@ -147,6 +148,75 @@ def test_eval_cli(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
     assert (out / "report.md").is_file()
+
+
+def test_an_edited_config_json_changes_nothing(run, tmp_path, caplog):
+    """Sampling rate, band-pass, mode and ear-derivation order edited in checkpoints/config.json:
+    evaluation still feeds the model what it was trained on (the config saved with the step) and
+    says the copy differs."""
+    import logging
+    import shutil
+
+    _, _, _, workdir, _ = run
+    edited_run = tmp_path / "edited"
+    shutil.copytree(workdir, edited_run)
+    path = ckpt_lib.checkpoint_dir(edited_run) / "config.json"
+    edited = json.loads(path.read_text())
+    edited["data"]["sampling_rate"] = 16.0
+    edited["data"]["preprocess"]["bandpass_hz"] = [1.0, 3.0]
+    edited["data"]["ear_derivations"] = edited["data"]["ear_derivations"][::-1]
+    edited["mode"], edited["supervised_input"] = "supervised", "scalp"
+    path.write_text(json.dumps(edited))
+    want = evaluate.evaluate_checkpoint(workdir, tmp_path / "a", subjects=["sim-01"], floor=False)
+    with caplog.at_level(logging.WARNING):
+        got = evaluate.evaluate_checkpoint(edited_run, tmp_path / "b", subjects=["sim-01"],
+                                           floor=False)
+    assert got["overall"] == want["overall"]
+    assert (tmp_path / "a" / "hypnograms" / "sim-01.tsv").read_text() == \
+        (tmp_path / "b" / "hypnograms" / "sim-01.tsv").read_text()
+    for field in ("data.sampling_rate", "data.preprocess.bandpass_hz", "data.ear_derivations",
+                  "supervised_input"):
+        assert field in caplog.text
+
+
+def test_eval_never_starts_the_distributed_runtime_named_in_a_saved_config(run, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A run whose saved config names a coordinator: eval.py evaluates it on this machine."""
+    from absl import flags
+
+    config, _, _, workdir, saved = run
+    remote = config.copy_and_resolve_references()
+    remote.distributed.initialize = "yes"
+    remote.distributed.coordinator_address = "10.255.255.1:1234"
+    remote.distributed.num_processes = 2
+    other = tmp_path / "remote"
+    checkpointer = ckpt_lib.Checkpointer(other)
+    checkpointer.save(saved[1], config=remote, metrics={"kappa": 0.5})
+    checkpointer.close()
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    before = set(flags.FLAGS)
+    spec = importlib.util.spec_from_file_location("eval_main", ROOT / "eval.py")
+    eval_main = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(eval_main)
+        eval_main.FLAGS(["eval.py", f"--workdir={other}", f"--out_dir={tmp_path / 'out'}"])
+        eval_main.main(["eval.py"])
+        # A missing workdir: one line, no traceback.
+        eval_main.FLAGS.unparse_flags()
+        eval_main.FLAGS(["eval.py", f"--workdir={tmp_path / 'missing'}"])
+        with pytest.raises(SystemExit):
+            eval_main.main(["eval.py"])
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+    assert calls == []
+    out, err = capsys.readouterr()
+    assert out.startswith("step 1: acc ")
+    assert err.strip().splitlines()[-1] == (f"error: {tmp_path / 'missing'}/checkpoints: no such "
+                                            f"directory; is {tmp_path / 'missing'} the workdir of "
+                                            "a training run?")
 
 
 def test_kd_checkpoint_scores_student_and_teacher(run, tmp_path):

@@ -1,5 +1,6 @@
-"""train_and_evaluate end to end on tiny configs: one step of each mode, exact resume after SIGKILL,
-stop on a non-finite loss, offline KD / transfer from a trained teacher, and the train.py CLI.
+"""train_and_evaluate end to end on tiny configs: one step of each mode, stop on a non-finite loss,
+offline KD / transfer from a trained teacher, and the resumed log. Kills, damaged checkpoints,
+concurrent runs and the other faults are in test_faults.py.
 
 Most tests feed the loop from ``FakePipeline``, an in-memory implementation of the pipeline
 contract (same functions, same batch dicts, batches a function of (seed, step) only), so they test
@@ -8,12 +9,9 @@ the loop and not TFDS; ``test_real_pipeline_one_step`` runs the real pipeline on
 
 import dataclasses
 import json
-import os
+import logging
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -181,7 +179,9 @@ def test_online_kd_one_step_end_to_end(fake_pipeline, tmp_path):
     assert {r["split"] for r in records} == {"train", "validation"}
     train = next(r for r in records if r["split"] == "train")
     assert {"loss", "teacher_loss", "feature_mse", "grad_norm"} <= set(train)
-    assert (tmp_path / "checkpoints" / "1").is_dir()
+    assert (tmp_path / "checkpoints" / "1" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "checkpoints" / "1" / "config.json").read_text())["mode"] == \
+        "online_kd"
     assert (tmp_path / "checkpoints" / "config.json").is_file()
     assert list(tmp_path.glob("events.out.tfevents*")), "TensorBoard events missing"
     # Running the finished command again resumes at the end and reports the same metrics.
@@ -210,7 +210,7 @@ def test_teacher_then_offline_kd_and_transfer(fake_pipeline, tmp_path):
     assert kd["teacher_kappa"] == pytest.approx(teacher["kappa"])
     _, t_params, _, _ = checkpoint.restore_teacher(tmp_path / "t")
     ckpt = checkpoint.Checkpointer(tmp_path / "kd", read_only=True)
-    _, saved = ckpt.restore_raw("latest")
+    saved = ckpt.restore_raw("latest").state
     for a, b in zip(jax.tree.leaves(saved["teacher_params"]), jax.tree.leaves(t_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     transfer = loop.train_and_evaluate(
@@ -225,83 +225,33 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_pipeline,
     from eegkd_jax.train import loop, steps
 
     real_build = steps.build_train_step
+    poison_from = {"state_step": 3}
 
     def poisoned(*args, **kwargs):
         step = real_build(*args, **kwargs)
 
         def wrapped(state, batch):
             new, metrics = step(state, batch)
-            # From the third step on the loss is NaN (as after a divergence).
-            bad = new.step >= 3
+            # The loss of every state from step poison_from on is NaN (as after a divergence).
+            bad = state.step >= poison_from["state_step"]
             return new, dict(metrics, loss=jax.numpy.where(bad, jax.numpy.nan, metrics["loss"]))
         return wrapped
 
     monkeypatch.setattr(steps, "build_train_step", poisoned)
-    config = tiny("supervised", "ear,tiny", max_steps=4, log_every_steps=1)
-    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is step 2"):
-        loop.train_and_evaluate(config, tmp_path)
-    ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
-    assert ckpt.all_steps() == [2]
-
-
-def _run_script(workdir, env):
-    return subprocess.Popen([sys.executable, str(HERE / "test_train.py"), str(workdir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _sigkill_config():
-    return tiny("online_kd", max_steps=6, num_epochs=10)  # checkpoints at steps 2, 4, 6
-
-
-def test_resume_after_sigkill_matches_an_uninterrupted_run(fake_pipeline, tmp_path,
-                                                           compilation_cache):
-    from eegkd_jax import checkpoint
-    from eegkd_jax.train import loop
-
-    # The uninterrupted reference runs here (and fills the compilation cache for the workers).
-    want = loop.train_and_evaluate(_sigkill_config(), tmp_path / "ref")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    killed = _run_script(tmp_path / "run", env)
-    ckpts = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 240
-    # The worker sleeps 0.5 s per batch. Kill it while it writes the step-4 checkpoint if we catch
-    # that moment, else shortly after step 2 was saved (mid-training).
-    saved_2_at = None
-    while time.time() < deadline and killed.poll() is None:
-        if list(ckpts.glob("4.orbax-checkpoint-tmp*")):
-            break
-        if saved_2_at is None and (ckpts / "2").is_dir():
-            saved_2_at = time.time()
-        if saved_2_at is not None and time.time() - saved_2_at > 0.7:
-            break
-        time.sleep(0.01)
-    assert killed.poll() is None, "the run finished before it could be killed"
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert not (tmp_path / "run" / "result.json").exists()
-
-    resumed = _run_script(tmp_path / "run", env)
-    out = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, out[-3000:]
-    assert "resumed from" in out
-    got = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert got == json.loads(json.dumps(want)) and got["step"] == 6
-    # The log has each step once, as the uninterrupted run's has (steps re-run after the kill
-    # replace the records the killed run wrote past its last checkpoint).
-    logged = [[(r["step"], r["split"]) for r in _lines(tmp_path / name / "metrics.jsonl")]
-              for name in ("ref", "run")]
-    assert logged[1] == logged[0]
-    # Not only the metrics: the final weights of both networks are bit-identical.
-    finals = [checkpoint.Checkpointer(tmp_path / name, read_only=True).restore_raw("latest")
-              for name in ("ref", "run")]
-    assert finals[0][0] == finals[1][0] == 6
-    leaves = [jax.tree.leaves((f[1]["params"], f[1]["teacher_params"], f[1]["opt_state"]))
-              for f in finals]
-    for a, b in zip(*leaves):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config = tiny("supervised", "ear,tiny", max_steps=4, log_every_steps=1)  # 3 steps: 1 epoch
+    # The last state's loss is NaN: caught before the final save.
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step 3: the state of step 3 gives "
+                                                      r"non-finite \{'loss': nan\}; the last good "
+                                                      r"checkpoint is step 2 in") as info:
+        loop.train_and_evaluate(config, tmp_path / "late")
+    assert "\n" not in str(info.value)
+    assert checkpoint.Checkpointer(tmp_path / "late", read_only=True).all_steps() == [2]
+    # The state of step 2 gives a NaN loss itself: it is not saved, and nothing before it was.
+    poison_from["state_step"] = 2
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step 2: the state of step 2 gives "
+                                                      r"non-finite.*no checkpoint was saved"):
+        loop.train_and_evaluate(config, tmp_path / "early")
+    assert checkpoint.Checkpointer(tmp_path / "early", read_only=True).all_steps() == []
 
 
 def test_real_pipeline_one_step(tmp_path, compilation_cache):
@@ -318,27 +268,6 @@ def test_real_pipeline_one_step(tmp_path, compilation_cache):
     assert result["num_epochs"] > 0
 
 
-if __name__ == "__main__":
-    # Worker for the SIGKILL test: the same online-KD run on the fake pipeline; writes result.json.
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.INFO)
-    workdir = pathlib.Path(sys.argv[1])
-    real_batches = FakePipeline.train_batches
-
-    def slow_batches(*args, **kwargs):  # leaves the test time to kill this run mid-way
-        for batch in real_batches(*args, **kwargs):
-            time.sleep(0.5)
-            yield batch
-
-    FakePipeline.train_batches = slow_batches
-    install_fake_pipeline()
-    from eegkd_jax.train import loop
-
-    result = loop.train_and_evaluate(_sigkill_config(), workdir)
-    (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
-
-
 def test_resumed_log_drops_records_past_the_checkpoint(tmp_path):
     # A run killed after logging step 4 but before checkpointing it resumes from step 2 and logs
     # steps 3 and 4 again; the log must not hold them twice.
@@ -352,3 +281,32 @@ def test_resumed_log_drops_records_past_the_checkpoint(tmp_path):
     logger.close()
     records = _lines(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_resumed_log_drops_a_torn_last_line_and_refuses_a_bad_one_inside(tmp_path, caplog):
+    from eegkd_jax import errors
+    from eegkd_jax.train import loop
+
+    path = tmp_path / "metrics.jsonl"
+    good = "".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in (1, 2))
+    path.write_text(good + '{"step": 3, "spl')  # what a power loss mid-write leaves
+    with caplog.at_level(logging.WARNING):
+        logger = loop._Logger(tmp_path, resume_step=4)
+    logger.close()
+    assert "dropping its last line" in caplog.text
+    assert path.read_text() == good and len(logger.train_history) == 2
+    path.write_text('{"step": 1, "spl\n' + good)
+    with pytest.raises(errors.UserError, match=r"metrics.jsonl:1: not a metrics record"):
+        loop._Logger(tmp_path, resume_step=4)
+
+
+def test_loss_guard_running_level():
+    from eegkd_jax.train import loop
+
+    guard = loop.LossGuard(100.0, [{"loss": 2.0}, {"loss": 4.0}])
+    assert guard.level("loss") == 3.0 and guard.problem({"loss": 299.0}) is None
+    kind, why = guard.problem({"loss": 301.0, "grad_norm": 1.0})
+    assert kind is loop.DivergedError and "over 100 times its running level 3" in why
+    assert guard.problem({"loss": float("inf")})[0] is loop.NonFiniteLossError
+    low = loop.LossGuard(100.0, [{"loss": 1e-6}])  # trained to ~0: the level is at least 1
+    assert low.problem({"loss": 0.5}) is None

@@ -1,9 +1,17 @@
 """``train_and_evaluate(config, workdir)``: the whole training run of any mode.
 
-prepare_cohort -> subject splits -> models -> state (fresh, or restored from the latest checkpoint:
-re-running the same command resumes) -> jitted sharded steps -> periodic validation over whole
-validation subjects -> checkpoints (latest + best kappa) -> CLU writers (TensorBoard + log) and
-``<workdir>/metrics.jsonl``.
+lock the workdir -> check this config against the one saved with the latest intact checkpoint ->
+prepare_cohort -> subject splits -> models -> state (fresh, or restored from the latest intact
+checkpoint: re-running the same command resumes) -> jitted sharded steps -> periodic validation over
+whole validation subjects -> guarded checkpoints (latest + best kappa) -> CLU writers (TensorBoard +
+log) and ``<workdir>/metrics.jsonl``.
+
+Guards: one run per workdir (``checkpoint.WorkdirLock``); a rerun whose model, data or mode
+settings differ from its checkpoints' is refused before anything is written; a workdir holding only
+damaged checkpoints is refused rather than trained from scratch; training stops, naming the last
+good checkpoint, when a metric is not finite or a loss jumps above ``divergence_factor`` times its
+running level; a checkpoint is written only when its parameters are finite and the loss it gives is
+finite and in range.
 
 Exact resumption: the state carries the step and the run's PRNG key (dropout keys are
 ``fold_in(key, step)``), and the pipeline's batch at step k depends only on (seed, k), so a run
@@ -12,20 +20,25 @@ resumed from step k continues exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import collections
 import json
 from absl import logging
 import math
 import pathlib
+import statistics
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers
 from tqdm import tqdm
 
 from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import errors
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import parallel
 from eegkd_jax.train import state as state_lib
@@ -35,8 +48,57 @@ KD_MODES = ("offline_kd", "online_kd")
 SUMMARY_KEYS = ("accuracy", "kappa", "macro_f1")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN / infinite loss; the checkpoints on disk predate it."""
+# config.divergence_factor when the config has none: a loss 1000 times its running level.
+DEFAULT_DIVERGENCE_FACTOR = 1e3
+LOSS_KEYS = ("loss", "teacher_loss")
+RUNNING_WINDOWS = 10  # logged means that make a loss's running level
+
+
+class DivergedError(errors.UserError, FloatingPointError):
+    """A loss jumped far above its running level; the checkpoints on disk predate it."""
+
+
+class NonFiniteLossError(DivergedError):
+    """Training produced a NaN / infinite loss or parameter; the checkpoints on disk predate it."""
+
+
+class LossGuard:
+    """Decides whether the metrics of a stretch of training are sound.
+
+    Unsound: any metric not finite, or a loss ("loss", "teacher_loss") above ``factor`` times its
+    running level, the mean of its last ``RUNNING_WINDOWS`` accepted values but at least 1, so that
+    a loss trained to almost zero is not stopped by ordinary noise.
+
+    Args:
+      factor: config.divergence_factor.
+      history: earlier logged train records (a resumed run's), oldest first.
+    """
+
+    def __init__(self, factor: float, history: Sequence[dict] = ()):
+        self.factor = float(factor)
+        self.recent = {k: collections.deque(maxlen=RUNNING_WINDOWS) for k in LOSS_KEYS}
+        for record in history:
+            self.accept(record)
+
+    def level(self, key: str) -> float:
+        return max(statistics.fmean(self.recent[key]) if self.recent[key] else 1.0, 1.0)
+
+    def problem(self, values: dict[str, float]) -> tuple[type, str] | None:
+        """(error type, what is wrong) for unsound ``values``, else None."""
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            return NonFiniteLossError, f"non-finite {bad}"
+        for key in LOSS_KEYS:
+            if key in values and values[key] > self.factor * self.level(key):
+                return DivergedError, (f"{key} {values[key]:.4g} is over {self.factor:g} times its "
+                                       f"running level {self.level(key):.4g}")
+        return None
+
+    def accept(self, values: dict) -> None:
+        for key in LOSS_KEYS:
+            value = values.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.recent[key].append(float(value))
 
 
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -82,23 +144,51 @@ def _place_replicated(tree: Any, abstract: Any, mesh, what: str) -> Any:
     return jax.tree.map(place, tree, abstract)
 
 
+def read_log(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """The records of a metrics.jsonl as (line, record) pairs. A torn last line (what a crash or
+    power loss in the middle of a write leaves) is dropped with a warning; a bad line elsewhere is
+    an error naming the file and line."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                logging.warning("%s: dropping its last line, %d bytes that are not a whole record "
+                                "(a write cut short by a crash or power loss)", path, len(line))
+                continue
+            raise errors.UserError(f"{path}:{number}: not a metrics record; fix or delete that "
+                                   "line to resume") from None
+        records.append((line if line.endswith("\n") else line + "\n", record))
+    return records
+
+
 class _Logger:
-    """CLU writer (TensorBoard + absl log) plus the JSON-lines file; process 0 writes."""
+    """CLU writer (TensorBoard + absl log) plus the JSON-lines file; process 0 writes.
+
+    ``train_history``: the logged train records up to the resumed step (every process reads them,
+    so that every process's LossGuard decides alike)."""
 
     def __init__(self, workdir: pathlib.Path, resume_step: int):
         self.is_main = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.is_main)
         self.jsonl = None
-        if self.is_main:
-            path = workdir / "metrics.jsonl"
-            if path.exists():
-                # A run killed after logging step k but before checkpointing it resumes below k and
-                # logs those steps again: drop the records past the checkpoint it resumes from.
-                kept = [line for line in path.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.train_history: list[dict] = []
+        path = workdir / "metrics.jsonl"
+        if path.exists():
+            # A run killed after logging step k but before checkpointing it resumes below k and
+            # logs those steps again: drop the records past the checkpoint it resumes from.
+            kept = [(line, r) for line, r in read_log(path) if r["step"] <= resume_step]
+            self.train_history = [r for _, r in kept if r.get("split") == "train"]
+            if self.is_main:
                 tmp = path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(kept))
+                tmp.write_text("".join(line for line, _ in kept))
                 tmp.replace(path)
+        if self.is_main:
             self.jsonl = path.open("a")
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
@@ -109,10 +199,24 @@ class _Logger:
             self.jsonl.flush()
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-        if self.jsonl:
-            self.jsonl.close()
+        try:
+            self.writer.flush()
+            self.writer.close()
+        finally:
+            if self.jsonl:
+                self.jsonl.close()
+
+
+def _close_all(closers: Sequence[Callable[[], Any]], *, failing: bool) -> None:
+    """Runs every closer. While another error propagates (``failing``), a closer's own failure
+    (the disk is full for its last flush too) is logged rather than raised over that error."""
+    for close in closers:
+        try:
+            close()
+        except Exception as error:
+            if not failing:
+                raise
+            logging.warning("while stopping after an error: %s: %s", type(error).__name__, error)
 
 
 def evaluate(eval_fn: Callable, state: state_lib.TrainState, batches, subjects, mesh) -> dict:
@@ -150,21 +254,58 @@ def evaluate(eval_fn: Callable, state: state_lib.TrainState, batches, subjects, 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains the configured mode in ``workdir`` (resuming from its latest checkpoint if any) and
-    returns the final validation metrics (flat dict: accuracy, kappa, macro_f1, and teacher_* in KD
-    modes, plus step)."""
+    """Trains the configured mode in ``workdir`` (resuming from its latest intact checkpoint if
+    any) and returns the final validation metrics (flat dict: accuracy, kappa, macro_f1, and
+    teacher_* in KD modes, plus step).
+
+    Raises:
+      checkpoint.WorkdirBusyError: another run holds the workdir.
+      checkpoint.ConfigMismatchError: the workdir's checkpoints were trained with other model, data
+        or mode settings (nothing is written).
+      checkpoint.CheckpointError: the workdir holds checkpoints but none passes its checks.
+      DivergedError / NonFiniteLossError: training went wrong; the message names the last good
+        checkpoint.
+    """
+    parallel.maybe_initialize_distributed(config.distributed)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with ckpt_lib.WorkdirLock(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _finite_fields(state: state_lib.TrainState) -> dict[str, jax.Array]:
+    """{state field: whether every floating-point value in it is finite} (jit it)."""
+    def finite(tree):
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+    return {name: finite(tree) for name, tree in state.to_dict().items()}
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     # Imported here so that importing the training library stays cheap (TensorFlow, models).
     from eegkd_jax.data import pipeline
     from eegkd_jax.models import build_model, init_variables
 
-    parallel.maybe_initialize_distributed(config.distributed)
-    workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = parallel.make_mesh()
-    parallel.check_global_batch_size(config.batch_size, mesh)
     if config.mode not in ("supervised", "offline_kd", "online_kd", "transfer"):
         raise ValueError(f"unknown config.mode {config.mode!r}")
 
+    # ---- checkpoints: checked before anything is prepared or written
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        ckpt_lib.check_resumable(checkpointer.config(resume_step), config,
+                                 f"{checkpointer.directory}/{resume_step}")
+    elif checkpointer.all_steps():
+        problems = "; ".join(f"step {s}: {checkpointer.problem(s)}" for s in checkpointer.all_steps())
+        raise ckpt_lib.CheckpointError(
+            f"{checkpointer.directory} holds checkpoints but none passes its checks ({problems}); "
+            "not starting over: move them away to train from scratch, or use another --workdir")
+    checkpointer.remove_leftovers()  # what a killed run left half-written or half-deleted
+
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch_size(config.batch_size, mesh)
     # ---- data
     cohort = pipeline.prepare_cohort(config.data)
     splits = pipeline.subject_splits(cohort.subjects, config.data)
@@ -214,8 +355,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                             abstract)
 
     ckpt_lib.save_config(config, workdir)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    resume_step = checkpointer.latest_step()
 
     step_fn = steps_lib.build_train_step(config, student=student, tx=tx, teacher=teacher,
                                          teacher_tx=teacher_tx)
@@ -223,6 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # ---- state: resume or start
     if resume_step is not None:
+        # Falls back to an earlier intact step if the latest one fails to restore.
         state = checkpointer.restore(abstract, "latest")
         logging.info("resumed from %s at step %d", checkpointer.directory, int(state.step))
     else:
@@ -256,32 +396,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # ---- loop
     start = int(jax.device_get(state.step))
     logger = _Logger(workdir, resume_step=start)
+    guard = LossGuard(config.get("divergence_factor", DEFAULT_DIVERGENCE_FACTOR),
+                      logger.train_history[-RUNNING_WINDOWS:])
+    finite_fields = jax.jit(_finite_fields)
     batches = pipeline.train_batches(
         cohort, splits.train, config.data, global_batch_size=config.batch_size, seed=config.seed,
         start_step=start, stop_step=total_steps, process_index=jax.process_index(),
         process_count=jax.process_count())
     sums, count, validation = None, 0, {}
 
+    def stop(error_type: type, problem: str, when: str) -> None:
+        last = checkpointer.latest_step()
+        good = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
+                if last is not None else "no checkpoint was saved")
+        hint = "try a lower --config.optimizer.learning_rate or --config.optimizer.grad_clip_norm"
+        if error_type is DivergedError:
+            hint += ", or a higher --config.divergence_factor if such a jump is expected"
+        raise error_type(f"training stopped {when}: {problem}; {good}; {hint}")
+
     def check_and_log(step: int) -> None:
         nonlocal sums, count
         if sums is None:
             return
         means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-        if not all(math.isfinite(v) for v in means.values()):
-            last = checkpointer.latest_step()
-            raise NonFiniteLossError(
-                f"non-finite training loss between steps {step - count + 1} and {step}: {means}. "
-                f"Stopped; the last good checkpoint is step {last} in {checkpointer.directory}. "
-                "Try a lower --config.optimizer.learning_rate or --config.optimizer.grad_clip_norm.")
+        found = guard.problem(means)
+        if found:
+            stop(*found, f"between steps {step - count + 1} and {step}")
+        guard.accept(means)
         logger.write(step, "train", means)
         sums, count = None, 0
 
+    def check_before_save(step: int, batch: dict) -> None:
+        """The state about to be saved must be sound itself, not only the steps before it: its
+        parameters finite, and the loss it gives finite and in range (the step it would take next,
+        run on a copy on the same batch and thrown away)."""
+        check_and_log(step)
+        bad = [k for k, ok in jax.device_get(finite_fields(state)).items() if not ok]
+        if bad:
+            stop(NonFiniteLossError, f"non-finite values in {bad}", f"at step {step}")
+        _, probe = train_step(jax.tree.map(jnp.copy, state), batch)
+        found = guard.problem({k: float(v) for k, v in jax.device_get(probe).items()})
+        if found:
+            stop(found[0], f"the state of step {step} gives {found[1]}", f"at step {step}")
+
     progress = tqdm(total=total_steps, initial=start, desc=config.mode, unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
+    closers = (progress.close, logger.close, checkpointer.close)
     t0 = time.time()
     try:
         for step in range(start + 1, total_steps + 1):
-            state, step_metrics = train_step(state, parallel.host_batch_to_global(next(batches), mesh))
+            batch = parallel.host_batch_to_global(next(batches), mesh)
+            state, step_metrics = train_step(state, batch)
             # Sums stay on the device; nothing is synchronised until a log step.
             sums = step_metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, step_metrics)
             count += 1
@@ -297,13 +462,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     logger.write(step, "validation", validation)
                     logging.info("step %d validation %s", step, validation)
             if step % ckpt_every == 0 or last:
-                check_and_log(step)  # never save a state that produced a non-finite loss
-                checkpointer.save(state, metrics=validation if step % eval_every == 0 or last
-                                  else None)
+                check_before_save(step, batch)
+                checkpointer.save(state, config=config,
+                                  metrics=validation if step % eval_every == 0 or last else None)
         if start >= total_steps:  # already finished: re-evaluate the restored final state
             validation = run_validation()
-    finally:
-        progress.close()
-        logger.close()
-        checkpointer.close()
+    except BaseException:
+        _close_all(closers, failing=True)
+        raise
+    _close_all(closers, failing=False)
     return {"step": int(jax.device_get(state.step)), **validation}
