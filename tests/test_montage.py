@@ -66,9 +66,13 @@ def test_missing_ear_electrode_leaves_the_mean():
     rejected_too, _ = montage.derive(rec, ("L_E",), rejected={"ELG"})
     np.testing.assert_array_equal(rejected_too, out)
     without_canal = make_recording(ear=("ELA", "ELB", "ERA"), subject="sub-002")
-    with pytest.raises(DataError, match=r"sub-002: derivation L_E: every electrode of ELE, ELG, ELI, "
-                                        r"ELK is rejected or missing"):
+    with pytest.raises(DataError, match=r"sub-002: derivation L_E: the recording has none of ELE, "
+                                        r"ELG, ELI, ELK"):
         montage.derive(without_canal, ("L_E",))
+    with pytest.raises(DataError, match=r"derivation L_E: every electrode of ELE, ELG, ELI, ELK is "
+                                        r"rejected or missing \(missing: ELG, ELI, ELK\) "
+                                        r"\(rejected: \['ELE'\]\)"):
+        montage.derive(make_recording(ear=("ELA", "ELE")), ("L_E",), rejected={"ELE"})
 
 
 def test_scalp_pairs_and_ready_made_bipolar_channels():

@@ -405,12 +405,13 @@ def _plan(recording: Recording, spec: str, rejected: _Rejected) -> _Plan:
         sides = []
         for side, kept_side in zip((plus, minus), kept):
             found = [e for e in kept_side if e in paths]
+            if not found and len(kept_side) == len(side):
+                raise refuse(f"the recording has none of {', '.join(side)}")
             if not found:
-                what = "rejected" if not kept_side else "rejected or missing"
                 missing = [e for e in kept_side if e not in paths]
                 raise refuse(
-                    f"every electrode of {', '.join(side)} is {what}"
-                    + (f" (missing: {', '.join(missing)})" if missing else "")
+                    f"every electrode of {', '.join(side)} is rejected"
+                    + (f" or missing (missing: {', '.join(missing)})" if missing else "")
                     + f" (rejected: {list(rejected.names)})")
             sides.append(tuple(paths[e] for e in found))
         return _Plan(spec, sides[0], sides[1], False)
