@@ -62,17 +62,23 @@ def resolve_config(args: Sequence[str]) -> list[str]:
 
 def _run_absl(prog: str, args: Sequence[str], define: Callable[[], object],
               main: Callable[[list[str]], None]) -> None:
-    """Runs an absl main under the name ``prog``. ml_collections' config flags read their
-    ``--config.*`` overrides from sys.argv when they are defined, so sys.argv is set first."""
+    """Runs an absl main under the name ``prog``, a user's mistake reported in one line
+    (``errors``). ml_collections' config flags read their ``--config.*`` overrides from sys.argv
+    when they are defined, so sys.argv is set first."""
     from absl import app, flags
+
+    from eegkd_jax import errors
 
     sys.argv = [prog, *args]
     before = set(flags.FLAGS)
-    define()
+    try:
+        define()  # a config flag parses its file and overrides already
+    except Exception as error:  # noqa: BLE001 - config_flags raises anything the file raises
+        errors.exit_on_flag_error(error, sys.argv)
     # --help lists the key flags of the module named by argv[0]: make the command's flags its own.
     for name in sorted(set(flags.FLAGS) - before):
         flags.FLAGS.register_key_flag_for_module(prog, flags.FLAGS[name])
-    app.run(main, argv=list(sys.argv))
+    app.run(errors.report_errors(main), argv=list(sys.argv), flags_parser=errors.parse_flags)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,29 +113,44 @@ class _QuietOrbax(std_logging.Filter):
 
 def train_main(argv: Sequence[str]) -> None:
     """absl main of ``eegkd train``: flags -> config -> ``train_and_evaluate``; prints the final
-    validation scores. Re-running the same command resumes from the latest checkpoint."""
+    validation scores beside the classical floor. Re-running the same command resumes from the
+    latest intact checkpoint."""
     from absl import app, logging
+
+    from eegkd_jax import errors
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    config_flag, workdir_flag = define_train_flags()
+    config = errors.config_value(config_flag)  # before the slow imports below
     logging.get_absl_handler().addFilter(_QuietOrbax())
     from eegkd_jax import compilation_cache
     from eegkd_jax.train.loop import train_and_evaluate
 
     compilation_cache.enable()  # a rerun skips the tens of seconds of step compilation
-    config_flag, workdir_flag = define_train_flags()
-    config = config_flag.value
     workdir = workdir_flag.value or f"runs/{config.mode}"
     logging.info("config:\n%s", config)
     result = train_and_evaluate(config, workdir)
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     print(f"final validation ({workdir}): {json.dumps(summary)}")
     if "kappa" in result:
-        line = (f"validation kappa: {'student' if 'teacher_kappa' in result else 'model'} "
-                f"{result['kappa']:.3f}")
-        if "teacher_kappa" in result:
-            line += f", teacher {result['teacher_kappa']:.3f}"
-        print(line)
+        print(kappa_line(config, result))
+
+
+def kappa_line(config, result) -> str:
+    """The validation kappas with the classical floor of the same signal beside each."""
+    from eegkd_jax.baseline import validation_floors
+    from eegkd_jax.train.steps import student_input
+
+    floors = validation_floors(config.data)
+    signal = student_input(config)
+    parts = [f"{'student' if 'teacher_kappa' in result else 'model'} ({signal}) "
+             f"{result['kappa']:.3f} (floor {floors.get(signal, float('nan')):.3f})"]
+    if "teacher_kappa" in result:
+        parts.append(f"teacher (scalp) {result['teacher_kappa']:.3f} "
+                     f"(floor {floors.get('scalp', float('nan')):.3f})")
+    return ("validation kappa: " + ", ".join(parts)
+            + "; floor = band powers + logistic regression on the same split")
 
 
 def train(args: Sequence[str], prog: str = "eegkd train") -> None:
@@ -169,9 +190,9 @@ def eval_main(argv: Sequence[str]) -> None:
     """absl main of ``eegkd eval``: scores the run's checkpoint on whole held-out subjects and
     writes report.json, report.md, confusion_matrix.png and hypnograms/ (see
     ``evaluate.evaluate_checkpoint``)."""
+    import ml_collections
     from absl import app, logging
 
-    from eegkd_jax import checkpoint as ckpt_lib
     from eegkd_jax import compilation_cache, evaluate, metrics, parallel
 
     if len(argv) > 1:
@@ -187,8 +208,10 @@ def eval_main(argv: Sequence[str]) -> None:
             raise app.UsageError(
                 f'--checkpoint must be "best", "latest" or a step number, got {checkpoint!r}'
             ) from None
-    # A multi-host evaluation starts the same way the run did (before any device is touched).
-    parallel.maybe_initialize_distributed(ckpt_lib.load_config(flags.workdir).distributed)
+    # A multi-host evaluation is started by its launcher's environment, never by the distributed
+    # block saved with the run: that names the training job's hosts (before any device is touched).
+    parallel.maybe_initialize_distributed(ml_collections.ConfigDict(
+        {"initialize": "auto", "coordinator_address": "", "num_processes": 0, "process_id": -1}))
     results = evaluate.evaluate_checkpoint(
         flags.workdir, flags.out_dir, checkpoint=checkpoint, split=flags.split,
         subjects=flags.subjects, batch_size=flags.batch_size, teacher=flags.teacher)

@@ -61,9 +61,11 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         return {"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.123456}
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
-    from eegkd_jax import compilation_cache
+    from eegkd_jax import baseline, compilation_cache, errors
 
     monkeypatch.setattr(compilation_cache, "enable", lambda: None)  # no cache for later tests
+    monkeypatch.setattr(baseline, "validation_floors", lambda data: {"ear": 0.1, "scalp": 0.2})
+    monkeypatch.setattr(errors, "_in_cli", False)  # parse_flags sets it for the process
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     before = set(flags.FLAGS)
     try:
@@ -75,13 +77,36 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
-        monkeypatch.setattr(cli, "_TRAIN_FLAGS", None)
+        cli._TRAIN_FLAGS = None  # the flags it held are gone
     assert seen["config"].mode == "online_kd" and seen["config"].seed == 3
     assert seen["config"].max_steps == 4 and seen["workdir"] == str(tmp_path / "run")
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == (f"final validation ({tmp_path / 'run'}): "
                        '{"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.1235}')
-    assert out[-1] == "validation kappa: student 0.250, teacher 0.500"
+    assert out[-1] == ("validation kappa: student (ear) 0.250 (floor 0.100), teacher (scalp) 0.500 "
+                       "(floor 0.200); floor = band powers + logistic regression on the same split")
+
+
+def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
+    from absl import flags
+
+    from eegkd_jax import errors
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(errors, "_in_cli", False)
+    before = set(flags.FLAGS)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
+                      "--config.optimiser.learning_rate=1"])
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        cli._TRAIN_FLAGS = None  # the flags it held are gone
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("error: --config.optimiser") and "optimizer" in err
 
 
 def test_the_command_works_from_any_directory(tmp_path):
