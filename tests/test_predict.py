@@ -382,10 +382,6 @@ def test_channel_map_stands_in_for_missing_electrodes(runs, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.skipif(
-    __import__("eegkd_jax.data.edf", fromlist=["edf"]).classify_edf_channel("C3-A1") == "drop",
-    reason="the EDF reader does not yet read labels without their type (edf.classify_edf_channel "
-           "is to use montage.eeg_group)")
 def test_labels_without_type_prefix_are_read(runs, tmp_path):
     # DREAMS writes "C3-A1", "O1-A1" without "EEG ".
     labels = ("C3-A1", "C4-A1", "O1-A1", "O2-A1", "A2-A1", "EOG1-A1")

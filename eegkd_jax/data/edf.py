@@ -45,7 +45,7 @@ import pathlib
 
 import numpy as np
 
-from eegkd_jax.data import bids
+from eegkd_jax.data import bids, montage
 from eegkd_jax.data.recording import DataError, Recording
 
 EPOCH_SECONDS = 30.0
@@ -449,15 +449,9 @@ def read_hypnogram(path: str | pathlib.Path, epoch_seconds: float = EPOCH_SECOND
 
 
 def classify_edf_channel(name: str) -> str:
-    """``"scalp"``, ``"ear"`` or ``"drop"`` for an EDF signal label (see module docstring)."""
-    parts = name.strip().split(None, 1)
-    if len(parts) == 2 and parts[0].upper() == "EEG":
-        bare = parts[1]
-    elif len(parts) == 1 and bids.classify_channel(parts[0]) in ("scalp", "ear"):
-        bare = parts[0]
-    else:
-        return "drop"
-    return "ear" if bids.classify_channel(bare) == "ear" else "scalp"
+    """``"scalp"``, ``"ear"`` or ``"drop"`` for an EDF signal label: any 10-20 or ear-EEG label,
+    with or without the "EEG " prefix and a reference (``montage.parse_label`` reads it)."""
+    return montage.eeg_group(name) or "drop"
 
 
 def _scoring_start(hyp: Hypnogram, psg_start, psg_path: pathlib.Path) -> float:
