@@ -31,7 +31,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.common import data_config  # noqa: E402
+from eegkd_jax.configs.common import data_config  # noqa: E402
 from eegkd_jax.data import pipeline  # noqa: E402
 
 

@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from benchmarks import machine, train_step  # noqa: E402
-from configs import common  # noqa: E402
+from eegkd_jax.configs import common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The reference step's interpreter: the separate torch venv by default (--torch-python overrides,
@@ -214,7 +214,7 @@ def first_step_child(config_name: str, batch: int) -> None:
     imported = time.perf_counter()
     args = step_args(batch, 1, 0, "float32")
     if config_name == "online_kd":  # the default run's networks, rate, sequences and batch
-        from configs import online_kd
+        from eegkd_jax.configs import online_kd
         config = online_kd.get_config()
         model_cfg = config.model
         args.batch, args.sequence_length = config.batch_size, config.data.sequence_length

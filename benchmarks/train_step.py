@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import common  # noqa: E402
+from eegkd_jax.configs import common  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from eegkd_jax import models, parallel  # noqa: E402
 from eegkd_jax.train import state as state_lib  # noqa: E402

@@ -13,7 +13,7 @@ export take ordinary options. ``python train.py`` and ``python eval.py`` run the
 ``eegkd train`` and ``eegkd eval``.
 
 ``--config`` takes a config file, or the name of one shipped inside the package
-(``--config=online_kd:tiny``) once the configs live there, so that an installed ``eegkd`` works
+(``--config=online_kd:tiny``), so that an installed ``eegkd`` works
 from any directory.
 """
 

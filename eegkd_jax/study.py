@@ -118,7 +118,7 @@ def plan_folds(subjects: Sequence[str], study_cfg) -> list[Fold]:
 
 def _mode_configs():
     """Method name -> (mode config file, variant), from configs/loso.py."""
-    from configs import loso
+    from eegkd_jax.configs import loso
 
     return loso.METHODS
 
@@ -137,7 +137,7 @@ def method_config(config: ml_collections.ConfigDict, method: str, fold: Fold,
     if method not in methods:
         raise ValueError(f"unknown study method {method!r}; known: {list(methods)}")
     file, variant = methods[method]
-    mode_cfg = importlib.import_module(f"configs.{file}").get_config(variant)
+    mode_cfg = importlib.import_module(f"eegkd_jax.configs.{file}").get_config(variant)
 
     shared = config.to_dict()
     shared.pop("study", None)
@@ -389,11 +389,13 @@ def paired_difference(records: Sequence[dict], method: str, reference: str,
         return None
     groups = [np.asarray(v) for v in by_subject.values()]
     rng = np.random.default_rng(0)
-    means = np.empty(resamples)
-    for i in range(resamples):
-        drawn = rng.integers(len(groups), size=len(groups))
-        means[i] = np.mean([groups[g][rng.integers(groups[g].size, size=groups[g].size)].mean()
-                            for g in drawn])
+    n = len(groups)
+    # resampled[g, r, s]: subject g's mean over its seeds drawn with replacement, for slot s of
+    # replicate r; each replicate then draws which subject fills each of its n slots.
+    resampled = np.stack([g[rng.integers(g.size, size=(resamples, n, g.size))].mean(-1)
+                          for g in groups])
+    drawn = rng.integers(n, size=(resamples, n))
+    means = resampled[drawn, np.arange(resamples)[:, None], np.arange(n)[None, :]].mean(1)
     per_subject = np.array([g.mean() for g in groups])
     p = None
     if per_subject.size >= 2 and np.any(per_subject != 0):
@@ -526,7 +528,7 @@ def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str]) -> p
 # --------------------------------------------------------------------------------------------------
 # Command line
 
-LOSO_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "loso.py"
+LOSO_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "loso.py"
 
 
 _CONFIG = None

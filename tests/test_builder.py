@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 import pytest
 
-from configs.common import data_config
+from eegkd_jax.configs.common import data_config
 from eegkd_jax.data import builder, preprocess, sources
 from eegkd_jax.data.recording import DataError
 

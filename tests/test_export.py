@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, supervised
+from eegkd_jax.configs import common, supervised
 from eegkd_jax import export, model_card
 from test_predict import MODEL_RATE, fresh_state, save_run
 

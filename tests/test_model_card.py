@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from configs import offline_kd, online_kd, supervised
+from eegkd_jax.configs import offline_kd, online_kd, supervised
 from eegkd_jax import model_card
 from eegkd_jax.data.pipeline import Splits
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
+from eegkd_jax.configs import common
 from eegkd_jax import models
 from eegkd_jax.models import usleep as usleep_lib
 

@@ -70,7 +70,7 @@ def test_batch_size_must_divide_over_devices():
 
 
 def test_distributed_start_up_decisions(monkeypatch):
-    from configs import common
+    from eegkd_jax.configs import common
 
     dist = common.get_config().distributed
     for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from configs.common import data_config
+from eegkd_jax.configs.common import data_config
 from eegkd_jax.data import pipeline
 from eegkd_jax.data.recording import UNSCORED, DataError
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpl_image
 
-from configs import common, supervised
+from eegkd_jax.configs import common, supervised
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import predict, report
 from eegkd_jax.data.recording import DataError, Recording

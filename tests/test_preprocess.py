@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from configs.common import data_config
+from eegkd_jax.configs.common import data_config
 from eegkd_jax.data import preprocess
 from eegkd_jax.data.recording import DataError, PairedNight, Recording
 from test_montage import EAR, SCALP, make_recording

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from configs.common import data_config
+from eegkd_jax.configs.common import data_config
 from eegkd_jax.data import simulate
 from eegkd_jax.data.preprocess import prepare_night
 from eegkd_jax.data.recording import UNSCORED

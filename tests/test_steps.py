@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
+from eegkd_jax.configs import common
 from eegkd_jax import losses
 from eegkd_jax.train import state as state_lib
 from eegkd_jax.train import steps

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import pytest
 
-from configs import loso
+from eegkd_jax.configs import loso
 from eegkd_jax import study
 
 METHODS = tuple(loso.METHODS)
@@ -100,7 +100,7 @@ def fake_training(monkeypatch, calls):
         ckpt_lib.save_config(cfg, run_dir)
         return {"step": 2, "kappa": 0.5}
 
-    def score(run_dir, out_dir, *, checkpoint, split):
+    def score(run_dir, out_dir, *, checkpoint, split, floor=True):
         cfg = ckpt_lib.load_config(run_dir)
         calls.append(("eval", run_dir.parent.name, run_dir.name, checkpoint, split))
         (test,) = cfg.data.test_subjects

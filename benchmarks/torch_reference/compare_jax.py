@@ -214,7 +214,7 @@ def check(path: str) -> int:
     from flax import traverse_util
     from flax.core import unfreeze
 
-    from configs import common
+    from eegkd_jax.configs import common
     from eegkd_jax.models import build_model, init_variables
 
     def module_without_dropout(name):

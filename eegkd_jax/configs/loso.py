@@ -1,0 +1,64 @@
+"""The leave-one-subject-out study of the paper: every method, fold by fold, one command.
+
+    python -m eegkd_jax.study --workdir=runs/loso_reduced --reduced      # the CPU-sized study
+    python -m eegkd_jax.study --workdir=runs/loso                        # the CPU-sized defaults
+    python -m eegkd_jax.study --workdir=runs/loso_paper --config=configs/loso.py:paper  # accelerators
+    python -m eegkd_jax.study --workdir=runs/loso_eesm --data_path=/data/eesm17
+    python -m eegkd_jax.study --workdir=runs/kd_only \
+        --config.study.methods='("scalp_teacher","offline_kd")'
+
+The fields outside ``study`` are the shared settings of every run (data, both networks, optimiser,
+schedule): all methods are compared on the same data with the same networks. What differs per method
+(mode, input, distillation weights) comes from the mode's own config file (configs/supervised.py,
+transfer.py, offline_kd.py, online_kd.py), so the study trains exactly what ``train.py`` would.
+
+Every variant runs every fold (9 simulated subjects) for each of ``study.seeds`` (0, 1, 2) and
+every method: 8 methods x 27 runs. Without a variant each run is a CPU-sized default run (minutes
+each on a 2-core CPU, so hours in all); ``:reduced`` shortens the nights, the networks and the
+schedule (300 steps a run; its scalp run trained at 1.3 steps/s on the shared 2-core CPU at load
+7, so the 216 runs are still hours);
+``:paper`` is the original's full-size setting, for accelerators; ``:tiny`` is what the tests run.
+"""
+
+import ml_collections
+
+from eegkd_jax.configs import common
+
+# Method name -> (mode config file, its variant). Order matters: the fold's scalp teacher comes
+# first, transfer and offline KD start from it.
+METHODS = {
+    "scalp_teacher": ("supervised", "scalp"),
+    "ear_baseline": ("supervised", "ear"),
+    "transfer": ("transfer", ""),
+    "offline_kd": ("offline_kd", ""),  # the original's target: every sample's decoder output
+    "offline_kd_epoch": ("offline_kd", "epoch"),  # each epoch's mean decoder output
+    "offline_kd_soft": ("offline_kd", "soft"),  # the teacher's softened outputs (T^2 KL)
+    "online_kd": ("online_kd", ""),
+    "mutual": ("online_kd", "mutual"),
+}
+
+
+def get_config(arg: str = ""):
+    words = common.parse_variant(arg, ("reduced",))
+    c = common.get_config()
+    c.study = ml_collections.ConfigDict()
+    c.study.methods = tuple(METHODS)
+    c.study.folds = 0  # 0: every subject is a test subject once; n > 0: the first n in sorted order
+    c.study.seeds = (0, 1, 2)  # every fold is trained once per seed: methods compare paired
+    c.study.test_subjects = ()  # explicit test subjects, one fold each (overrides folds)
+    c.study.num_validation_subjects = 1  # per fold, taken from that fold's training side
+    c.study.checkpoint = "best"  # evaluated checkpoint: best validation kappa (or "latest")
+    if "reduced" in words:
+        if words & {"tiny", "paper"}:
+            raise ValueError("loso.py: :reduced is its own size; do not combine it with tiny/paper")
+        # Every fold and seed, with smaller networks, shorter nights and fewer steps than the
+        # CPU-sized defaults (see the module docstring for what it costs).
+        c.data.simulated.hours = 1.5
+        c.data.sequence_length = 5
+        c.data.cache_dir = "data/tfds_reduced"
+        for m in (c.model, c.teacher):
+            m.depth = 6
+        c.max_steps = 300
+        c.eval_every_steps = 100
+        c.checkpoint_every_steps = 100
+    return common.apply_size_variant(c, words)
