@@ -351,16 +351,17 @@ class Checkpointer:
     def _check_space(self, state: TrainState, step: int) -> None:
         """Refuses a save that cannot fit, before a byte of it is written: on a full disk orbax
         leaves a half-written step and pages of tracebacks from its writer threads. The need is
-        the larger of the state's size and the last step's size on disk, plus a quarter."""
+        the larger of the state's size and the last step's size on disk, plus a half: orbax holds
+        about a fifth more while it merges its files."""
         state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state.to_dict()))
         last = self.latest_step()
-        on_disk = 0 if last is None else sum(
-            p.stat().st_blocks * 512 for p in (self.directory / str(last)).rglob("*") if p.is_file())
-        need = max(state_bytes, on_disk) * 5 // 4
+        files = [] if last is None else (self.directory / str(last)).rglob("*")
+        on_disk = sum(p.stat().st_blocks * 512 for p in files if p.is_file())
+        need = max(state_bytes, on_disk) * 3 // 2
         free = shutil.disk_usage(self.directory).free
         if free < need:
-            raise OSError(errno.ENOSPC, f"No space left on device for checkpoint step {step} (about "
-                          f"{need} bytes needed, {free} free)", str(self.directory))
+            raise OSError(errno.ENOSPC, f"No space left on device for checkpoint step {step} "
+                          f"(about {need} bytes needed, {free} free)", str(self.directory))
 
     def _prune(self) -> None:
         intact = self.intact_steps()
@@ -476,7 +477,8 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """Reads back what ``save_config`` wrote (tuples come back as lists)."""
     path = checkpoint_dir(workdir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no saved config; is {workdir} the workdir of a training run?")
+        raise FileNotFoundError(f"{path}: no saved config; is {workdir} the workdir of a training "
+                                "run?")
     try:
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     except ValueError as error:

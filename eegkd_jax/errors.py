@@ -133,7 +133,7 @@ def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
         line = f"{flag}: the config has no field {key!r}"
         return line + (f"; did you mean {suggestion!r}?" if suggestion else "")
     root = list(_chain(error))[-1]
-    root_text = str(root).strip().splitlines()[-1].strip() if str(root).strip() else type(root).__name__
+    root_text = (str(root).strip().splitlines() or [type(root).__name__])[-1].strip()
     if isinstance(error, flags.Error):
         head = str(error).split(": ", 1)[0] if str(error).startswith("flag --") else ""
         if head and root is not error:

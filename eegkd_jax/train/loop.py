@@ -298,7 +298,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         ckpt_lib.check_resumable(checkpointer.config(resume_step), config,
                                  f"{checkpointer.directory}/{resume_step}")
     elif checkpointer.all_steps():
-        problems = "; ".join(f"step {s}: {checkpointer.problem(s)}" for s in checkpointer.all_steps())
+        problems = "; ".join(f"step {s}: {checkpointer.problem(s)}"
+                             for s in checkpointer.all_steps())
         raise ckpt_lib.CheckpointError(
             f"{checkpointer.directory} holds checkpoints but none passes its checks ({problems}); "
             "not starting over: move them away to train from scratch, or use another --workdir")
