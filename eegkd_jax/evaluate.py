@@ -30,6 +30,7 @@ from absl import logging
 
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import metrics as metrics_lib
+from eegkd_jax import model_card
 from eegkd_jax import parallel
 from eegkd_jax import report as report_lib
 from eegkd_jax.train import steps as steps_lib
@@ -77,12 +78,14 @@ def predict_nights(
 def classical_floor(cohort, config: ml_collections.ConfigDict, subjects: Sequence[str],
                     signal: str) -> dict[str, Any] | None:
     """The band-power floor (``eegkd_jax.baseline``) on ``subjects``' whole nights from ``signal``,
-    trained on the run's training subjects, without and with +-2 epochs of context; None when the
-    run has no training subjects to fit it on."""
+    trained on the run's other training subjects, without and with +-2 epochs of context; None
+    when there are none to fit it on."""
     from eegkd_jax import baseline
     from eegkd_jax.data import pipeline
 
-    train = pipeline.subject_splits(cohort.subjects, config.data).train
+    # Fitted on the run's training subjects that are not evaluated here (none: no floor).
+    train = [s for s in pipeline.subject_splits(cohort.subjects, config.data).train
+             if s not in subjects]
     if not train:
         return None
     scores = {}
@@ -246,4 +249,6 @@ def evaluate_checkpoint(
             results.update(scores)
     results["step"] = int(step)
     results["out_dir"] = str(out_dir)
+    if label == "test":
+        model_card.record_test(workdir, results["overall"], step=int(step), subjects=list(subjects))
     return results

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import supervised
+from eegkd_jax.configs import supervised
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import evaluate, report
 from eegkd_jax.train import state as state_lib

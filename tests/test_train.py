@@ -258,7 +258,7 @@ def test_real_pipeline_one_step(tmp_path, compilation_cache):
     """The tiny supervised config through the real simulated cohort, TFDS shards and tf.data."""
     from eegkd_jax.train import loop
 
-    from configs import supervised
+    from eegkd_jax.configs import supervised
 
     config = supervised.get_config("ear,tiny")
     config.max_steps = 1

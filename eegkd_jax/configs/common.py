@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # -1: once per epoch
     c.checkpoint_every_steps = -1  # -1: once per epoch
     c.keep_checkpoints = 2
+    # Stop when a logged loss exceeds this many times its running level (the mean of the last 10
+    # logged values, at least 1), naming the last good checkpoint.
+    c.divergence_factor = 1e3
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from eegkd_jax import checkpoint as ckpt_lib
 from eegkd_jax import errors
 from eegkd_jax import metrics as metrics_lib
+from eegkd_jax import model_card
 from eegkd_jax import parallel
 from eegkd_jax.train import state as state_lib
 from eegkd_jax.train import steps as steps_lib
@@ -472,4 +473,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         _close_all(closers, failing=True)
         raise
     _close_all(closers, failing=False)
-    return {"step": int(jax.device_get(state.step)), **validation}
+    final_step = int(jax.device_get(state.step))
+    # What the networks were trained on, for predict and export to show (eegkd_jax.model_card).
+    model_card.save(workdir, model_card.build(config, cohort, splits, validation, step=final_step))
+    return {"step": final_step, **validation}
