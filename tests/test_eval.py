@@ -1,7 +1,6 @@
 """evaluate_checkpoint and eval.py on a tiny hand-made run: the real pipeline on a small simulated
 cohort and a tiny U-Sleep whose checkpoints are written directly (scoring needs no training)."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -126,25 +125,28 @@ def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
 
 
 def test_eval_cli(run, tmp_path, capsys):
+    """eval.py's command (eegkd eval: eval.py is a wrapper of cli.evaluate)."""
     _, _, _, workdir, _ = run
     from absl import flags
 
+    from eegkd_jax import cli
+
+    assert "cli.evaluate(" in (ROOT / "eval.py").read_text()
     before = set(flags.FLAGS)
-    spec = importlib.util.spec_from_file_location("eval_main", ROOT / "eval.py")
-    eval_main = importlib.util.module_from_spec(spec)
     out = tmp_path / "cli"
     try:
-        spec.loader.exec_module(eval_main)
-        eval_main.FLAGS([
+        cli.define_eval_flags()
+        flags.FLAGS([
             "eval.py", f"--workdir={workdir}", f"--out_dir={out}", "--split=validation",
             "--checkpoint=2",
         ])
-        eval_main.main(["eval.py"])
+        cli.eval_main(["eval.py"])
     finally:
         # Leave absl's global flags as we found them (train.py defines some of the same names).
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
+        cli._EVAL_FLAGS = None
     printed = capsys.readouterr().out
     assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
     assert (out / "report.md").is_file()
@@ -195,22 +197,24 @@ def test_eval_never_starts_the_distributed_runtime_named_in_a_saved_config(run, 
     checkpointer.close()
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    from eegkd_jax import cli, errors
+
     before = set(flags.FLAGS)
-    spec = importlib.util.spec_from_file_location("eval_main", ROOT / "eval.py")
-    eval_main = importlib.util.module_from_spec(spec)
+    main = errors.report_errors(cli.eval_main)  # as eval.py runs it
     try:
-        spec.loader.exec_module(eval_main)
-        eval_main.FLAGS(["eval.py", f"--workdir={other}", f"--out_dir={tmp_path / 'out'}"])
-        eval_main.main(["eval.py"])
+        cli.define_eval_flags()
+        flags.FLAGS(["eval.py", f"--workdir={other}", f"--out_dir={tmp_path / 'out'}"])
+        main(["eval.py"])
         # A missing workdir: one line, no traceback.
-        eval_main.FLAGS.unparse_flags()
-        eval_main.FLAGS(["eval.py", f"--workdir={tmp_path / 'missing'}"])
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["eval.py", f"--workdir={tmp_path / 'missing'}"])
         with pytest.raises(SystemExit):
-            eval_main.main(["eval.py"])
+            main(["eval.py"])
     finally:
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
+        cli._EVAL_FLAGS = None
     assert calls == []
     out, err = capsys.readouterr()
     assert out.startswith("step 1: acc ")
