@@ -32,6 +32,10 @@ class FakeCohort:
     epoch_samples: int = int(SAMPLING_RATE * 30)
     nights: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def labels(self) -> dict:
+        return {subject: night[2] for subject, night in self.nights.items()}
+
 
 @dataclasses.dataclass
 class FakeSplits:
