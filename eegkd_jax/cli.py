@@ -111,6 +111,45 @@ class _QuietOrbax(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+class _OnlyOurWarnings(std_logging.Filter):
+    """For the screen: warnings and errors, except TFDS's notices that our cohort config is a
+    custom one (it always is) and that a cohort not yet built has no dataset_info.json."""
+
+    _NOTICES = ("Using custom data configuration", "has no dataset_info.json")
+
+    def filter(self, record):
+        return (record.levelno >= std_logging.WARNING
+                and not any(n in record.getMessage() for n in self._NOTICES))
+
+
+def log_to_file(workdir, name: str) -> pathlib.Path | None:
+    """Unless ``--verbose``: every log record (the config, our INFO lines, TFDS's and orbax's) goes
+    to ``<workdir>/<name>.log`` and the screen keeps the warnings, the progress bars and the
+    summary. Returns the log file (None with ``--verbose``)."""
+    from absl import logging
+
+    from eegkd_jax import errors
+
+    if errors.verbose():
+        return None
+    path = pathlib.Path(workdir) / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = std_logging.FileHandler(path)
+    to_file.setFormatter(logging.PythonFormatter())
+    std_logging.getLogger().addHandler(to_file)
+    logging.get_absl_handler().addFilter(_OnlyOurWarnings())
+    return path
+
+
+def quiet_native_logs(args: Sequence[str]) -> None:
+    """Unless ``--verbose`` is among ``args``: TensorFlow's C++ notices off (set before TensorFlow
+    is imported)."""
+    if not any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in args):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # TensorFlow only reads data here, so its oneDNN math kernels (and their notice) are unused.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def train_main(argv: Sequence[str]) -> None:
     """absl main of ``eegkd train``: flags -> config -> ``train_and_evaluate``; prints the final
     validation scores beside the classical floor. Re-running the same command resumes from the
@@ -129,6 +168,9 @@ def train_main(argv: Sequence[str]) -> None:
 
     compilation_cache.enable()  # a rerun skips the tens of seconds of step compilation
     workdir = workdir_flag.value or f"runs/{config.mode}"
+    log = log_to_file(workdir, "train")
+    if log:
+        print(f"{config.mode} in {workdir} (log: {log}; --verbose shows it here)")
     logging.info("config:\n%s", config)
     result = train_and_evaluate(config, workdir)
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
@@ -154,6 +196,7 @@ def kappa_line(config, result) -> str:
 
 
 def train(args: Sequence[str], prog: str = "eegkd train") -> None:
+    quiet_native_logs(args)
     _run_absl(prog, resolve_config(args), define_train_flags, train_main)
 
 
@@ -222,6 +265,7 @@ def eval_main(argv: Sequence[str]) -> None:
 
 
 def evaluate(args: Sequence[str], prog: str = "eegkd eval") -> None:
+    quiet_native_logs(args)
     _run_absl(prog, args, define_eval_flags, eval_main)
 
 

@@ -76,7 +76,7 @@ def one_line(error: BaseException) -> str:
     return _flat(error)
 
 
-def _verbose(argv: Sequence[str] | None = None) -> bool:
+def verbose(argv: Sequence[str] | None = None) -> bool:
     """--verbose from the parsed flags, or from the raw arguments when parsing failed."""
     from absl import flags
 
@@ -173,7 +173,7 @@ def exit_on_flag_error(error: BaseException, argv: Sequence[str]) -> None:
     """Ends the program with ``flag_error_line`` (``--verbose`` in ``argv``: the traceback first).
     For errors raised while flags are defined: a config file flag with a default reads its
     ``--config.*`` overrides then."""
-    _exit(flag_error_line(error, argv), _verbose(argv))
+    _exit(flag_error_line(error, argv), verbose(argv))
 
 
 def report_errors(main: Callable) -> Callable:
@@ -187,6 +187,6 @@ def report_errors(main: Callable) -> Callable:
         except Exception as error:
             if not is_user_error(error):
                 raise
-            _exit(one_line(error), _verbose())
+            _exit(one_line(error), verbose())
 
     return wrapped

@@ -143,3 +143,42 @@ def test_the_package_holds_the_library_and_the_command(tmp_path):
     assert "eegkd = eegkd_jax.cli:main" in entry_points
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
     assert b"Provides-Extra: export" in metadata and b"Requires-Dist: pytest" in metadata
+
+
+def test_train_is_quiet_unless_verbose(tmp_path):
+    """Log records go to <workdir>/train.log; the screen keeps warnings but not TFDS's notices."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from eegkd_jax import cli
+
+    handler = absl_logging.get_absl_handler()
+    filters = list(handler.filters)
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # as under app.run
+    try:
+        path = cli.log_to_file(tmp_path / "run", "train")
+        assert path == tmp_path / "run" / "train.log"
+        absl_logging.info("the config dump")
+        absl_logging.warning("Using custom data configuration: CohortConfig(...)")
+        record = logging.LogRecord("absl", logging.WARNING, __file__, 1, "a checkpoint was torn",
+                                   None, None)
+        assert handler.filter(record)
+        notice = logging.LogRecord("absl", logging.WARNING, __file__, 1,
+                                   "Using custom data configuration: x", None, None)
+        assert not handler.filter(notice)
+        info = logging.LogRecord("absl", logging.INFO, __file__, 1, "config", None, None)
+        assert not handler.filter(info)
+        for h in root.handlers:
+            h.flush()
+        text = path.read_text()
+        assert "the config dump" in text and "Using custom data configuration" in text
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        handler.filters[:] = filters
+        for h in set(root.handlers) - set(handlers):
+            root.removeHandler(h)
+            h.close()

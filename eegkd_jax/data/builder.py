@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from eegkd_jax.data.recording import DataError
 
@@ -121,6 +122,14 @@ class EegkdCohort(tfds.core.GeneratorBasedBuilder):
             spec_json=json.dumps(spec, sort_keys=True),
         )
         super().__init__(data_dir=data_dir, config=config, file_format="array_record", **kwargs)
+
+    # TFDS prints "Downloading and preparing dataset ..." to stdout although nothing is
+    # downloaded; where the shards are being built goes to the log instead.
+    def _log_download_bytes(self) -> None:
+        logging.info("building the cohort's shards in %s", self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("cohort shards written to %s", self.data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self._data_cfg
