@@ -242,6 +242,8 @@ def eval_main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
     flags = define_eval_flags()
     logging.set_verbosity(logging.INFO)
+    if pathlib.Path(flags.workdir).is_dir():  # a missing one is reported below, in one line
+        log_to_file(flags.workdir, "eval")
     compilation_cache.enable()
     checkpoint = flags.checkpoint
     if checkpoint not in ("best", "latest"):

@@ -124,6 +124,21 @@ def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
         evaluate.evaluate_checkpoint(tmp_path / "nothing-here")
 
 
+def _drop_log_file_handlers():
+    """Undo cli.log_to_file (a file handler on the root logger, a filter on absl's handler)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    absl_handler = absl_logging.get_absl_handler()
+    absl_handler.filters[:] = [f for f in absl_handler.filters
+                               if type(f).__name__ != "_OnlyOurWarnings"]
+
+
 def test_eval_cli(run, tmp_path, capsys):
     """eval.py's command (eegkd eval: eval.py is a wrapper of cli.evaluate)."""
     _, _, _, workdir, _ = run
@@ -147,6 +162,7 @@ def test_eval_cli(run, tmp_path, capsys):
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
         cli._EVAL_FLAGS = None
+        _drop_log_file_handlers()
     printed = capsys.readouterr().out
     assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
     assert (out / "report.md").is_file()
@@ -215,6 +231,7 @@ def test_eval_never_starts_the_distributed_runtime_named_in_a_saved_config(run, 
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
         cli._EVAL_FLAGS = None
+        _drop_log_file_handlers()
     assert calls == []
     out, err = capsys.readouterr()
     assert out.startswith("step 1: acc ")
