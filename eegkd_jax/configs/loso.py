@@ -15,8 +15,8 @@ transfer.py, offline_kd.py, online_kd.py), so the study trains exactly what ``tr
 Every variant runs every fold (9 simulated subjects) for each of ``study.seeds`` (0, 1, 2) and
 every method: 8 methods x 27 runs. Without a variant each run is a CPU-sized default run (minutes
 each on a 2-core CPU, so hours in all); ``:reduced`` shortens the nights, the networks and the
-schedule (300 steps a run; its scalp run trained at 1.3 steps/s on the shared 2-core CPU at load
-7, so the 216 runs are still hours);
+schedule (300 steps a run: 43 - 85 s per run alone on the 2-core CPU, so about 4 hours for
+the 216 runs);
 ``:paper`` is the original's full-size setting, for accelerators; ``:tiny`` is what the tests run.
 """
 
