@@ -589,6 +589,16 @@ TRAIN_TEACHER_HINT = (
 )
 
 
+def read_run(workdir: str | pathlib.Path, which: str | int = "best") -> Restored:
+    """A step of another run, read-only (eval, predict, a teacher): ``restore_raw`` on a
+    Checkpointer opened and closed here, with its fall-back past damaged steps."""
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        return checkpointer.restore_raw(which)
+    finally:
+        checkpointer.close()
+
+
 def restore_teacher(teacher_workdir: str | pathlib.Path, which: str | int = "best"
                     ) -> tuple[ml_collections.ConfigDict, dict, dict, int]:
     """Loads the scalp model trained in another workdir (a supervised :scalp run, or the teacher of
@@ -604,11 +614,7 @@ def restore_teacher(teacher_workdir: str | pathlib.Path, which: str | int = "bes
     if not teacher_workdir:
         raise FileNotFoundError("config.kd.teacher_workdir is empty: " + TRAIN_TEACHER_HINT)
     try:
-        ckpt = Checkpointer(teacher_workdir, read_only=True)
-        try:
-            restored = ckpt.restore_raw(which)
-        finally:
-            ckpt.close()
+        restored = read_run(teacher_workdir, which)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no trained teacher in {teacher_workdir} ({e}); "
                                 + TRAIN_TEACHER_HINT) from None

@@ -164,12 +164,8 @@ def evaluate_checkpoint(
     from eegkd_jax.models import build_model
 
     workdir = pathlib.Path(workdir).absolute()
-    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        # "best" / "latest" fall back to the next intact step when one fails its checks.
-        restored = checkpointer.restore_raw(checkpoint)
-    finally:
-        checkpointer.close()
+    # "best" / "latest" fall back to the next intact step when one fails its checks.
+    restored = ckpt_lib.read_run(workdir, checkpoint)
     step, state, config = restored.step, restored.state, restored.config
     mesh = parallel.make_mesh()
     batch_size = int(batch_size or config.batch_size)

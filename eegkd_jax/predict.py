@@ -144,12 +144,8 @@ def load_trained_model(
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
     workdir = run_workdir(checkpoint)
-    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        # The config saved with the step (verified with it) decides the input, not config.json.
-        restored = checkpointer.restore_raw(which)
-    finally:
-        checkpointer.close()
+    # The config saved with the step (verified with it) decides the input, not config.json.
+    restored = ckpt_lib.read_run(workdir, which)
     step, state, config = restored.step, restored.state, restored.config
     if network == "teacher":
         if state.get("teacher_params") is None:
