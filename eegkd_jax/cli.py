@@ -144,7 +144,9 @@ def log_to_file(workdir, name: str) -> pathlib.Path | None:
 def quiet_native_logs(args: Sequence[str]) -> None:
     """Unless ``--verbose`` is among ``args``: TensorFlow's C++ notices off (set before TensorFlow
     is imported)."""
-    if not any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in args):
+    from eegkd_jax import errors
+
+    if not errors.verbose(list(args)):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         # TensorFlow only reads data here, so its oneDNN math kernels (and their notice) are unused.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -1,6 +1,7 @@
 """evaluate_checkpoint and eval.py on a tiny hand-made run: the real pipeline on a small simulated
 cohort and a tiny U-Sleep whose checkpoints are written directly (scoring needs no training)."""
 
+import contextlib
 import json
 import pathlib
 
@@ -124,19 +125,34 @@ def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
         evaluate.evaluate_checkpoint(tmp_path / "nothing-here")
 
 
-def _drop_log_file_handlers():
-    """Undo cli.log_to_file (a file handler on the root logger, a filter on absl's handler)."""
+@contextlib.contextmanager
+def _eval_flags():
+    """eegkd eval's flags defined for the block; afterwards absl's global flags are as they were
+    (train.py defines some of the same names) and cli.log_to_file is undone (a file handler on
+    the root logger, a filter on absl's handler)."""
     import logging
 
+    from absl import flags
     from absl import logging as absl_logging
 
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-        root.removeHandler(handler)
-        handler.close()
-    absl_handler = absl_logging.get_absl_handler()
-    absl_handler.filters[:] = [f for f in absl_handler.filters
-                               if type(f).__name__ != "_OnlyOurWarnings"]
+    from eegkd_jax import cli
+
+    before = set(flags.FLAGS)
+    cli.define_eval_flags()
+    try:
+        yield
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        cli._EVAL_FLAGS = None
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+        absl_handler = absl_logging.get_absl_handler()
+        absl_handler.filters[:] = [f for f in absl_handler.filters
+                                   if type(f).__name__ != "_OnlyOurWarnings"]
 
 
 def test_eval_cli(run, tmp_path, capsys):
@@ -147,22 +163,13 @@ def test_eval_cli(run, tmp_path, capsys):
     from eegkd_jax import cli
 
     assert "cli.evaluate(" in (ROOT / "eval.py").read_text()
-    before = set(flags.FLAGS)
     out = tmp_path / "cli"
-    try:
-        cli.define_eval_flags()
+    with _eval_flags():
         flags.FLAGS([
             "eval.py", f"--workdir={workdir}", f"--out_dir={out}", "--split=validation",
             "--checkpoint=2",
         ])
         cli.eval_main(["eval.py"])
-    finally:
-        # Leave absl's global flags as we found them (train.py defines some of the same names).
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._EVAL_FLAGS = None
-        _drop_log_file_handlers()
     printed = capsys.readouterr().out
     assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
     assert (out / "report.md").is_file()
@@ -215,10 +222,8 @@ def test_eval_never_starts_the_distributed_runtime_named_in_a_saved_config(run, 
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     from eegkd_jax import cli, errors
 
-    before = set(flags.FLAGS)
     main = errors.report_errors(cli.eval_main)  # as eval.py runs it
-    try:
-        cli.define_eval_flags()
+    with _eval_flags():
         flags.FLAGS(["eval.py", f"--workdir={other}", f"--out_dir={tmp_path / 'out'}"])
         main(["eval.py"])
         # A missing workdir: one line, no traceback.
@@ -226,12 +231,6 @@ def test_eval_never_starts_the_distributed_runtime_named_in_a_saved_config(run, 
         flags.FLAGS(["eval.py", f"--workdir={tmp_path / 'missing'}"])
         with pytest.raises(SystemExit):
             main(["eval.py"])
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._EVAL_FLAGS = None
-        _drop_log_file_handlers()
     assert calls == []
     out, err = capsys.readouterr()
     assert out.startswith("step 1: acc ")
