@@ -64,6 +64,20 @@ def test_cohort(cohort, cfg):
     assert all(np.array_equal(again.labels[s], cohort.labels[s]) for s in SUBJECTS)
 
 
+def test_read_epochs_equals_what_tfds_decodes(cohort):
+    """read_epochs parses the stored examples itself; TFDS's own decoder must agree."""
+    for subject in ("sim-01", "sim-04"):
+        epochs = [5, 0, 11, 5]
+        scalp, ear, labels = cohort.read_epochs(subject, epochs)
+        decoded = cohort.source(subject).__getitems__(epochs)
+        np.testing.assert_array_equal(scalp, np.stack([d["scalp"] for d in decoded]))
+        np.testing.assert_array_equal(ear, np.stack([d["ear"] for d in decoded]))
+        np.testing.assert_array_equal(labels, [d["label"] for d in decoded])
+        np.testing.assert_array_equal(labels, cohort.labels[subject][epochs])
+    empty = cohort.read_epochs("sim-02", [])
+    assert [a.shape[0] for a in empty] == [0, 0, 0]
+
+
 def test_subject_splits(cfg):
     splits = pipeline.subject_splits(reversed(SUBJECTS), cfg)
     assert splits == (("sim-01", "sim-02"), ("sim-03",), ("sim-04",))

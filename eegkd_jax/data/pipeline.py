@@ -36,7 +36,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from eegkd_jax.data import builder as builder_lib
 from eegkd_jax.data.recording import UNSCORED, DataError
 
 Splits = collections.namedtuple("Splits", ["train", "validation", "test"])
@@ -79,17 +78,32 @@ class Cohort:
     def read_epochs(
         self, subject: str, epochs: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(len(epochs), S, n_scalp), (len(epochs), S, n_ear) float32 and (len(epochs),) int32."""
-        items = self.source(subject).__getitems__([int(e) for e in epochs])
-        scalp = np.stack([it["scalp"] for it in items]) if items else None
-        ear = np.stack([it["ear"] for it in items]) if items else None
-        labels = np.array([it["label"] for it in items], np.int32)
+        """(len(epochs), S, n_scalp), (len(epochs), S, n_ear) float32 and (len(epochs),) int32.
+
+        Each stored example (a ``tf.train.Example`` whose signals are raw float32 bytes, see
+        ``builder``) is read and parsed here, one after another into arrays made once, rather than
+        through TFDS's generic decoder and the thread pool that ``__getitems__`` starts per call
+        (which took 2/3 of the time in this function; see benchmarks/README.md)."""
+        from tensorflow.core.example import example_pb2  # deferred: only reading needs it
+
+        records = self.source(subject).data_source  # serialized examples, by index
+        k, s = len(epochs), self.epoch_samples
+        scalp = np.empty((k, s, len(self.scalp_names)), np.float32)
+        ear = np.empty((k, s, len(self.ear_names)), np.float32)
+        labels = np.empty((k,), np.int32)
+        for i, epoch in enumerate(epochs):
+            feature = example_pb2.Example.FromString(records[int(epoch)]).features.feature
+            scalp[i].reshape(-1)[:] = np.frombuffer(feature["scalp"].bytes_list.value[0], "<f4")
+            ear[i].reshape(-1)[:] = np.frombuffer(feature["ear"].bytes_list.value[0], "<f4")
+            labels[i] = feature["label"].int64_list.value[0]
         return scalp, ear, labels
 
 
 def prepare_cohort(data_cfg) -> Cohort:
     """Builds the TFDS shards for ``data_cfg`` under ``data_cfg.cache_dir`` unless an identical
     build exists (see ``builder``), and opens them."""
+    from eegkd_jax.data import builder as builder_lib  # TFDS loads only when a cohort is built
+
     builder, built_now = builder_lib.build(data_cfg)
     meta = builder.info.metadata
     per_subject = meta["subjects"]
