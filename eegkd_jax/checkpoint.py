@@ -62,8 +62,9 @@ _LEGACY_MARK = "_CHECKPOINT_METADATA"  # what orbax's CheckpointManager wrote at
 # A resumed run must train the same networks on the same data in the same mode; these config
 # fields say so. Everything else (learning rate, schedule length, logging) may change on resume.
 IDENTITY_FIELDS = ("mode", "supervised_input", "model", "teacher", "data", "kd")
-# Where the shards are cached and how far ahead tf.data reads: not what the model learns from.
-FREE_FIELDS = ("data.cache_dir", "data.prefetch")
+# Where the shards are cached, how far ahead tf.data reads, how much device memory the resident
+# data may take: not what the model learns from.
+FREE_FIELDS = ("data.cache_dir", "data.prefetch", "data.device_budget_gb")
 
 
 class CheckpointError(UserError):

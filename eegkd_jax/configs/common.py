@@ -52,6 +52,11 @@ def data_config() -> ml_collections.ConfigDict:
     d.num_validation_subjects = 1
 
     d.prefetch = 2
+    # Training data on the devices (data/resident.py): "auto" when the training subjects fit
+    # device_budget_gb per device, "yes" always, "no" streams batches through tf.data.
+    d.device_resident = "auto"
+    d.device_budget_gb = 4.0
+    d.resident_dtype = "float16"  # float16 | float32; float16 is refused for unscaled signals
     return d
 
 
@@ -100,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # -1: once per epoch
     c.checkpoint_every_steps = -1  # -1: once per epoch
     c.keep_checkpoints = 2
+    # Train steps run per compiled call (a lax.scan); calls end at every log, eval and checkpoint
+    # step, so those see the same states as with 1.
+    c.steps_per_call = 1
     # Stop when a logged loss exceeds this many times its running level (the mean of the last 10
     # logged values, at least 1), naming the last good checkpoint.
     c.divergence_factor = 1e3

@@ -1,0 +1,113 @@
+"""Device-resident training data: the same batches as the streamed path on one device, the
+documented per-device order on 8, sharded storage, float16 precision."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from eegkd_jax import parallel
+from eegkd_jax.configs.common import data_config
+from eegkd_jax.data import pipeline, resident
+from eegkd_jax.data.recording import UNSCORED
+
+TRAIN = ("sim-01", "sim-02", "sim-03")
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    c = data_config()
+    c.cache_dir = str(tmp_path_factory.mktemp("tfds"))
+    c.simulated.subjects = 4
+    c.simulated.hours = 0.1  # 12 epochs a night
+    c.sequence_length = 3
+    return c
+
+
+@pytest.fixture(scope="module")
+def cohort(cfg):
+    return pipeline.prepare_cohort(cfg)
+
+
+def gathered(data: resident.ResidentData, first: int, count: int) -> list[dict]:
+    """Batches first.. as the train step sees them, one per step, as numpy."""
+    gather = jax.jit(data.gather)
+    return [jax.device_get(gather(data.device_data(step), np.int32(step)))
+            for step in range(first, first + count)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_device_gives_the_streamed_batches(cohort, cfg, dtype):
+    c = cfg.copy_and_resolve_references()
+    c.resident_dtype = dtype
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    data = resident.ResidentData(cohort, TRAIN, c, keys=("scalp", "ear"), mesh=mesh,
+                                 global_batch_size=4, seed=3)
+    per_pass = pipeline.steps_per_epoch(cohort, TRAIN, c, 4)
+    assert data.per_pass == per_pass
+    count = per_pass + 2  # across a pass boundary
+    streamed = list(itertools.islice(
+        pipeline.train_batches(cohort, TRAIN, c, global_batch_size=4, seed=3), count))
+    for got, want in zip(gathered(data, 0, count), streamed, strict=True):
+        np.testing.assert_array_equal(got["labels"], want["labels"])
+        for key in ("scalp", "ear"):
+            assert got[key].dtype == np.float32
+            if dtype == "float32":
+                np.testing.assert_array_equal(got[key], want[key])
+            else:  # float16 storage: rounding only
+                np.testing.assert_allclose(got[key], want[key], rtol=2**-11, atol=1e-6)
+    # resuming at any step gives the same batch
+    np.testing.assert_array_equal(gathered(data, per_pass + 1, 1)[0]["scalp"],
+                                  gathered(data, 0, count)[per_pass + 1]["scalp"])
+
+
+def test_eight_devices_each_draw_from_their_own_block(cohort, cfg):
+    mesh = parallel.make_mesh()
+    assert mesh.devices.size == 8
+    data = resident.ResidentData(cohort, TRAIN, cfg, keys=("ear",), mesh=mesh,
+                                 global_batch_size=16, seed=0)
+    windows = pipeline.training_windows(cohort, TRAIN, cfg)
+    blocks = np.array_split(windows, 8)
+    # storage is sharded: each device holds one block (D, E, S, C) -> (1, E, S, C)
+    ear = data.arrays["ear"]
+    assert ear.dtype == np.float16 and "scalp" not in data.arrays
+    assert {s.data.shape[0] for s in ear.addressable_shards} == {1}
+    assert len(ear.addressable_shards) == 8
+    # every window of every block appears once per pass, read from the right night and epochs
+    seen = [[] for _ in range(8)]
+    for step, batch in enumerate(gathered(data, 0, data.per_pass)):
+        rows = data.shard_rows(step)
+        for d in range(8):
+            for j, row in enumerate(rows[d]):
+                subject, first = blocks[d][row]
+                seen[d].append(row)
+                got = batch["ear"][d * 2 + j]
+                end = min(first + 3, cohort.num_epochs[TRAIN[subject]])
+                _, x_ear, labels = cohort.read_epochs(TRAIN[subject], range(first, end))
+                n = x_ear.shape[0]
+                np.testing.assert_allclose(got[: n * 6000], x_ear.reshape(-1, 3), rtol=2**-11,
+                                           atol=1e-6)
+                assert not got[n * 6000:].any()  # past the night's end: zeros, label -1
+                want = np.full(3, UNSCORED)
+                want[:n] = labels
+                np.testing.assert_array_equal(batch["labels"][d * 2 + j], want)
+    for d in range(8):
+        assert len(set(seen[d])) == len(seen[d]) == data.per_pass * 2
+
+
+def test_the_gather_needs_no_communication(cohort, cfg):
+    mesh = parallel.make_mesh()
+    data = resident.ResidentData(cohort, TRAIN, cfg, keys=("scalp", "ear"), mesh=mesh,
+                                 global_batch_size=8, seed=0)
+    hlo = jax.jit(data.gather).lower(data.device_data(0), np.int32(0)).compile().as_text()
+    for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
+        assert collective not in hlo
+
+
+def test_float16_error_is_measured_and_unscaled_signals_stay_float32():
+    x = np.random.default_rng(0).normal(size=10_000).astype(np.float32)
+    assert 0 < resident.quantization_error(x, "float16") < 2**-10
+    assert resident.quantization_error(x, "float32") == 0
+    assert resident.quantization_error(x * 1e6, "float16") == float("inf")  # overflows
+    assert resident.quantization_error(x * 1e-6, "float16") > resident.MAX_RELATIVE_ERROR
