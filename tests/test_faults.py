@@ -73,16 +73,16 @@ def install_fault(fault: str) -> None:
     kind, _, arg = fault.partition(":")
     n = int(arg or 0)
     if kind == "first-step":  # during the first step (its compile, or its run when cached)
-        real_jit = parallel.jit_train_step
+        real_jit = parallel.jit_train_steps
 
-        def jit_train_step(*args, **kwargs):
+        def jit_train_steps(*args, **kwargs):
             step = real_jit(*args, **kwargs)
 
             def first(*a):
                 threading.Timer(0.05, _die).start()
                 return step(*a)
             return first
-        parallel.jit_train_step = jit_train_step
+        parallel.jit_train_steps = jit_train_steps
     elif kind == "orbax-write":  # step n's arrays written, orbax not yet finished with them
         real_finalize = ocp.StandardCheckpointHandler.finalize
 

@@ -52,20 +52,65 @@ def _train(process_index: int, process_count: int):
     return seen, jax.tree.leaves(params)
 
 
+class CountingCohort:
+    """Four nights whose samples say where they come from (subject * 1000 + epoch); records which
+    epochs were read."""
+
+    def __init__(self):
+        self.subjects = ("s1", "s2", "s3", "s4")
+        self.num_epochs = {s: 20 + 3 * i for i, s in enumerate(self.subjects)}
+        self.labels = {s: np.arange(n, dtype=np.int8) % 5 for s, n in self.num_epochs.items()}
+        self.scalp_names = self.ear_names = ("a", "b")
+        self.epoch_samples = 4
+        self.read = []
+
+    def read_epochs(self, subject, epochs):
+        epochs = list(epochs)
+        self.read += [(subject, e) for e in epochs]
+        i = self.subjects.index(subject)
+        x = np.broadcast_to(np.array(epochs, np.float32)[:, None, None] + 1000 * i,
+                            (len(epochs), 4, 2)).copy()
+        return x, x + 0.5, self.labels[subject][epochs].astype(np.int32)
+
+
+def _resident(devices=None):
+    """Places CountingCohort on the devices (all, or the given ones) and gathers batches 0..3;
+    returns the epochs this host read and, per batch, the local rows' first scalp sample."""
+    import jax
+
+    from eegkd_jax import parallel
+    from eegkd_jax.configs.common import data_config
+    from eegkd_jax.data import resident
+
+    cohort, cfg = CountingCohort(), data_config()
+    cfg.sequence_length = 2
+    mesh = parallel.make_mesh(devices)
+    data = resident.ResidentData(cohort, cohort.subjects, cfg, keys=("scalp",), mesh=mesh,
+                                 global_batch_size=GLOBAL_BATCH, seed=1)
+    gather = jax.jit(data.gather)
+    rows = []
+    for step in range(4):
+        batch = gather(data.device_data(step), np.int32(step))
+        rows.append({str(s.index[0].start or 0): np.asarray(s.data)[:, 0, 0].tolist()
+                     for s in batch["scalp"].addressable_shards})
+    return sorted(set(cohort.read)), rows
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_on_loopback_match_one_process(tmp_path):
+def _run_workers(tmp_path, what: str) -> list[dict]:
     port = _free_port()
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
     workers = [
-        subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path / f"{i}.json")],
+        subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path / f"{i}.json"),
+                          what],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
@@ -77,7 +122,11 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
                 w.kill()
     for w, log in zip(workers, logs):
         assert w.returncode == 0, log[-3000:]
-    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    return [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+
+
+def test_two_processes_on_loopback_match_one_process(tmp_path):
+    results = _run_workers(tmp_path, "train")
     assert results[0]["process_count"] == 2 and results[0]["device_count"] == 4
     assert results[0] == results[1] | {"process_index": 0}
 
@@ -86,16 +135,34 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     np.testing.assert_allclose(results[0]["params"], single_params, rtol=1e-4)
 
 
+def test_two_hosts_each_load_only_their_share_of_the_resident_data(tmp_path):
+    import jax
+
+    results = _run_workers(tmp_path, "resident")
+    read_alone, rows_alone = _resident(jax.devices()[:4])  # one process, the same 4-device mesh
+    read = [set(map(tuple, r["read"])) for r in results]
+    # Each host reads its share; they overlap only where a window crosses the boundary between
+    # their blocks (L - 1 = 1 epoch), and together they are what one host alone reads.
+    assert read[0] and read[1] and len(read[0] & read[1]) <= 1
+    assert read[0] | read[1] == set(read_alone)
+    for step, want in enumerate(rows_alone):  # and every device's rows are the same
+        assert {**results[0]["rows"][step], **results[1]["rows"][step]} == want
+
+
 if __name__ == "__main__":
-    port, process_id, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    port, process_id, out, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_disable_most_optimizations", True)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=process_id, initialization_timeout=120)
-    losses, params = _train(jax.process_index(), jax.process_count())
-    pathlib.Path(out).write_text(json.dumps({
-        "process_index": jax.process_index(), "process_count": jax.process_count(),
-        "device_count": jax.device_count(), "losses": losses, "params": params}))
+    if what == "resident":
+        read, rows = _resident()
+        pathlib.Path(out).write_text(json.dumps({"read": read, "rows": rows}))
+    else:
+        losses, params = _train(jax.process_index(), jax.process_count())
+        pathlib.Path(out).write_text(json.dumps({
+            "process_index": jax.process_index(), "process_count": jax.process_count(),
+            "device_count": jax.device_count(), "losses": losses, "params": params}))
     jax.distributed.shutdown()

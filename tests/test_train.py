@@ -36,6 +36,12 @@ class FakeCohort:
     def labels(self) -> dict:
         return {subject: night[2] for subject, night in self.nights.items()}
 
+    def read_epochs(self, subject, epochs):
+        scalp, ear, labels = self.nights[subject]
+        s = self.epoch_samples
+        per_epoch = [(scalp[e * s:(e + 1) * s], ear[e * s:(e + 1) * s], labels[e]) for e in epochs]
+        return tuple(np.stack(x) for x in zip(*per_epoch))
+
 
 @dataclasses.dataclass
 class FakeSplits:
@@ -88,6 +94,12 @@ class FakePipeline:
             return (np.pad(scalp[lo:hi], ((0, width), (0, 0))), np.pad(ear[lo:hi], ((0, width), (0, 0))),
                     np.pad(lab, (0, pad), constant_values=-1))
         return scalp[lo:hi], ear[lo:hi], lab
+
+    @classmethod
+    def training_windows(cls, cohort, subjects, data_cfg):
+        index = {s: i for i, s in enumerate(subjects)}
+        return np.array([(index[s], e) for s, e in
+                         cls._sequences(cohort, subjects, data_cfg.sequence_length)], np.int64)
 
     @classmethod
     def steps_per_epoch(cls, cohort, subjects, data_cfg, global_batch_size):
@@ -258,8 +270,51 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_pipeline,
     assert checkpoint.Checkpointer(tmp_path / "early", read_only=True).all_steps() == []
 
 
-def test_real_pipeline_one_step(tmp_path, compilation_cache):
-    """The tiny supervised config through the real simulated cohort, TFDS shards and tf.data."""
+def _final_params(workdir):
+    from eegkd_jax import checkpoint
+
+    restored = checkpoint.read_run(workdir, "latest")
+    return restored.step, jax.tree.leaves(restored.state["params"])
+
+
+@pytest.mark.parametrize("resident", ["yes", "no"])
+def test_steps_per_call_and_a_resume_inside_a_call_give_the_same_run(fake_pipeline, tmp_path,
+                                                                      resident):
+    """8 steps as 2 calls of 4 == 8 calls of 1 == 6 steps (a call of 4, then 2 single steps)
+    resumed from step 6, which lies inside the second call of 4."""
+    from eegkd_jax.train import loop
+
+    every = dict(log_every_steps=8, eval_every_steps=8, checkpoint_every_steps=8, num_epochs=10)
+    runs = {
+        "k4": dict(steps_per_call=4, max_steps=8, **every),
+        "k1": dict(steps_per_call=1, max_steps=8, **every),
+        "resumed": dict(steps_per_call=4, max_steps=6, num_epochs=10, log_every_steps=6,
+                        eval_every_steps=6,
+                        checkpoint_every_steps=6),
+    }
+    for name, overrides in runs.items():
+        config = tiny("supervised", "ear,tiny", **overrides)
+        config.data.device_resident = resident
+        loop.train_and_evaluate(config, tmp_path / name)
+    config = tiny("supervised", "ear,tiny", steps_per_call=4, max_steps=8, **every)
+    config.data.device_resident = resident
+    loop.train_and_evaluate(config, tmp_path / "resumed")  # from step 6 to 8
+    step, want = _final_params(tmp_path / "k4")
+    assert step == 8
+    for name in ("k1", "resumed"):
+        step, got = _final_params(tmp_path / name)
+        assert step == 8
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    losses = {name: [r["loss"] for r in _lines(tmp_path / name / "metrics.jsonl")
+                     if r["split"] == "train"] for name in runs}
+    np.testing.assert_allclose(losses["k1"], losses["k4"], rtol=1e-5)  # the mean of steps 1-8
+
+
+@pytest.mark.parametrize("resident", ["yes", "no"])
+def test_real_pipeline_one_step(tmp_path, compilation_cache, resident):
+    """The tiny supervised config through the real simulated cohort and TFDS shards, with the
+    training data on the devices or streamed through tf.data."""
     from eegkd_jax.train import loop
 
     from eegkd_jax.configs import supervised
@@ -267,6 +322,7 @@ def test_real_pipeline_one_step(tmp_path, compilation_cache):
     config = supervised.get_config("ear,tiny")
     config.max_steps = 1
     config.data.cache_dir = str(tmp_path / "tfds")
+    config.data.device_resident = resident
     result = loop.train_and_evaluate(config, tmp_path / "run")
     assert result["step"] == 1 and 0.0 <= result["accuracy"] <= 1.0
     assert result["num_epochs"] > 0

@@ -2,9 +2,10 @@
 
 lock the workdir -> check this config against the one saved with the latest intact checkpoint ->
 prepare_cohort -> subject splits -> models -> state (fresh, or restored from the latest intact
-checkpoint: re-running the same command resumes) -> jitted sharded steps -> periodic validation over
-whole validation subjects -> guarded checkpoints (latest + best kappa) -> CLU writers (TensorBoard +
-log) and ``<workdir>/metrics.jsonl``.
+checkpoint: re-running the same command resumes) -> training data on the devices when it fits
+(``data/resident.py``), else streamed by tf.data -> jitted sharded steps, ``steps_per_call`` per
+call -> periodic validation over whole validation subjects -> guarded checkpoints (latest + best
+kappa) -> CLU writers (TensorBoard + log) and ``<workdir>/metrics.jsonl``.
 
 Guards: one run per workdir (``checkpoint.WorkdirLock``); a rerun whose model, data or mode
 settings differ from its checkpoints' is refused before anything is written; a workdir holding only
@@ -284,6 +285,32 @@ def _finite_fields(state: state_lib.TrainState) -> dict[str, jax.Array]:
     return {name: finite(tree) for name, tree in state.to_dict().items()}
 
 
+def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, mesh):
+    """The training subjects' epochs on the devices (data/resident.py) when
+    ``data.device_resident`` says so ("auto": when they fit ``data.device_budget_gb`` per
+    device), else None (the loop streams them through tf.data)."""
+    from eegkd_jax.data import resident
+
+    choice = str(config.data.get("device_resident", "auto")).lower()
+    if choice not in ("auto", "yes", "no"):
+        raise ValueError(f"config.data.device_resident must be auto, yes or no, got {choice!r}")
+    if choice == "no":
+        return None
+    plan = resident.make_plan(cohort, subjects, config.data, mesh.devices.size)
+    need = resident.nbytes_per_device(plan, cohort, keys, config.data.resident_dtype) / 2**30
+    budget = float(config.data.get("device_budget_gb", 0.0))
+    if choice == "auto" and need > budget:
+        logging.info("training data: %.2f GB per device is over data.device_budget_gb=%g; "
+                     "streaming it", need, budget)
+        return None
+    data = resident.ResidentData(cohort, subjects, config.data, keys=keys, mesh=mesh,
+                                 global_batch_size=config.batch_size, seed=config.seed, plan=plan)
+    logging.info("training data on the devices: %d windows, %d epochs x %s per device (%.3f GB), "
+                 "%s (largest relative rounding error %.2g)", plan.windows, plan.epochs, keys,
+                 need, data.dtype, data.error)
+    return data
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     # Imported here so that importing the training library stays cheap (TensorFlow, models).
     from eegkd_jax.data import pipeline
@@ -360,7 +387,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     step_fn = steps_lib.build_train_step(config, student=student, tx=tx, teacher=teacher,
                                          teacher_tx=teacher_tx)
-    train_step = parallel.jit_train_step(step_fn, mesh)
 
     # ---- state: resume or start
     if resume_step is not None:
@@ -401,10 +427,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     guard = LossGuard(config.get("divergence_factor", DEFAULT_DIVERGENCE_FACTOR),
                       logger.train_history[-RUNNING_WINDOWS:])
     finite_fields = jax.jit(_finite_fields)
-    batches = pipeline.train_batches(
-        cohort, splits.train, config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start, stop_step=total_steps, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    resident_data = _resident_data(config, cohort, splits.train, steps_lib.batch_keys(config), mesh)
+    if resident_data is None:
+        batches = pipeline.train_batches(
+            cohort, splits.train, config.data, global_batch_size=config.batch_size,
+            seed=config.seed, start_step=start, stop_step=total_steps,
+            process_index=jax.process_index(), process_count=jax.process_count())
+
+        def call_data(first: int, count: int):  # (data, inputs) of steps first .. first+count-1
+            del first  # the stream is read in order
+            return None, parallel.host_batches_to_global([next(batches) for _ in range(count)],
+                                                         mesh)
+    else:
+        def call_data(first: int, count: int):  # only the step numbers travel
+            steps = np.arange(first, first + count, dtype=np.int32)
+            return resident_data.device_data(first), jax.device_put(steps, replicated)
+    train_steps = parallel.jit_train_steps(
+        step_fn, mesh, gather=None if resident_data is None else resident_data.gather)
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # one dispatch for all metrics
+    steps_per_call = int(config.get("steps_per_call", 1))
+    if steps_per_call < 1:
+        raise ValueError(f"config.steps_per_call must be >= 1, got {steps_per_call}")
+    # A call never crosses a log, eval or checkpoint step, nor (resident data) a pass.
+    boundaries = (config.log_every_steps, eval_every, ckpt_every,
+                  *([resident_data.per_pass] if resident_data is not None else []))
     sums, count, validation = None, 0, {}
 
     def stop(error_type: type, problem: str, when: str) -> None:
@@ -428,7 +474,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logger.write(step, "train", means)
         sums, count = None, 0
 
-    def check_before_save(step: int, batch: dict) -> None:
+    def check_before_save(step: int, data, last_input) -> None:
         """The state about to be saved must be sound itself, not only the steps before it: its
         parameters finite, and the loss it gives finite and in range (the step it would take next,
         run on a copy on the same batch and thrown away)."""
@@ -436,7 +482,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         bad = [k for k, ok in jax.device_get(finite_fields(state)).items() if not ok]
         if bad:
             stop(NonFiniteLossError, f"non-finite values in {bad}", f"at step {step}")
-        _, probe = train_step(jax.tree.map(jnp.copy, state), batch)
+        _, probe = train_steps(jax.tree.map(jnp.copy, state), data, last_input)
         found = guard.problem({k: float(v) for k, v in jax.device_get(probe).items()})
         if found:
             stop(found[0], f"the state of step {step} gives {found[1]}", f"at step {step}")
@@ -446,13 +492,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     closers = (progress.close, logger.close, checkpointer.close)
     t0 = time.time()
     try:
-        for step in range(start + 1, total_steps + 1):
-            batch = parallel.host_batch_to_global(next(batches), mesh)
-            state, step_metrics = train_step(state, batch)
+        step = start
+        while step < total_steps:
+            # One call runs up to steps_per_call steps but ends at the next log, eval or
+            # checkpoint step; a shorter stretch runs one step per call (two programs at most).
+            room = min([total_steps - step] + [every - step % every for every in boundaries])
+            n = steps_per_call if room >= steps_per_call else 1
+            data, xs = call_data(step, n)
+            state, call_metrics = train_steps(state, data, xs)
             # Sums stay on the device; nothing is synchronised until a log step.
-            sums = step_metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, step_metrics)
-            count += 1
-            progress.update(1)
+            sums = call_metrics if sums is None else add(sums, call_metrics)
+            count += n
+            step += n
+            progress.update(n)
             last = step == total_steps
             if step % config.log_every_steps == 0 or last:
                 check_and_log(step)
@@ -464,7 +516,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                     logger.write(step, "validation", validation)
                     logging.info("step %d validation %s", step, validation)
             if step % ckpt_every == 0 or last:
-                check_before_save(step, batch)
+                check_before_save(step, data, jax.tree.map(lambda x: x[-1:], xs))
                 checkpointer.save(state, config=config,
                                   metrics=validation if step % eval_every == 0 or last else None)
         if start >= total_steps:  # already finished: re-evaluate the restored final state

@@ -195,6 +195,13 @@ def student_input(config: ml_collections.ConfigDict) -> str:
     return "ear"
 
 
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The signals a mode's train step reads: the trained input alone, or both for KD."""
+    if config.mode in ("offline_kd", "online_kd"):
+        return ("scalp", "ear")
+    return (student_input(config),)
+
+
 def trained_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config of the model the optimiser trains in ``state.params``: the scalp network
     (``config.teacher``) for supervised :scalp, else the ear network (``config.model``)."""
