@@ -1,25 +1,21 @@
 #!/usr/bin/env bash
-# The benchmark pass for a lent NVIDIA GPU, sized to fit one short lease (about 10 minutes).
+# The benchmark pass for a lent NVIDIA GPU, sized to fit one short lease (about 6 minutes).
 #
 #   bash benchmarks/gpu.sh            # JSON lines and logs under $OUT (default /tmp/eegkd-gpu)
 #
-# It runs under the machine's own python3, which is expected to hold JAX with CUDA and PyTorch
-# (the project's pins do not apply there). Python wheels that machine lacks (ml_collections) can
-# be put in .whl/ beside this repository's root: they are installed to /tmp/site first. tf.data
-# is not needed by anything run here, so the pipeline and first-step-through-train.py records are
-# left to the CPU runs.
+# It runs under the machine's own python3, which is expected to hold JAX with CUDA (the project's
+# pins do not apply there). Python wheels that machine lacks (ml_collections) can be put in .whl/
+# beside this repository's root: they are installed to /tmp/site first. It has no TensorFlow, so
+# the end-to-end records are benchmarks/end_to_end.py's "resident" path (the loop's data path and
+# k-step calls without TFDS and TensorBoard); the step-only figures come with each record.
 #
-# In order of what matters most, each part under its own time limit so that one slow compile
-# cannot take the rest with it (on an H200 the f32 part needed about 300 s, bf16 about 100 s:
-# step compiles there take 11 - 28 s each, autotuning cuDNN's algorithms):
-#   f32    every model and mode at batch 32 and at the largest batch up to 512, the PyTorch
-#          reference step on the same GPU, and the card's measured ceilings (matrix products, copy)
-#   bf16   the supervised steps in bfloat16 (batch 32 and largest)
-#   start  whole-night inference, time to the first step (default online-KD config), cold / warm
-#   cmdbuf U-Sleep's batch-32 steps with command buffers around cuDNN / cuBLAS (an experiment),
-#          and the same steps without them just before, for a same-machine comparison
-#   big    the supervised steps at the largest batch up to 4096
-# PARTS="cmdbuf big" bash benchmarks/gpu.sh runs only the parts named (default: all).
+# In order of what matters most, each part under its own time limit:
+#   okd32   U-Sleep online KD at batch 32, 1 and 10 steps per call (dispatch-bound at batch 32)
+#   kd32    U-Sleep offline KD and supervised at batch 32, 1 and 10 steps per call (with okd32:
+#           the per-run times of the :paper study)
+#   sup512  U-Sleep supervised at batch 512
+#   cmt     the transformer, supervised, batch 512
+# PARTS="okd32 sup512" bash benchmarks/gpu.sh runs only the parts named (default: all).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/eegkd-gpu}
@@ -32,58 +28,37 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv
-  python3 -c 'import jax, flax, optax, torch; print("jax", jax.__version__, "flax",
-flax.__version__, "optax", optax.__version__, "torch", torch.__version__, jax.devices())'
+  python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+"optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$OUT/machine.txt"
 
-PARTS=${PARTS:-f32 bf16 start cmdbuf big}
-part() {  # part NAME SECONDS run.py-arguments...
+PARTS=${PARTS:-okd32 sup512 kd32 cmt}
+part() {  # part NAME SECONDS end_to_end.py-arguments...
   local name=$1 limit=$2
   shift 2
   case " $PARTS " in *" ${name%%-*} "*) ;; *) return 0 ;; esac
-  # One shared stderr log: the lease brings back at most 8 files.
   echo "== $name" >>"$OUT/stderr.log"
-  timeout "$limit" python3 benchmarks/run.py "$@" 2>>"$OUT/stderr.log" | tee "$OUT/$name.jsonl"
+  timeout "$limit" python3 benchmarks/end_to_end.py --path resident "$@" \
+    2>>"$OUT/stderr.log" | tee -a "$OUT/end_to_end.jsonl"
   echo "== $name: exit ${PIPESTATUS[0]} (124 = over its ${limit} s)"
-  tail -n 5 "$OUT/stderr.log"
+  tail -n 3 "$OUT/stderr.log"
 }
 
-part f32 ${F32_S:-310} --torch --torch-python python3 --steps 20 --max-batch 512 \
-  --skip online_kd_cost,first_step,night_inference,pipeline
-part bf16 ${BF16_S:-110} --dtype bfloat16 --modes supervised --steps 20 --max-batch 512 \
-  --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
-# The first-step children start their own JAX: no process may take three quarters of the card.
-XLA_PYTHON_CLIENT_PREALLOCATE=false part start ${START_S:-60} --quick --models usleep,cmt \
-  --skip ceilings,train_step,online_kd_cost,pipeline
-
-# At batch 32 the U-Sleep steps were launch-bound on an H200 (README): the same steps with XLA's
-# command buffers (CUDA graphs) extended to the cuDNN and cuBLAS calls, against the same steps
-# without them run just before on the same card.
-CMDBUF_ARGS="--models usleep --modes supervised,offline_kd,online_kd --steps 20
-  --skip ceilings,largest,online_kd_cost,first_step,night_inference,pipeline"
-part cmdbuf-off ${CMDBUF_S:-100} $CMDBUF_ARGS
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" \
-  part cmdbuf ${CMDBUF_S:-100} $CMDBUF_ARGS
-part big ${BIG_S:-150} --models usleep,cmt --modes supervised --steps 20 --max-batch 4096 \
-  --skip ceilings,online_kd_cost,first_step,night_inference,pipeline
+# 8/3-h nights: 2 training nights of 320 epochs, 20 steps a pass at batch 32, so that calls of 10
+# steps never cross a pass (the loop ends a call at a pass, see train/loop.py)
+E2E="--steps 100 --hours 2.6667"
+part okd32 ${OKD_S:-150} --model usleep --mode online_kd --batch 32 --steps-per-call 1,5 $E2E
+part kd32-off ${KD_S:-110} --model usleep --mode offline_kd --batch 32 --steps-per-call 1,5 $E2E
+part kd32-sup ${KD_S:-100} --model usleep --mode supervised --batch 32 --steps-per-call 1,10 $E2E
+part sup512 ${SUP_S:-90} --model usleep --mode supervised --batch 512 --steps-per-call 1 $E2E
+part cmt ${CMT_S:-90} --model cmt --mode supervised --batch 512 --steps-per-call 1 $E2E
 
 # A short table last (the lease's reply carries the end of the output).
-python3 - "$OUT" <<'EOF'
-import glob, json, sys
-rows = []
-for path in sorted(glob.glob(sys.argv[1] + "/*.jsonl")):
-    for line in open(path):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        k = r.get("kind")
-        if k in ("train_step", "torch_step"):
-            rows.append(f'{k[:5]:5} {r.get("framework", "torch"):5} {r["model"]:6} {r["mode"]:10} '
-                        f'{r.get("dtype", "f32"):8} b{r["batch"]:<4} {r["windows_per_s"]:>9} w/s '
-                        f'{r.get("tflop_per_s", "")} TF/s peak {r.get("peak_device_mb", "")} MB '
-                        f'compile {r.get("compile_s", "")} s')
-        elif k:
-            rows.append(json.dumps({a: b for a, b in r.items() if a not in ("host", "cpu")})[:300])
-print("\n".join(rows))
-EOF
+python3 - "$OUT" <<'PY'
+import json, sys
+for line in open(sys.argv[1] + "/end_to_end.jsonl"):
+    r = json.loads(line)
+    print(f'{r["model"]:6} {r["mode"]:10} b{r["batch"]:<4} k{r["steps_per_call"]:<3} '
+          f'{r["windows_per_s"]:>10} w/s  step-only {r["step_only_windows_per_s"]:>10}  '
+          f'ratio {r["ratio"]}')
+PY
