@@ -34,6 +34,27 @@ def test_data_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    """The data config of a small simulated cohort: 4 nights of 12 epochs at 200 Hz, built into
+    this module's own temporary folder (test_pipeline, test_resident)."""
+    from eegkd_jax.configs.common import data_config
+
+    c = data_config()
+    c.cache_dir = str(tmp_path_factory.mktemp("tfds"))
+    c.simulated.subjects = 4
+    c.simulated.hours = 0.1  # 12 epochs a night
+    c.prefetch = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def cohort(cfg):
+    from eegkd_jax.data import pipeline
+
+    return pipeline.prepare_cohort(cfg)
+
+
+@pytest.fixture(scope="module")
 def fast_compiles():
     """Skips most of XLA's optimisations for one test module, where compiling dominates the run
     time and the programs run once or twice (use with ``pytest.mark.usefixtures``)."""

@@ -5,26 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from eegkd_jax.configs.common import data_config
 from eegkd_jax.data import pipeline
 from eegkd_jax.data.recording import UNSCORED, DataError
 
 SUBJECTS = ("sim-01", "sim-02", "sim-03", "sim-04")
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    c = data_config()
-    c.cache_dir = str(tmp_path_factory.mktemp("tfds"))
-    c.simulated.subjects = 4
-    c.simulated.hours = 0.1  # 12 epochs a night
-    c.prefetch = 2
-    return c
-
-
-@pytest.fixture(scope="module")
-def cohort(cfg):
-    return pipeline.prepare_cohort(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from eegkd_jax import parallel
-from eegkd_jax.configs.common import data_config
 from eegkd_jax.data import pipeline, resident
 from eegkd_jax.data.recording import UNSCORED
 
@@ -16,18 +15,11 @@ TRAIN = ("sim-01", "sim-02", "sim-03")
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    c = data_config()
-    c.cache_dir = str(tmp_path_factory.mktemp("tfds"))
-    c.simulated.subjects = 4
-    c.simulated.hours = 0.1  # 12 epochs a night
+def cfg3(cfg):
+    """conftest's 4 nights of 12 epochs, in 3-epoch windows."""
+    c = cfg.copy_and_resolve_references()
     c.sequence_length = 3
     return c
-
-
-@pytest.fixture(scope="module")
-def cohort(cfg):
-    return pipeline.prepare_cohort(cfg)
 
 
 def gathered(data: resident.ResidentData, first: int, count: int) -> list[dict]:
@@ -38,8 +30,8 @@ def gathered(data: resident.ResidentData, first: int, count: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_one_device_gives_the_streamed_batches(cohort, cfg, dtype):
-    c = cfg.copy_and_resolve_references()
+def test_one_device_gives_the_streamed_batches(cohort, cfg3, dtype):
+    c = cfg3.copy_and_resolve_references()
     c.resident_dtype = dtype
     mesh = parallel.make_mesh(jax.devices()[:1])
     data = resident.ResidentData(cohort, TRAIN, c, keys=("scalp", "ear"), mesh=mesh,
@@ -62,12 +54,12 @@ def test_one_device_gives_the_streamed_batches(cohort, cfg, dtype):
                                   gathered(data, 0, count)[per_pass + 1]["scalp"])
 
 
-def test_eight_devices_each_draw_from_their_own_block(cohort, cfg):
+def test_eight_devices_each_draw_from_their_own_block(cohort, cfg3):
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 8
-    data = resident.ResidentData(cohort, TRAIN, cfg, keys=("ear",), mesh=mesh,
+    data = resident.ResidentData(cohort, TRAIN, cfg3, keys=("ear",), mesh=mesh,
                                  global_batch_size=16, seed=0)
-    windows = pipeline.training_windows(cohort, TRAIN, cfg)
+    windows = pipeline.training_windows(cohort, TRAIN, cfg3)
     blocks = np.array_split(windows, 8)
     # storage is sharded: each device holds one block (D, E, S, C) -> (1, E, S, C)
     ear = data.arrays["ear"]
@@ -96,9 +88,9 @@ def test_eight_devices_each_draw_from_their_own_block(cohort, cfg):
         assert len(set(seen[d])) == len(seen[d]) == data.per_pass * 2
 
 
-def test_the_gather_needs_no_communication(cohort, cfg):
+def test_the_gather_needs_no_communication(cohort, cfg3):
     mesh = parallel.make_mesh()
-    data = resident.ResidentData(cohort, TRAIN, cfg, keys=("scalp", "ear"), mesh=mesh,
+    data = resident.ResidentData(cohort, TRAIN, cfg3, keys=("scalp", "ear"), mesh=mesh,
                                  global_batch_size=8, seed=0)
     hlo = jax.jit(data.gather).lower(data.device_data(0), np.int32(0)).compile().as_text()
     for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
