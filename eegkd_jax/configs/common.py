@@ -2,7 +2,8 @@
 overrides a few fields; nothing reads this file directly from the command line.
 
 Field groups:
-  data       where the nights come from, how they are derived, preprocessed, split and batched.
+  data       where the nights come from, how they are derived, preprocessed, split and batched, and
+             whether the training nights live on the devices (device_resident).
   model      the network that learns from ear-EEG (the student, or the only model in supervised mode).
   teacher    the network that sees scalp EEG (KD modes and the scalp supervised run).
   optimizer  Adam as the original's (betas, eps, L2 weight decay), with a CPU-sized rate and schedule.
