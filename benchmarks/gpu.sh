@@ -10,8 +10,8 @@
 # k-step calls without TFDS and TensorBoard); the step-only figures come with each record.
 #
 # In order of what matters most, each part under its own time limit:
-#   okd32   U-Sleep online KD at batch 32, 1 and 10 steps per call (dispatch-bound at batch 32)
-#   kd32    U-Sleep offline KD and supervised at batch 32, 1 and 10 steps per call (with okd32:
+#   okd32   U-Sleep online KD at batch 32, 1 and 5 steps per call (dispatch-bound at batch 32)
+#   kd32    U-Sleep offline KD and supervised at batch 32, 1 and 5 steps per call (with okd32:
 #           the per-run times of the :paper study)
 #   sup512  U-Sleep supervised at batch 512
 #   cmt     the transformer, supervised, batch 512
@@ -44,12 +44,12 @@ part() {  # part NAME SECONDS end_to_end.py-arguments...
   tail -n 3 "$OUT/stderr.log"
 }
 
-# 8/3-h nights: 2 training nights of 320 epochs, 20 steps a pass at batch 32, so that calls of 10
+# 8/3-h nights: 2 training nights of 320 epochs, 20 steps a pass at batch 32, so that calls of 5
 # steps never cross a pass (the loop ends a call at a pass, see train/loop.py)
 E2E="--steps 100 --hours 2.6667"
 part okd32 ${OKD_S:-150} --model usleep --mode online_kd --batch 32 --steps-per-call 1,5 $E2E
 part kd32-off ${KD_S:-110} --model usleep --mode offline_kd --batch 32 --steps-per-call 1,5 $E2E
-part kd32-sup ${KD_S:-100} --model usleep --mode supervised --batch 32 --steps-per-call 1,10 $E2E
+part kd32-sup ${KD_S:-100} --model usleep --mode supervised --batch 32 --steps-per-call 1,5 $E2E
 part sup512 ${SUP_S:-90} --model usleep --mode supervised --batch 512 --steps-per-call 1 $E2E
 part cmt ${CMT_S:-90} --model cmt --mode supervised --batch 512 --steps-per-call 1 $E2E
 
