@@ -225,6 +225,10 @@ def _place(cohort, plan: Plan, keys, data_cfg, mesh):
 
     local = [i for i, dev in enumerate(mesh.devices.flat) if dev.process_index == jax.process_index()]
     error = max(quantization_error(block(d)[k], dtype) for d in local for k in keys)
+    if jax.process_count() > 1:  # each host measured its own blocks; all must choose alike
+        from jax.experimental import multihost_utils
+
+        error = float(np.max(multihost_utils.process_allgather(np.float32(error))))
     if error > MAX_RELATIVE_ERROR:
         logging.warning("data.resident_dtype=%s would change training signal values by up to %.2g "
                         "of their size; keeping them as float32", dtype, error)
