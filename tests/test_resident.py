@@ -69,9 +69,11 @@ def test_eight_devices_each_draw_from_their_own_block(cohort, cfg3):
     # every window of every block appears once per pass, read from the right night and epochs
     seen = [[] for _ in range(8)]
     for step, batch in enumerate(gathered(data, 0, data.per_pass)):
-        rows = data.shard_rows(step)
         for d in range(8):
-            for j, row in enumerate(rows[d]):
+            # the documented order: device d's rows of pass 0 are positions step*2, step*2 + 1 of
+            # numpy.random.default_rng([seed, 0, d]).permutation(n_d)
+            order = np.random.default_rng([0, 0, d]).permutation(len(blocks[d]))
+            for j, row in enumerate(order[step * 2:step * 2 + 2]):
                 subject, first = blocks[d][row]
                 seen[d].append(row)
                 got = batch["ear"][d * 2 + j]

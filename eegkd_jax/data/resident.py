@@ -33,7 +33,6 @@ float16 cannot represent, say) is kept as float32 with a warning.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -151,24 +150,16 @@ class ResidentData:
         self._sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
         self._order_pass, self._order = None, None
 
-    def shard_rows(self, step: int) -> np.ndarray:
-        """(D, B / D) positions, within each shard's windows, of the rows of batch ``step``."""
-        pass_index, position = divmod(int(step), self.per_pass)
-        wanted = position * self.per_device + np.arange(self.per_device)
-        # modulo: a pass shorter than one batch repeats windows, as the streamed path does
-        return np.stack([
-            _order(self.seed, pass_index, d if self.plan.num_shards > 1 else None, n)[wanted % n]
-            for d, n in enumerate(s.shape[0] for s in self.plan.starts)])
-
     def pass_order(self, pass_index: int) -> np.ndarray:
         """(D, largest n_d) int32: each shard's window starts in the order of pass ``pass_index``
         (zero-padded past n_d)."""
         width = max(s.shape[0] for s in self.plan.starts)
         order = np.zeros((self.plan.num_shards, width), np.int32)
         for d, starts in enumerate(self.plan.starts):
-            n = starts.shape[0]
-            order[d, :n] = starts[_order(self.seed, pass_index,
-                                         d if self.plan.num_shards > 1 else None, n)]
+            # one device: the streamed path's key, so both give the same batches
+            key = [self.seed, pass_index] + ([d] if self.plan.num_shards > 1 else [])
+            order[d, :starts.shape[0]] = starts[np.random.default_rng(key).permutation(
+                starts.shape[0])]
         return order
 
     def device_data(self, step: int) -> dict:
@@ -246,10 +237,3 @@ def _place(cohort, plan: Plan, keys, data_cfg, mesh):
 def _rows(block, index, key, kind, num_shards: int) -> np.ndarray:
     picked = [block(i)[key] for i in range(*index[0].indices(num_shards))]
     return np.stack(picked).astype(kind)[(slice(None), *index[1:])]
-
-
-@functools.lru_cache(maxsize=64)
-def _order(seed: int, pass_index: int, shard: int | None, n: int) -> np.ndarray:
-    """A pass's order of one shard's windows; shard None (one device) is the streamed path's."""
-    key = [seed, pass_index] if shard is None else [seed, pass_index, shard]
-    return np.random.default_rng(key).permutation(n)
