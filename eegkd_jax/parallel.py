@@ -165,9 +165,9 @@ def jit_train_steps(step_fn, mesh: Mesh, *, gather=None, donate: bool = True):
     State and metrics are replicated and the old state's buffers donated, as in
     :func:`jit_train_step`.
 
-    The k steps are written out one after another, not as a ``lax.scan``: XLA runs a loop of the
-    step several times slower on the CPU (10x measured), and on an H200 neither a rolled nor an
-    unrolled scan of the online-KD step got through its first call within minutes.
+    The k steps are written out one after another, not as a ``lax.scan``: XLA ran a loop of the
+    step several times slower on the CPU, and on an H200 no scan of the step finished its first
+    call within the time measured (benchmarks/README.md).
     """
     rep = replicated_sharding(mesh)
 

@@ -15,12 +15,11 @@ transfer.py, offline_kd.py, online_kd.py), so the study trains exactly what ``tr
 Without a variant every fold (each of the 9 simulated subjects held out once) runs for each of
 ``study.seeds`` (0, 1, 2) and every method: 8 methods x 27 runs, each a CPU-sized default run
 (minutes each on a 2-core CPU, so many hours in all). ``:reduced`` holds out three subjects
-(sim-01, sim-05, sim-09) and trains depth-6 U-Sleeps over 5-epoch sequences for 300 steps: its
-72 runs took 66.5 min on the 2-core CPU (2026-12-04, load ~3). All nine folds at that size
-measured about 2.7 h, and 300 steps of the reduced networks on 1.5-h nights stayed below both
-floors, hence three folds. ``:paper`` is the original's full-size setting, for accelerators
-(projected at 1.6 - 2.4 h for all nine folds on one H200 from measured per-run throughput);
-``:tiny`` is what the tests run.
+(sim-01, sim-05, sim-09) and trains depth-6 U-Sleeps over 5-epoch sequences for 300 steps, so
+that it fits the 90 minutes a 2-core CPU may take: all nine folds at that size would not, and
+shorter nights or sequences learned less (what each cost and scored:
+benchmarks/results/2026-12-04-loso-reduced/timing.md). ``:paper`` is the original's full-size
+setting, for accelerators; ``:tiny`` is what the tests run.
 """
 
 import ml_collections

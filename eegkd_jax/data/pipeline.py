@@ -82,8 +82,8 @@ class Cohort:
 
         Each stored example (a ``tf.train.Example`` whose signals are raw float32 bytes, see
         ``builder``) is read and parsed here, one after another into arrays made once, rather than
-        through TFDS's generic decoder and the thread pool that ``__getitems__`` starts per call
-        (which took 2/3 of the time in this function; see benchmarks/README.md)."""
+        through TFDS's generic decoder and the thread pool that ``__getitems__`` starts per call,
+        which took most of the time here (benchmarks/README.md)."""
         from tensorflow.core.example import example_pb2  # deferred: only reading needs it
 
         records = self.source(subject).data_source  # serialized examples, by index

@@ -494,8 +494,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     try:
         step = start
         while step < total_steps:
-            # One call runs up to steps_per_call steps but ends at the next log, eval or
-            # checkpoint step; a shorter stretch runs one step per call (two programs at most).
+            # One call runs up to steps_per_call steps but ends at the next boundary; a shorter
+            # stretch runs one step per call (two programs at most).
             room = min([total_steps - step] + [every - step % every for every in boundaries])
             n = steps_per_call if room >= steps_per_call else 1
             data, xs = call_data(step, n)
