@@ -22,6 +22,9 @@ per method, mean and sample SD over runs, the paired kappa difference to ear-onl
 bootstrap CI and a Wilcoxon p), ``per_run.csv`` (one row per fold, seed and method, with its
 train / validation / test subjects), ``folds/<fold>-seed-<seed>.json``.
 
+Parts: studies whose configs differ only in which folds and seeds they run (one machine each, say)
+are tabulated as one with ``--combine=DIR,DIR,... --workdir=OUT`` (:func:`combine_studies`).
+
 Resuming: a run whose training finished leaves ``done.json`` and one whose test evaluation finished
 ``test_result.json``; both are skipped on the next invocation. A run interrupted mid-training has
 checkpoints but no ``done.json``: ``train_and_evaluate`` resumes it from its latest checkpoint. The
@@ -314,6 +317,84 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     return {"folds": records, "summary": summary, "files": files}
 
 
+# --------------------------------------------------------------------------------------------------
+# Several workdirs, one study
+
+# The fields that choose which runs a study holds, not how any run is trained: studies that differ
+# only in these (e.g. each machine running its own folds) are parts of one study.
+PART_FIELDS = ("study.test_subjects", "study.folds", "study.seeds")
+COMBINED = "combined_from.json"
+
+
+def combine_studies(workdirs: Sequence[str | pathlib.Path],
+                    out: str | pathlib.Path) -> dict[str, Any]:
+    """Tabulates the finished (fold, seed) runs of several study workdirs as one study in ``out``.
+
+    The workdirs' configs must agree in every field except :data:`PART_FIELDS`. A field that only
+    some of them have (added to eegkd after the others ran) is allowed and written, with its values,
+    to ``<out>/combined_from.json`` beside the list of parts. Folds are renumbered in sorted order
+    of their test subjects.
+
+    Returns:
+      {"folds": [fold records], "summary": ..., "files": ...} as :func:`run_study`.
+
+    Raises:
+      StudyConfigError: a workdir that holds no study, ``out`` among the parts, configs that
+        differ, or one (test subject, seed) in two parts.
+    """
+    parts = [pathlib.Path(w).absolute() for w in workdirs]
+    out = pathlib.Path(out).absolute()
+    if len(parts) < 2 or len(set(parts)) != len(parts) or out in parts:
+        raise StudyConfigError(f"combine: give two or more distinct study workdirs and a new "
+                               f"--workdir for the table; got {[str(p) for p in parts]} -> {out}")
+    configs = {}
+    for part in parts:
+        path = part / STUDY_CONFIG
+        if not path.is_file():
+            raise StudyConfigError(f"{part}: no {STUDY_CONFIG}, so not a study workdir")
+        configs[part] = {k: v for k, v in _flat(json.loads(path.read_text())).items()
+                         if k not in PART_FIELDS}
+    not_everywhere = {}
+    for key in sorted(set().union(*configs.values())):
+        values = {str(p): c[key] for p, c in configs.items() if key in c}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            raise StudyConfigError(f"combine: the studies differ in {key} ({values}); their runs "
+                                   "are not one study")
+        if len(values) < len(parts):
+            not_everywhere[key] = values
+    records, source = [], {}
+    for part in parts:
+        for path in sorted((part / "folds").glob("*.json")):
+            record = json.loads(path.read_text())
+            key = (record["test"], record["seed"])
+            if key in source:
+                raise StudyConfigError(f"combine: {key[0]} seed {key[1]} is in both {source[key]} "
+                                       f"and {part}")
+            source[key] = part
+            records.append(record)
+    if not records:
+        raise StudyConfigError(f"combine: no finished (fold, seed) in {[str(p) for p in parts]}")
+    subjects = sorted({r["test"] for r in records})
+    records.sort(key=lambda r: (r["test"], r["seed"]))
+    for r in records:
+        r["fold"] = subjects.index(r["test"])
+    out.mkdir(parents=True, exist_ok=True)
+    if not_everywhere:
+        logging.warning("combine: fields not in every part's config (newer eegkd): %s",
+                        sorted(not_everywhere))
+    _write_json(out / COMBINED, {
+        "parts": [{"workdir": str(p),
+                   "test_subjects": sorted({t for (t, _), q in source.items() if q == p}),
+                   "seeds": sorted({s for (_, s), q in source.items() if q == p})}
+                  for p in parts],
+        "fields_not_in_every_part": not_everywhere})
+    methods = FLOORS + tuple(_mode_configs())
+    files = write_tables(out, records, methods,
+                         note=f"Combined from {len(parts)} study workdirs ({COMBINED}).")
+    return {"folds": records, "summary": summarize(records, [m for m in methods if any(
+        m in r["methods"] for r in records)]), "files": files}
+
+
 # The classical floor (band powers + logistic regression, eegkd_jax.baseline) on each fold: trained
 # on the fold's training subjects (the networks' validation subject only picks their checkpoint),
 # scored on its test subject; without and with +-2 neighbouring epochs. It has no seed.
@@ -426,9 +507,10 @@ def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
     return path
 
 
-def write_tables(workdir: pathlib.Path, records: Sequence[dict],
-                 methods: Sequence[str]) -> dict[str, pathlib.Path]:
-    """Writes results.md, results.csv, per_run.csv and results.png for the runs in ``records``."""
+def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequence[str],
+                 note: str = "") -> dict[str, pathlib.Path]:
+    """Writes results.md (with ``note`` under its description), results.csv, per_run.csv and
+    results.png for the runs in ``records``."""
     methods = [m for m in methods if any(m in r["methods"] for r in records)]
     summary = summarize(records, methods)
     per_run_rows = []
@@ -470,7 +552,7 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict],
         "epochs of context) are trained on the same training subjects. Mean ± sample SD over "
         "runs. Δκ: the paired difference to ear-only on the same subject and seed, with a 95% "
         "bootstrap CI over subjects and seeds and a Wilcoxon signed-rank p over the subjects' "
-        "mean differences.",
+        "mean differences." + (f" {note}" if note else ""),
         "",
         "| Method | Kappa | Macro-F1 | Accuracy | Δκ vs ear-only [95% CI] | p | runs |",
         "|---|---|---|---|---|---|---|",
@@ -546,6 +628,9 @@ def define_flags():
             "config", str(LOSO_CONFIG), "Study config (configs/loso.py[:variant]).",
             lock_config=True)
         flags.DEFINE_string("workdir", "runs/loso", "The study's directory (resumable).")
+        flags.DEFINE_list("combine", None,
+                          "Study workdirs to tabulate as one study in --workdir, each with its own "
+                          "config (e.g. the folds run on different machines); trains nothing.")
         flags.DEFINE_string("data_path", None,
                             "An EESM17 BIDS root: sets data.path (and data.source=eesm17 unless "
                             "the config names another on-disk source).")
@@ -586,6 +671,16 @@ def main(argv) -> None:
         config.data.path = data_path
         if config.data.source == "simulated":
             config.data.source = "eesm17"
+    if flags.FLAGS.combine:
+        if flags.FLAGS["config"].present or data_path:
+            raise app.UsageError("--combine tabulates finished studies with their own configs; "
+                                 "drop --config, --reduced and --data_path")
+        try:
+            result = combine_studies(flags.FLAGS.combine, flags.FLAGS.workdir)
+        except StudyConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(result["files"]["results.md"].read_text())
+        return
     # Every fold compiles the same programs (same shapes, same networks): with the persistent
     # cache only the first fold pays for compiling, which dominates short runs.
     compilation_cache.enable()

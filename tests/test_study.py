@@ -181,6 +181,50 @@ def test_every_method_every_fold_and_seed_in_order_with_clean_splits(tmp_path, m
     assert calls == [] and again["summary"] == result["summary"]
 
 
+def test_parts_run_apart_combine_into_the_one_study(tmp_path, monkeypatch, tfds_dir):
+    """Folds run in two workdirs (two machines, say) tabulate exactly as one study of all of them;
+    parts of different studies, or holding the same run twice, are refused."""
+    fake_training(monkeypatch, [])
+    whole = tiny_config(tfds_dir)
+    whole.study.folds, whole.study.seeds = 0, (0, 1)
+    study.run_study(whole, tmp_path / "whole")
+    parts = []
+    for name, subjects, seeds in (("a", ("sim-02",), (0, 1)), ("b", ("sim-03", "sim-01"), (1, 0))):
+        config = tiny_config(tfds_dir)
+        config.study.test_subjects, config.study.seeds = subjects, seeds
+        study.run_study(config, tmp_path / name)
+        parts.append(tmp_path / name)
+    # Part b as an older eegkd wrote it, before steps_per_call existed.
+    stored = json.loads((parts[1] / study.STUDY_CONFIG).read_text())
+    del stored["steps_per_call"]
+    (parts[1] / study.STUDY_CONFIG).write_text(json.dumps(stored))
+
+    result = study.combine_studies(parts, tmp_path / "all")
+    for name in ("per_run.csv", "results.csv"):
+        assert (tmp_path / "all" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    assert "Combined from 2 study workdirs" in (tmp_path / "all" / "results.md").read_text()
+    assert [(r["fold"], r["test"], r["seed"]) for r in result["folds"]] == [
+        (i, f"sim-0{i + 1}", seed) for i in range(3) for seed in (0, 1)]
+    combined = json.loads((tmp_path / "all" / study.COMBINED).read_text())
+    assert [p["test_subjects"] for p in combined["parts"]] == [["sim-02"], ["sim-01", "sim-03"]]
+    assert combined["fields_not_in_every_part"] == {"steps_per_call": {str(parts[0]): 1}}
+
+    overlapping = tiny_config(tfds_dir)
+    overlapping.study.test_subjects, overlapping.study.seeds = ("sim-02",), (1,)
+    study.run_study(overlapping, tmp_path / "c")
+    with pytest.raises(ValueError, match="sim-02 seed 1 is in both"):
+        study.combine_studies([*parts, tmp_path / "c"], tmp_path / "all2")
+    other = tiny_config(tfds_dir)
+    other.study.test_subjects, other.max_steps = ("sim-03",), 3
+    study.run_study(other, tmp_path / "d")
+    with pytest.raises(ValueError, match=r"differ in max_steps"):
+        study.combine_studies([parts[0], tmp_path / "d"], tmp_path / "all3")
+    with pytest.raises(ValueError, match="distinct study workdirs"):
+        study.combine_studies(parts, parts[0])
+    with pytest.raises(ValueError, match="not a study workdir"):
+        study.combine_studies([parts[0], tmp_path], tmp_path / "all4")
+
+
 def test_paired_difference_bootstraps_subjects_then_seeds():
     from scipy import stats
 
