@@ -29,6 +29,9 @@ Each line has a "kind":
   U-Sleep over the whole night in one call, the transformer epoch by epoch in batches.
 * ``pipeline``: ``benchmarks/pipeline.main`` (cohort build time and its peak memory, training
   windows per second delivered by tf.data).
+* ``end_to_end``: ``benchmarks/end_to_end.main`` for U-Sleep at batch 32, supervised and online
+  KD: windows per second through the real loop and data path (device-resident and streamed; on a
+  machine without TensorFlow, the loop's TF-free resident path) beside ``step_only_windows_per_s``.
 * ``summary``: peak host memory of this process and of its children, device, load.
 
 "The largest batch that fits" is searched with XLA's own buffer assignment rather than by running
@@ -330,7 +333,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to leave out: ceilings (accelerators "
                              "only),train_step,largest,online_kd_cost,first_step,"
-                             "night_inference,pipeline")
+                             "night_inference,pipeline,end_to_end")
     parser.add_argument("--first-step-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -405,6 +408,15 @@ def main(argv=None) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             result = pipeline_bench.main(argv)
         emit({"kind": "pipeline", **result})
+
+    if "end_to_end" not in skip:
+        import importlib.util
+
+        from benchmarks import end_to_end
+        path = "loop" if importlib.util.find_spec("tensorflow") else "resident"
+        for mode in ("supervised", "online_kd"):
+            end_to_end.main(["--path", path, "--model", "usleep", "--mode", mode, "--batch", "32",
+                             "--steps", "20" if args.quick else "210", "--steps-per-call", "1"])
 
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
