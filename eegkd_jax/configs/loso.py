@@ -6,6 +6,7 @@
     python -m eegkd_jax.study --workdir=runs/loso_eesm --data_path=/data/eesm17
     python -m eegkd_jax.study --workdir=runs/kd_only \
         --config.study.methods='("scalp_teacher","offline_kd")'
+    python -m eegkd_jax.study --workdir=runs/loso_all --combine=runs/loso_a,runs/loso_b  # one table
 
 The fields outside ``study`` are the shared settings of every run (data, both networks, optimiser,
 schedule): all methods are compared on the same data with the same networks. What differs per method
@@ -18,8 +19,10 @@ Without a variant every fold (each of the 9 simulated subjects held out once) ru
 (sim-01, sim-05, sim-09) and trains depth-6 U-Sleeps over 5-epoch sequences for 300 steps, so
 that it fits the 90 minutes a 2-core CPU may take: all nine folds at that size would not, and
 shorter nights or sequences learned less (what each cost and scored:
-benchmarks/results/2026-12-04-loso-reduced/timing.md). ``:paper`` is the original's full-size
-setting, for accelerators; ``:tiny`` is what the tests run.
+benchmarks/results/2026-12-04-loso-reduced/timing.md). The other six folds at the same size run
+as a second study (``--config.study.test_subjects`` naming them) and the two tabulate as one with
+``--combine`` (benchmarks/results/2026-12-04-loso-nine-folds/). ``:paper`` is the original's
+full-size setting, for accelerators; ``:tiny`` is what the tests run.
 """
 
 import ml_collections
