@@ -38,6 +38,7 @@ import os
 import pathlib
 import shutil
 import socket
+import time
 from typing import Any
 
 import jax
@@ -549,6 +550,11 @@ class WorkdirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._holder(fd)
+            # The holder writes its name just after it locks: give it a moment to appear.
+            deadline = time.monotonic() + 2.0
+            while not holder.get("pid") and time.monotonic() < deadline:
+                time.sleep(0.05)
+                holder = self._holder(fd)
             os.close(fd)
             raise WorkdirBusyError(
                 f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on host "

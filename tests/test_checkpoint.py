@@ -233,6 +233,25 @@ def test_one_run_per_workdir_and_a_dead_holder_is_taken_over(tmp_path, caplog):
     assert "from pid 999999 on gone" in caplog.text
 
 
+def test_a_refused_run_waits_for_the_holder_to_write_its_name(tmp_path):
+    """Between a run's flock and the write of its pid, a second run sees an empty lock file; it
+    waits for the name instead of reporting 'pid ?' (a race the fault suite once hit)."""
+    import fcntl
+    import threading
+
+    fd = os.open(tmp_path / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, b'{"pid": 4242, "host": "h"}', 0))
+    late.start()
+    try:
+        with pytest.raises(checkpoint.WorkdirBusyError, match="in use by pid 4242 on host h"):
+            with checkpoint.WorkdirLock(tmp_path):
+                pass
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def test_a_step_of_an_earlier_eegkd_jax_still_restores(tmp_path, caplog):
     """Steps written by orbax's CheckpointManager (before the manifests) restore unverified, with
     the workdir's config.json."""
