@@ -106,8 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # -1: once per epoch
     c.checkpoint_every_steps = -1  # -1: once per epoch
     c.keep_checkpoints = 2
-    # Train steps run per compiled call (a lax.scan); calls end at every log, eval and checkpoint
-    # step, so those see the same states as with 1.
+    # Train steps run per compiled call (parallel.jit_train_steps, written out one after another);
+    # calls end at every log, eval and checkpoint step, so those see the same states as with 1.
     c.steps_per_call = 1
     # Stop when a logged loss exceeds this many times its running level (the mean of the last 10
     # logged values, at least 1), naming the last good checkpoint.

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
 from eegkd_jax import parallel
 from eegkd_jax.data.recording import UNSCORED
@@ -147,7 +146,7 @@ class ResidentData:
         self.per_device = global_batch_size // self.plan.num_shards
         self.per_pass = max(1, min(s.shape[0] for s in self.plan.starts) // self.per_device)
         self.arrays, self.dtype, self.error = _place(cohort, self.plan, self.keys, data_cfg, mesh)
-        self._sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+        self._sharding = parallel.batch_sharding(mesh)  # one block per device along ``data``
         self._order_pass, self._order = None, None
 
     def pass_order(self, pass_index: int) -> np.ndarray:
@@ -196,7 +195,7 @@ def _place(cohort, plan: Plan, keys, data_cfg, mesh):
     dtype = str(data_cfg.get("resident_dtype", "float16"))
     if dtype not in DTYPES:
         raise ValueError(f"data.resident_dtype must be one of {DTYPES}, got {dtype!r}")
-    sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+    sharding = parallel.batch_sharding(mesh)
     names = {"scalp": cohort.scalp_names, "ear": cohort.ear_names}
     s = cohort.epoch_samples
     loaded: dict[int, dict[str, np.ndarray]] = {}
