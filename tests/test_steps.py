@@ -151,6 +151,31 @@ def test_offline_kd_loss_terms_switch_off_and_gradients_differ():
     assert grads[0.0] != grads[1.0]
 
 
+def test_unpaired_control_gives_each_ear_window_another_windows_targets():
+    """kd.unpaired: the feature MSE is against the teacher's features of window i - 1, never of
+    the window's own scalp twin; with the pairing kept the two MSEs below would be equal."""
+    student, teacher = TinyNet(), TinyNet()
+    batch = tiny_batch(batch=4)
+    mse = {}
+    for unpaired in (False, True):
+        config = tiny_config("offline_kd", feature_weight=1.0, response_weight=0.0,
+                             unpaired=unpaired)
+        state, tx = make_state(config, student, teacher)
+        _, m = jax.jit(steps.build_train_step(config, student=student, tx=tx, teacher=teacher))(
+            state, batch)
+        mse[unpaired] = float(m["feature_mse"])
+    t_vars = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
+    _, t_feats = teacher.apply(t_vars, batch["scalp"], train=False)
+    (_, s_feats), _ = student.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                    batch["ear"], train=True, rngs={"dropout": state.step_key()},
+                                    mutable=["batch_stats"])
+    paired = losses.feature_mse(s_feats, t_feats, batch["labels"], "sample")
+    rolled = losses.feature_mse(s_feats, jnp.roll(t_feats, 1, axis=0), batch["labels"], "sample")
+    assert mse[False] == pytest.approx(float(paired), rel=1e-5)
+    assert mse[True] == pytest.approx(float(rolled), rel=1e-5)
+    assert abs(mse[True] - mse[False]) > 1e-3 * mse[False]
+
+
 def test_feature_shape_mismatch_is_a_clear_error_unless_weight_zero():
     student, teacher = TinyNet(features=4), TinyNet(features=6)
     batch = tiny_batch()

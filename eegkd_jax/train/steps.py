@@ -78,11 +78,16 @@ def offline_kd_step(state: TrainState, batch: Batch, *, student, teacher, tx,
     """loss = CE(student) + fw * MSE(student feats, teacher feats) + rw * T^2 KL(teacher || student).
 
     The teacher runs in eval mode on scalp; its outputs are constants (stop_gradient), its variables
-    are not differentiated and it has no optimiser state, so nothing can change it.
+    are not differentiated and it has no optimiser state, so nothing can change it. With
+    ``kd.unpaired`` window i learns from window i - 1's teacher outputs (the unpaired control).
     """
     t_logits, t_feats, _ = _forward(teacher, state.teacher_params, state.teacher_batch_stats,
                                     batch["scalp"], train=False)
     t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
+    if kd.get("unpaired", False):
+        # The study's control: each ear window gets the teacher's targets of the next window in
+        # the batch (another night or another time), so any gain from dense targets alone shows.
+        t_logits, t_feats = jnp.roll(t_logits, 1, axis=0), jnp.roll(t_feats, 1, axis=0)
     labels = batch["labels"]
 
     def loss_fn(params):
