@@ -66,17 +66,30 @@ def compute_dtype(name: Any) -> jnp.dtype:
     return dtype
 
 
+INITS = ("torch", "glorot")
+
+
+def _inits(init: str, fan_in: int):
+    """(kernel, bias) initialisers: "torch" as PyTorch's layers draw them (above); "glorot" as the
+    U-Sleep authors' Keras implementation does (Glorot-uniform kernels, zero biases)."""
+    if init == "torch":
+        return torch_kernel_init, torch_bias_init(fan_in)
+    if init == "glorot":
+        return nn.initializers.glorot_uniform(), nn.initializers.zeros
+    raise ValueError(f"model init must be one of {INITS}, got {init!r}")
+
+
 def conv1d(features: int, kernel_size: int, in_features: int, dtype: Any, *, strides: int = 1,
-           padding: str = "SAME", name: str | None = None) -> nn.Conv:
-    """A 1-D convolution over (batch, time, channels) with PyTorch's default initialisation.
+           padding: str = "SAME", init: str = "torch", name: str | None = None) -> nn.Conv:
+    """A 1-D convolution over (batch, time, channels), initialised as ``init`` says (_inits).
 
     "SAME" pads ``k - 1`` samples with the smaller half on the left, as PyTorch's
     ``padding="same"`` does (it matters for U-Sleep's even k=2 decoder kernel).
     """
+    kernel_init, bias_init = _inits(init, in_features * kernel_size)
     return nn.Conv(features=features, kernel_size=(kernel_size,), strides=(strides,),
                    padding=padding, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=torch_kernel_init,
-                   bias_init=torch_bias_init(in_features * kernel_size),
+                   kernel_init=kernel_init, bias_init=bias_init,
                    conv_general_dilated=shaped_conv, name=name)
 
 
@@ -126,11 +139,12 @@ def shaped_conv(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
     return y.reshape(batch, length, features)
 
 
-def dense(features: int, in_features: int, dtype: Any, name: str | None = None) -> nn.Dense:
-    """A linear layer (== a 1x1 convolution) with PyTorch's default initialisation."""
+def dense(features: int, in_features: int, dtype: Any, name: str | None = None,
+          init: str = "torch") -> nn.Dense:
+    """A linear layer (== a 1x1 convolution), initialised as ``init`` says (_inits)."""
+    kernel_init, bias_init = _inits(init, in_features)
     return nn.Dense(features=features, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
-                    name=name)
+                    kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 class BatchNorm(nn.Module):

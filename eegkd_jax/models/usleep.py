@@ -73,10 +73,12 @@ class ConvBlock(nn.Module):
     features: int
     kernel_size: int
     dtype: Any = jnp.float32
+    initializer: str = "torch"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype, name="conv")(x)
+        x = layers.conv1d(self.features, self.kernel_size, x.shape[-1], self.dtype,
+                          init=self.initializer, name="conv")(x)
         return layers.batch_norm(train, self.dtype, name="bn")(nn.elu(x))
 
 
@@ -86,15 +88,18 @@ class DecoderBlock(nn.Module):
     features: int
     kernel_size: int
     dtype: Any = jnp.float32
+    initializer: str = "torch"
 
     @nn.compact
     def __call__(self, x, skip, train: bool):
         x = jnp.repeat(x, 2, axis=1)  # nearest-neighbour upsampling
-        x = ConvBlock(self.features, 2, self.dtype, name="upconv")(x, train)
+        x = ConvBlock(self.features, 2, self.dtype, self.initializer, name="upconv")(
+            x, train)
         # The encoder padded odd lengths before pooling, so the upsampled signal can be one sample
         # longer than the skip; the original keeps its first samples.
         x = jnp.concatenate([x[:, : skip.shape[1]], skip], axis=-1)
-        return ConvBlock(self.features, self.kernel_size, self.dtype, name="conv")(x, train)
+        return ConvBlock(self.features, self.kernel_size, self.dtype, self.initializer,
+                         name="conv")(x, train)
 
 
 class SegmentClassifier(nn.Module):
@@ -107,16 +112,19 @@ class SegmentClassifier(nn.Module):
     epoch_samples: int
     num_classes: int
     dtype: Any = jnp.float32
+    initializer: str = "torch"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, t, f = x.shape
-        x = jnp.tanh(layers.dense(f, f, self.dtype, name="segment_conv")(x))
+        init = self.initializer
+        x = jnp.tanh(layers.dense(f, f, self.dtype, name="segment_conv", init=init)(x))
         # Average pooling with window = stride = one epoch. jnp.mean accumulates low-precision
         # inputs in float32, so bfloat16 does not lose the 6000-sample sum.
         x = x.reshape(b, t // self.epoch_samples, self.epoch_samples, f).mean(axis=2)
-        x = nn.elu(layers.dense(self.num_classes, f, self.dtype, name="hidden")(x))
-        return layers.dense(self.num_classes, self.num_classes, self.dtype, name="logits")(x)
+        x = nn.elu(layers.dense(self.num_classes, f, self.dtype, name="hidden", init=init)(x))
+        return layers.dense(self.num_classes, self.num_classes, self.dtype, name="logits",
+                            init=init)(x)
 
 
 class USleep(nn.Module):
@@ -129,6 +137,8 @@ class USleep(nn.Module):
       epoch_samples: samples per scoring epoch (6000 = 30 s at 200 Hz).
       num_classes: output classes.
       dtype: compute dtype; parameters are float32 whatever it is.
+      initializer: "torch" (PyTorch's layer defaults, as the original project trains) or "glorot"
+        (Glorot-uniform kernels and zero biases, as the U-Sleep authors' implementation).
     """
 
     in_channels: int
@@ -137,6 +147,7 @@ class USleep(nn.Module):
     epoch_samples: int = 6000
     num_classes: int = 5
     dtype: Any = jnp.float32
+    initializer: str = "torch"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -166,15 +177,18 @@ class USleep(nn.Module):
         x = x.astype(self.dtype)
         skips = []
         for i, width in enumerate(self.widths[:-1]):
-            x = ConvBlock(width, self.kernel_size, self.dtype, name=f"encoder_{i}")(x, train)
+            x = ConvBlock(width, self.kernel_size, self.dtype, self.initializer,
+                          name=f"encoder_{i}")(x, train)
             skips.append(x)
             x = _max_pool_by_two(x)
-        x = ConvBlock(self.widths[-1], self.kernel_size, self.dtype, name="bottom")(x, train)
+        x = ConvBlock(self.widths[-1], self.kernel_size, self.dtype, self.initializer,
+                      name="bottom")(x, train)
         for i, (width, skip) in enumerate(zip(reversed(self.widths[:-1]), reversed(skips))):
-            block = DecoderBlock(width, self.kernel_size, self.dtype, name=f"decoder_{i}")
+            block = DecoderBlock(width, self.kernel_size, self.dtype, self.initializer,
+                                 name=f"decoder_{i}")
             x = block(x, skip, train)
         logits = SegmentClassifier(
-            self.epoch_samples, self.num_classes, self.dtype, name="classifier"
+            self.epoch_samples, self.num_classes, self.dtype, self.initializer, name="classifier"
         )(x)
         return logits.astype(jnp.float32), x.astype(jnp.float32)
 
@@ -191,4 +205,5 @@ def from_config(model_cfg, *, in_channels: int, epoch_samples: int) -> USleep:
         epoch_samples=epoch_samples,
         num_classes=int(model_cfg.num_classes),
         dtype=layers.compute_dtype(model_cfg.dtype),
+        initializer=str(model_cfg.get("initializer", "torch")),
     )
