@@ -93,6 +93,60 @@ def band_power_features(
     return features.reshape(n_epochs, channels * FEATURES_PER_CHANNEL)
 
 
+# The richer set's extra numbers per channel: what a band-power periodogram averages away.
+SHAPE_FEATURE_NAMES: tuple[str, ...] = ("log_line_length", "kurtosis", "log_crest_factor",
+                                        "power_spread")
+_SPREAD_SECONDS = 2.0  # window over which the power's spread within an epoch is measured
+
+
+def shape_features(signal: np.ndarray, sampling_rate: float, epoch_samples: int) -> np.ndarray:
+    """Waveform-shape features of every epoch and channel of one night (the richer floor).
+
+    Per channel: log10 of the line length (mean absolute sample difference, which grows with fast
+    activity and sharp transients), the excess kurtosis and the log10 crest factor (peak over RMS;
+    both rise with spindles, K-complexes and artefacts), and the spread of power within the epoch
+    (standard deviation of log10 power over 2-s windows: bursts versus steady rhythms).
+
+    Args:
+      signal: (time, channels), time = n_epochs * epoch_samples.
+
+    Returns:
+      (n_epochs, channels * 4) float64, column ``c * 4 + j`` is ``SHAPE_FEATURE_NAMES[j]`` of
+      channel c. Always finite (a flat channel gives the floor values, not NaN).
+    """
+    signal = np.asarray(signal, dtype=np.float64)
+    time, channels = signal.shape
+    n_epochs = time // epoch_samples
+    epochs = signal.reshape(n_epochs, epoch_samples, channels)
+    line_length = np.abs(np.diff(epochs, axis=1)).mean(axis=1)
+    centred = epochs - epochs.mean(axis=1, keepdims=True)
+    variance = (centred**2).mean(axis=1)
+    safe = np.maximum(variance, _MIN_POWER)
+    kurtosis = np.where(variance > _MIN_POWER, (centred**4).mean(axis=1) / safe**2 - 3.0, 0.0)
+    crest = np.abs(centred).max(axis=1) / np.sqrt(safe)
+    window = max(1, int(round(_SPREAD_SECONDS * sampling_rate)))
+    windows = epoch_samples // window
+    if windows >= 2:
+        parts = centred[:, : windows * window].reshape(n_epochs, windows, window, channels)
+        spread = np.log10(np.maximum((parts**2).mean(axis=2), _MIN_POWER)).std(axis=1)
+    else:
+        spread = np.zeros_like(variance)
+    features = np.stack([np.log10(np.maximum(line_length, _MIN_POWER)), kurtosis,
+                         np.log10(np.maximum(crest, _MIN_POWER)), spread], axis=-1)
+    return features.reshape(n_epochs, channels * len(SHAPE_FEATURE_NAMES))
+
+
+def epoch_features(signal: np.ndarray, sampling_rate: float, epoch_samples: int,
+                   feature_set: str = "bands") -> np.ndarray:
+    """``"bands"``: :func:`band_power_features`; ``"rich"``: those beside :func:`shape_features`."""
+    if feature_set not in ("bands", "rich"):
+        raise ValueError(f'feature_set must be "bands" or "rich", got {feature_set!r}')
+    bands = band_power_features(signal, sampling_rate, epoch_samples)
+    if feature_set == "bands":
+        return bands
+    return np.concatenate([bands, shape_features(signal, sampling_rate, epoch_samples)], axis=1)
+
+
 def with_context(features: np.ndarray, k: int) -> np.ndarray:
     """Each epoch's features beside those of its k neighbours on either side, within one night.
 
@@ -197,6 +251,8 @@ def cohort_floor(
     eval_subjects: Sequence[str],
     signal: str = "scalp",
     context: int = 0,
+    feature_set: str = "bands",
+    targets: str = "labels",
 ) -> dict[str, Any]:
     """The floor on a built cohort: fit on ``train_subjects``, score ``eval_subjects``.
 
@@ -206,6 +262,11 @@ def cohort_floor(
       train_subjects, eval_subjects: subject ids (e.g. from ``pipeline.subject_splits``).
       signal: "scalp" (the teacher's derivations) or "ear" (the student's).
       context: neighbouring epochs per side.
+      feature_set: "bands" (the floor) or "rich" (bands and waveform shape, :func:`epoch_features`).
+      targets: what the training epochs are fitted to. "labels": the scorer's labels.
+        "scalp_floor": the classical distillation, for an ear floor: the plain scalp floor is fitted
+        to the training nights' labels and its predictions on those same nights (scalp EEG)
+        replace the labels; unscored epochs stay out. Scoring is always against the labels.
 
     Returns:
       ``metrics.evaluate_subjects``'s dict over the evaluated subjects (``overall`` pooled over
@@ -214,6 +275,8 @@ def cohort_floor(
     """
     if signal not in ("scalp", "ear"):
         raise ValueError(f'signal must be "scalp" or "ear", got {signal!r}')
+    if targets not in ("labels", "scalp_floor"):
+        raise ValueError(f'targets must be "labels" or "scalp_floor", got {targets!r}')
     if not train_subjects or not eval_subjects:
         raise ValueError(
             f"need subjects to train on and to evaluate, got {list(train_subjects)} and "
@@ -225,17 +288,23 @@ def cohort_floor(
             "and evaluated"
         )
 
-    def night(subject):
+    def night(subject, which=signal, features=feature_set, k=context):
         # Features are computed one night at a time, so only one raw night is held in memory.
         scalp, ear, labels = cohort.read_epochs(subject, range(cohort.num_epochs[subject]))
-        epochs = scalp if signal == "scalp" else ear  # (n_epochs, S, channels)
-        x = band_power_features(
-            epochs.reshape(-1, epochs.shape[-1]), cohort.sampling_rate, cohort.epoch_samples
-        )
-        return with_context(x, context), labels
+        epochs = scalp if which == "scalp" else ear  # (n_epochs, S, channels)
+        x = epoch_features(epochs.reshape(-1, epochs.shape[-1]), cohort.sampling_rate,
+                           cohort.epoch_samples, features)
+        return with_context(x, k), labels
 
     train = [night(s) for s in train_subjects]
-    model = fit([x for x, _ in train], [y for _, y in train])
+    fit_targets = [y for _, y in train]
+    if targets == "scalp_floor":
+        scalp_train = [night(s, "scalp", "bands", 0) for s in train_subjects]
+        teacher = fit([x for x, _ in scalp_train], [y for _, y in scalp_train])
+        fit_targets = [np.where(y == UNSCORED, UNSCORED, predict(teacher, x))
+                       for x, y in scalp_train]
+        del scalp_train
+    model = fit([x for x, _ in train], fit_targets)
     del train
     predictions, truths = {}, {}
     for s in eval_subjects:
