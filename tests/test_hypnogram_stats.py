@@ -58,3 +58,20 @@ def test_simulated_nights_are_as_close_to_eesm17_as_sleep_edf_is(eesm17):
     real = np.array([hs.stage_shares([h]) for h in eesm17])
     for shares in (hs.stage_shares(true), hs.stage_shares(scored)):
         assert np.all((shares >= real.min(axis=0)) & (shares <= real.max(axis=0))), shares
+
+
+SHARED_SLEEP_EDF = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "sleep-edf"
+
+
+@pytest.mark.skipif(not (SHARED_SLEEP_EDF / "hypnograms").is_dir(),
+                    reason="the real Sleep-EDF hypnograms live in ../shared/data")
+def test_default_cohort_has_the_dynamics_of_real_nights():
+    """The cohort the defaults build (the same function as the benchmark's --cohort) moves from
+    stage to stage as real Sleep-EDF nights do: transition distance under 0.08 (half of the real
+    nights against the other half: 0.039; time-compressed 2-h nights were at 0.22)."""
+    reference = hs.read_sleep_edf(SHARED_SLEEP_EDF / "hypnograms")
+    _, scored = hs.config_cohort("online_kd")
+    assert len(scored) == 9
+    assert hs.distance(scored, reference)["transitions_tv"] < 0.08
+    compressed, _ = hs.simulated(subjects=9, seed=0, hours=2.0)
+    assert hs.distance(compressed, reference)["transitions_tv"] > 0.08

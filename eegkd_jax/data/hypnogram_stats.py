@@ -22,7 +22,8 @@ sleep epoch), the same rule for real and simulated nights.
 Command line (writes the JSON report)::
 
     python -m eegkd_jax.data.hypnogram_stats --sleep-edf ../shared/data/sleep-edf/hypnograms \
-        --eesm17 ../shared/data/eesm17 --out benchmarks/results/2026-12-04-hypnogram-distance.json
+        --eesm17 ../shared/data/eesm17 --cohort online_kd \
+        --out benchmarks/results/2026-12-07-hypnogram-distance.json
 """
 
 from __future__ import annotations
@@ -213,11 +214,30 @@ def simulated(subjects: int, seed: int, hours: float) -> tuple[list, list]:
     return true, scored
 
 
-def report(sleep_edf_dir, eesm17_root, subjects: int, seed: int, hours: float) -> dict:
+def config_cohort(name: str = "online_kd") -> tuple[list, list]:
+    """Sleep periods of the simulated cohort that ``eegkd_jax/configs/<name>.py``'s defaults
+    build (subjects, seed and night length from its data config): (true stages, scored labels).
+    The scored labels are the built cohort's, except that its few movement epochs (-1 there)
+    keep the scorer's stage (``simulate.simulate_labels``)."""
+    import importlib
+
+    data = importlib.import_module(f"eegkd_jax.configs.{name}").get_config().data
+    if data.source != "simulated":
+        raise ValueError(f"configs/{name}.py reads {data.source!r} data, not the simulator")
+    sim = data.simulated
+    return simulated(int(sim.subjects), int(sim.seed), float(sim.hours))
+
+
+def report(sleep_edf_dir, eesm17_root, subjects: int, seed: int, hours: float,
+           cohort: str = "") -> dict:
     sets = {"sleep_edf": read_sleep_edf(sleep_edf_dir), "eesm17": read_eesm17(eesm17_root)}
     sets["simulated_true"], sets["simulated_scored"] = simulated(subjects, seed, hours)
+    candidates = ["simulated_true", "simulated_scored", "eesm17"]
+    if cohort:
+        sets["cohort_true"], sets["cohort_scored"] = config_cohort(cohort)
+        candidates += ["cohort_true", "cohort_scored"]
     out: dict[str, Any] = {"summaries": {k: summary(v) for k, v in sets.items()}, "distances": {}}
-    for cand in ("simulated_true", "simulated_scored", "eesm17"):
+    for cand in candidates:
         for ref in ("sleep_edf", "eesm17"):
             if cand != ref:
                 out["distances"][f"{cand}_vs_{ref}"] = distance(sets[cand], sets[ref])
@@ -231,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--subjects", type=int, default=100, help="simulated nights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hours", type=float, default=7.5)
+    parser.add_argument("--cohort", default="",
+                        help="also the cohort a mode's defaults build, e.g. online_kd")
     parser.add_argument("--out", default="", help="JSON file to write (default: print)")
     args = parser.parse_args(argv)
     result = {
@@ -242,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "and scored labels) and of EESM17 from the real sets. Sleep-EDF: R&K scoring (S3+S4 "
             "-> N3, movement -> unscored); EESM17: AASM."
         ),
-        **report(args.sleep_edf, args.eesm17, args.subjects, args.seed, args.hours),
+        **report(args.sleep_edf, args.eesm17, args.subjects, args.seed, args.hours, args.cohort),
     }
     text = json.dumps(result, indent=1)
     if args.out:
