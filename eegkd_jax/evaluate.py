@@ -151,7 +151,8 @@ def evaluate_checkpoint(
 
     Returns:
       ``metrics.evaluate_subjects`` output for the trained model, plus "step" (the checkpoint's),
-      "out_dir", and "teacher" (the teacher's results) when asked for.
+      "out_dir", "predictions" ({subject: (epochs,) predicted stages}) and "teacher" (the
+      teacher's results) when asked for.
 
     Raises:
       FileNotFoundError: no such run or checkpoint.
@@ -243,6 +244,7 @@ def evaluate_checkpoint(
             results[name] = scores
         else:
             results.update(scores)
+            results["predictions"] = {s: pred for s, (_, pred) in collector.hypnograms().items()}
     results["step"] = int(step)
     results["out_dir"] = str(out_dir)
     if label == "test":

@@ -55,6 +55,7 @@ from absl import logging
 from eegkd_jax import errors
 
 SCORES = ("accuracy", "kappa", "macro_f1")
+STAGE_NAMES = ("W", "N1", "N2", "N3", "REM")
 STUDY_CONFIG = "study_config.json"
 DONE = "done.json"
 TEST_RESULT = "test_result.json"
@@ -126,6 +127,12 @@ def _mode_configs():
     return loso.METHODS
 
 
+def _steps_factor() -> dict[str, int]:
+    from eegkd_jax.configs import loso
+
+    return loso.STEPS_FACTOR
+
+
 def method_config(config: ml_collections.ConfigDict, method: str, fold: Fold,
                   teacher_workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The training config of one method in one fold.
@@ -148,8 +155,13 @@ def method_config(config: ml_collections.ConfigDict, method: str, fold: Fold,
     cfg.mode = mode_cfg.mode
     cfg.supervised_input = mode_cfg.supervised_input
     for field in ("variant", "feature_weight", "feature_level", "response_weight",
-                  "temperature"):
+                  "temperature", "unpaired"):
         cfg.kd[field] = mode_cfg.kd[field]
+    factor = _steps_factor().get(method, 1)
+    if factor != 1:  # the compute-matched control: the same schedule stretched over more steps
+        cfg.num_epochs = int(cfg.num_epochs) * factor
+        if int(cfg.max_steps) > 0:
+            cfg.max_steps = int(cfg.max_steps) * factor
     cfg.kd.teacher_workdir = ""
     if cfg.mode in NEEDS_TEACHER:
         cfg.kd.teacher_workdir = str(teacher_workdir)
@@ -221,9 +233,54 @@ def train_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict:
     return validation
 
 
-def score_run(run_dir: pathlib.Path, fold: Fold, checkpoint: str) -> dict:
-    """Scores one run on its fold's test subject unless ``test_result.json`` exists; returns the
-    pooled summary of the test night plus "step"."""
+def test_scores(labels: np.ndarray, predictions: np.ndarray,
+                true_stages: np.ndarray | None = None) -> dict:
+    """The study's record of one night's predictions: accuracy, kappa and macro-F1 against the
+    scored labels, each stage's F1 and the confusion counts (rows scored, columns predicted),
+    and with ``true_stages`` (simulated nights) the same against the true stages on the same
+    scored epochs, under "true"."""
+    from eegkd_jax import metrics
+
+    def scores(truth):
+        summary = metrics.summarize(metrics.confusion_matrix(truth, predictions))
+        out = {k: float(summary[k]) for k in SCORES}
+        out["f1"] = {stage: float(v["f1"]) for stage, v in summary["per_class"].items()}
+        out["confusion"] = summary["confusion_matrix"]["counts"]
+        return out
+
+    labels = np.asarray(labels)
+    result = scores(labels)
+    result["num_epochs"] = int((labels != -1).sum())
+    if true_stages is not None:
+        result["true"] = scores(np.where(labels == -1, -1, np.asarray(true_stages)))
+    return result
+
+
+def true_stages(data_cfg, subject: str, labels: np.ndarray) -> np.ndarray | None:
+    """The stages a simulated night really went through (None for recorded data), checked
+    against the cohort's scored labels so a changed simulator cannot pair the wrong nights."""
+    if data_cfg.source != "simulated":
+        return None
+    from eegkd_jax.data import simulate
+
+    sim = data_cfg.simulated
+    truth, scored = simulate.simulate_labels(
+        subject, seed=int(sim.seed), hours=float(sim.hours),
+        epoch_seconds=float(data_cfg.epoch_seconds))
+    if not sim.get("scorer_disagreement", True):
+        scored = truth  # the cohort was built with the true stages as its labels
+    labels = np.asarray(labels)
+    kept = labels != -1
+    if truth.shape != labels.shape or np.any(scored[kept] != labels[kept]):
+        raise RuntimeError(f"{subject}: the simulator's labels no longer match the built cohort; "
+                           "rebuild it (delete data.cache_dir)")
+    return truth
+
+
+def score_run(run_dir: pathlib.Path, fold: Fold, checkpoint: str, labels: np.ndarray,
+              truth: np.ndarray | None = None) -> dict:
+    """Scores one run on its fold's test subject unless ``test_result.json`` exists; returns
+    :func:`test_scores` of the test night plus "step"."""
     from eegkd_jax import evaluate
 
     marker = run_dir / TEST_RESULT
@@ -235,9 +292,8 @@ def score_run(run_dir: pathlib.Path, fold: Fold, checkpoint: str) -> dict:
     scored = sorted(results["per_subject"])
     if scored != [fold.test]:  # the run's own split must hold exactly the fold's test subject
         raise RuntimeError(f"{run_dir}: evaluated {scored}, expected [{fold.test!r}]")
-    overall = results["overall"]
-    summary = {k: float(overall[k]) for k in SCORES}
-    summary.update(step=int(results["step"]), num_epochs=int(overall["num_epochs"]))
+    summary = test_scores(labels, results["predictions"][fold.test], truth)
+    summary["step"] = int(results["step"])
     _write_json(marker, summary)
     return summary
 
@@ -287,7 +343,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     records = []
     for fold in folds:
         fold_dir = workdir / fold.name
-        floors = fold_floors(cohort, fold, fold_dir)
+        labels = cohort.labels[fold.test]
+        truth = true_stages(config.data, fold.test, labels)
+        floors = fold_floors(cohort, fold, fold_dir, truth)
         for seed in seeds:
             seed_dir = fold_dir / f"seed-{seed}"
             record = {"fold": fold.index, "seed": seed, "test": fold.test,
@@ -303,7 +361,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
                                        f"{fold.test}")
                 logging.info("study: %s seed %d %s", fold.name, seed, method)
                 validation = train_run(cfg, run_dir)
-                scores = score_run(run_dir, fold, str(config.study.checkpoint))
+                scores = score_run(run_dir, fold, str(config.study.checkpoint), labels, truth)
                 record["methods"][method] = {
                     "test": scores, "validation": validation,
                     "train_subjects": list(splits.train),
@@ -312,8 +370,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
                 }
             _write_json(workdir / "folds" / f"{fold.name}-seed-{seed}.json", record)
             records.append(record)
-            files = write_tables(workdir, records, FLOORS + methods)  # partial tables as we go
-    summary = summarize(records, FLOORS + methods)
+            # partial tables as we go
+            files = write_tables(workdir, records, FLOORS + methods, endpoint(config.study))
+    summary = summarize(records, FLOORS + methods, endpoint(config.study))
     return {"folds": records, "summary": summary, "files": files}
 
 
@@ -389,21 +448,34 @@ def combine_studies(workdirs: Sequence[str | pathlib.Path],
                   for p in parts],
         "fields_not_in_every_part": not_everywhere})
     methods = FLOORS + tuple(_mode_configs())
-    files = write_tables(out, records, methods,
+    end = endpoint(ml_collections.ConfigDict(
+        json.loads((parts[0] / STUDY_CONFIG).read_text())).get("study", {}))
+    files = write_tables(out, records, methods, end,
                          note=f"Combined from {len(parts)} study workdirs ({COMBINED}).")
     return {"folds": records, "summary": summarize(records, [m for m in methods if any(
-        m in r["methods"] for r in records)]), "files": files}
+        m in r["methods"] for r in records)], end), "files": files}
 
 
-# The classical floor (band powers + logistic regression, eegkd_jax.baseline) on each fold: trained
-# on the fold's training subjects (the networks' validation subject only picks their checkpoint),
-# scored on its test subject; without and with +-2 neighbouring epochs. It has no seed.
-FLOORS = ("floor_scalp", "floor_scalp_context", "floor_ear", "floor_ear_context")
-_FLOOR_SETTINGS = {"floor_scalp": ("scalp", 0), "floor_scalp_context": ("scalp", 2),
-                   "floor_ear": ("ear", 0), "floor_ear_context": ("ear", 2)}
+# The classical floors (eegkd_jax.baseline) on each fold: trained on the fold's training subjects
+# (the networks' validation subject only picks their checkpoint), scored on its test subject. Band
+# powers without and with +-2 neighbouring epochs, the richer set (band powers and waveform shape),
+# and the classical distillation: the ear floor fitted to the plain scalp floor's predictions on
+# the training nights instead of their labels. They have no seed.
+FLOORS = ("floor_scalp", "floor_scalp_context", "floor_scalp_rich", "floor_ear",
+          "floor_ear_context", "floor_ear_rich", "floor_ear_distilled")
+_FLOOR_SETTINGS = {  # name -> (signal, context, feature set, fitted to)
+    "floor_scalp": ("scalp", 0, "bands", "labels"),
+    "floor_scalp_context": ("scalp", 2, "bands", "labels"),
+    "floor_scalp_rich": ("scalp", 0, "rich", "labels"),
+    "floor_ear": ("ear", 0, "bands", "labels"),
+    "floor_ear_context": ("ear", 2, "bands", "labels"),
+    "floor_ear_rich": ("ear", 0, "rich", "labels"),
+    "floor_ear_distilled": ("ear", 0, "bands", "scalp_floor"),
+}
 
 
-def fold_floors(cohort, fold: Fold, fold_dir: pathlib.Path) -> dict[str, dict]:
+def fold_floors(cohort, fold: Fold, fold_dir: pathlib.Path,
+                truth: np.ndarray | None = None) -> dict[str, dict]:
     """{floor method: {"test": scores}} of one fold, computed once and kept in the fold's folder."""
     from eegkd_jax import baseline
 
@@ -411,11 +483,11 @@ def fold_floors(cohort, fold: Fold, fold_dir: pathlib.Path) -> dict[str, dict]:
     if marker.is_file():
         return json.loads(marker.read_text())
     floors = {}
-    for name, (signal, context) in _FLOOR_SETTINGS.items():
-        result = baseline.cohort_floor(cohort, fold.train, [fold.test], signal, context)
-        overall = result["overall"]
-        floors[name] = {"test": {**{k: float(overall[k]) for k in SCORES}, "step": 0,
-                                 "num_epochs": int(overall["num_epochs"])},
+    for name, (signal, context, features, targets) in _FLOOR_SETTINGS.items():
+        result = baseline.cohort_floor(cohort, fold.train, [fold.test], signal, context,
+                                       features, targets)
+        scores = test_scores(cohort.labels[fold.test], result["predictions"][fold.test], truth)
+        floors[name] = {"test": {**scores, "step": 0},
                         "train_subjects": list(fold.train), "validation_subjects": [],
                         "test_subjects": [fold.test]}
     _write_json(marker, floors)
@@ -426,46 +498,103 @@ def fold_floors(cohort, fold: Fold, fold_dir: pathlib.Path) -> dict[str, dict]:
 # Tables
 
 
-REFERENCE = "ear_baseline"  # every method's paired difference is taken against ear-only
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """The comparison fixed before the run (configs/loso.py): every method's paired difference is
+    taken against ``reference``; Holm's correction runs over ``primary``; KD methods are also
+    compared with the ``unpaired`` control."""
+
+    reference: str
+    primary: tuple[str, ...]
+    unpaired: str
 
 
-def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict[str, dict]:
-    """{method: {metric: {"mean", "sd", "runs"}, "paired": {...} or None}} over the test scores
-    of every (fold, seed) run; "sd" is the sample standard deviation (ddof=1), None for one run.
-    "paired" is :func:`paired_difference` of the kappas against ear-only."""
+def endpoint(study_cfg) -> Endpoint:
+    """The study config's endpoint; a study stored before the endpoint existed compared every
+    method with ear-only and corrected nothing."""
+    return Endpoint(str(study_cfg.get("reference", "ear_baseline")),
+                    tuple(study_cfg.get("primary", ())), str(study_cfg.get("unpaired", "")))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (None stays None and is not counted)."""
+    present = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(present)):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def summarize(records: Sequence[dict], methods: Sequence[str],
+              end: Endpoint | None = None) -> dict[str, dict]:
+    """{method: {metric: {"mean", "sd", "runs"}, "true_kappa": ..., "f1": {stage: mean},
+    "confusion": pooled counts, "paired": ..., "paired_true": ..., "vs_unpaired": ...}} over the
+    test scores of every (fold, seed) run; "sd" is the sample standard deviation (ddof=1), None
+    for one run. "paired" is :func:`paired_difference` of the kappas against the endpoint's
+    reference (with "p_holm" for the primary methods), "paired_true" the same against the true
+    stages, "vs_unpaired" against the unpaired control (KD methods)."""
+    end = end or Endpoint("ear_baseline", (), "")
     out = {}
     for method in methods:
+        tests = [r["methods"][method]["test"] for r in records if method in r["methods"]]
         out[method] = {}
         for metric in SCORES:
-            values = np.array([r["methods"][method]["test"][metric] for r in records
-                               if method in r["methods"]], dtype=np.float64)
-            out[method][metric] = {
-                "mean": float(values.mean()) if values.size else None,
-                "sd": float(values.std(ddof=1)) if values.size > 1 else None,
-                "runs": int(values.size),
-            }
-        out[method]["paired"] = (paired_difference(records, method, REFERENCE)
-                                 if method != REFERENCE else None)
+            values = np.array([t[metric] for t in tests], dtype=np.float64)
+            out[method][metric] = _mean_sd(values)
+        trues = [t["true"]["kappa"] for t in tests if "true" in t]
+        out[method]["true_kappa"] = _mean_sd(np.array(trues, dtype=np.float64))
+        with_f1 = [t["f1"] for t in tests if "f1" in t]
+        out[method]["f1"] = ({stage: float(np.mean([f[stage] for f in with_f1]))
+                              for stage in with_f1[0]} if with_f1 else {})
+        confusions = [t["confusion"] for t in tests if "confusion" in t]
+        out[method]["confusion"] = (np.sum(confusions, axis=0).astype(int).tolist()
+                                    if confusions else None)
+        own = method == end.reference
+        out[method]["paired"] = None if own else paired_difference(records, method, end.reference)
+        out[method]["paired_true"] = (None if own else paired_difference(
+            records, method, end.reference, truth=True))
+        out[method]["vs_unpaired"] = (paired_difference(records, method, end.unpaired)
+                                      if method in end.primary and end.unpaired else None)
+    adjusted = holm([(out[m]["paired"] or {}).get("p_wilcoxon") if m in out else None
+                     for m in end.primary])
+    for method, p in zip(end.primary, adjusted):
+        if method in out and out[method]["paired"]:
+            out[method]["paired"]["p_holm"] = p
     return out
 
 
+def _mean_sd(values: np.ndarray) -> dict:
+    return {"mean": float(values.mean()) if values.size else None,
+            "sd": float(values.std(ddof=1)) if values.size > 1 else None,
+            "runs": int(values.size)}
+
+
 def paired_difference(records: Sequence[dict], method: str, reference: str,
-                      metric: str = "kappa", resamples: int = 10_000) -> dict | None:
-    """method - reference on the same (test subject, seed), over every run that has both.
+                      metric: str = "kappa", resamples: int = 10_000,
+                      truth: bool = False) -> dict | None:
+    """method - reference on the same (test subject, seed), over every run that has both
+    (``truth``: scored against the true stages, where the records have them).
 
     Returns {"mean", "ci_low", "ci_high", "p_wilcoxon", "subjects", "pairs"} or None without
     pairs. The 95% CI is a two-level bootstrap (subjects with replacement, then seeds within each
     drawn subject), since runs of one subject are not independent. The Wilcoxon signed-rank test
-    is on the per-subject mean differences (n = subjects, two-sided; None under 2 subjects or when
-    every difference is 0).
+    is exact, on the per-subject mean differences (n = subjects, two-sided; subjects whose mean
+    difference is 0 are dropped; None under 2 subjects or when every difference is 0).
     """
     from scipy import stats
+
+    def value(test):
+        return test["true"][metric] if truth else test[metric]
 
     by_subject: dict[str, list[float]] = {}
     for r in records:
         if method in r["methods"] and reference in r["methods"]:
-            diff = r["methods"][method]["test"][metric] - r["methods"][reference]["test"][metric]
-            by_subject.setdefault(r["test"], []).append(float(diff))
+            a, b = r["methods"][method]["test"], r["methods"][reference]["test"]
+            if truth and ("true" not in a or "true" not in b):
+                continue
+            by_subject.setdefault(r["test"], []).append(float(value(a) - value(b)))
     if not by_subject:
         return None
     groups = [np.asarray(v) for v in by_subject.values()]
@@ -478,9 +607,10 @@ def paired_difference(records: Sequence[dict], method: str, reference: str,
     drawn = rng.integers(n, size=(resamples, n))
     means = resampled[drawn, np.arange(resamples)[:, None], np.arange(n)[None, :]].mean(1)
     per_subject = np.array([g.mean() for g in groups])
+    nonzero = per_subject[per_subject != 0]
     p = None
-    if per_subject.size >= 2 and np.any(per_subject != 0):
-        p = float(stats.wilcoxon(per_subject).pvalue)
+    if nonzero.size >= 2:
+        p = float(stats.wilcoxon(nonzero, method="exact").pvalue)
     return {"mean": float(np.mean([g.mean() for g in groups])),
             "ci_low": float(np.percentile(means, 2.5)), "ci_high": float(np.percentile(means, 97.5)),
             "p_wilcoxon": p, "subjects": len(groups), "pairs": int(sum(g.size for g in groups))}
@@ -508,78 +638,134 @@ def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
 
 
 def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequence[str],
-                 note: str = "") -> dict[str, pathlib.Path]:
-    """Writes results.md (with ``note`` under its description), results.csv, per_run.csv and
-    results.png for the runs in ``records``."""
+                 end: Endpoint | None = None, note: str = "") -> dict[str, pathlib.Path]:
+    """Writes results.md (with ``note`` under its description), results.csv, per_run.csv,
+    confusion.md (each method's confusion matrix pooled over its runs) and results.png for the
+    runs in ``records``."""
+    end = end or Endpoint("ear_baseline", (), "")
     methods = [m for m in methods if any(m in r["methods"] for r in records)]
-    summary = summarize(records, methods)
+    summary = summarize(records, methods, end)
+    stages = list(STAGE_NAMES)
     per_run_rows = []
     for r in records:
         for method in methods:
             entry = r["methods"][method]
             test = entry["test"]
+            true = test.get("true", {})
             per_run_rows.append([
                 r["fold"], r["test"], r["seed"], method, " ".join(entry["validation_subjects"]),
                 " ".join(entry["train_subjects"]), test["step"], test["num_epochs"],
-                *(f"{test[m]:.6f}" for m in SCORES)])
+                *(f"{test[m]:.6f}" for m in SCORES),
+                *(f"{test['f1'][st]:.6f}" if "f1" in test else "" for st in stages),
+                f"{true['kappa']:.6f}" if true else ""])
     per_run = _write_text(workdir / "per_run.csv", _csv_text(
         ["fold", "test_subject", "seed", "method", "validation_subjects", "train_subjects", "step",
-         "test_epochs", *SCORES], per_run_rows))
+         "test_epochs", *SCORES, *(f"f1_{st}" for st in stages), "true_kappa"], per_run_rows))
 
     def cell(value):
         return "" if value is None else f"{value:.6f}"
 
+    def paired_cells(paired, keys=("mean", "ci_low", "ci_high", "p_wilcoxon")):
+        return [cell((paired or {}).get(k)) for k in keys]
+
     result_rows = []
     for method in methods:
-        row = [method, summary[method]["kappa"]["runs"]]
+        m = summary[method]
+        row = [method, m["kappa"]["runs"]]
         for metric in SCORES:
-            row += [cell(summary[method][metric]["mean"]), cell(summary[method][metric]["sd"])]
-        paired = summary[method]["paired"] or {}
-        row += [cell(paired.get(k)) for k in ("mean", "ci_low", "ci_high", "p_wilcoxon")]
+            row += [cell(m[metric]["mean"]), cell(m[metric]["sd"])]
+        row += [cell(m["true_kappa"]["mean"]), cell(m["true_kappa"]["sd"])]
+        row += [cell(m["f1"].get(st)) for st in stages]
+        row += paired_cells(m["paired"], ("mean", "ci_low", "ci_high", "p_wilcoxon", "p_holm"))
+        row += paired_cells(m["paired_true"]) + paired_cells(m["vs_unpaired"])
         result_rows.append(row)
     results_csv = _write_text(workdir / "results.csv", _csv_text(
         ["method", "runs", *(f"{m}_{k}" for m in SCORES for k in ("mean", "sd")),
-         "kappa_minus_ear_baseline", "ci_low", "ci_high", "p_wilcoxon"], result_rows))
+         "true_kappa_mean", "true_kappa_sd", *(f"f1_{st}" for st in stages),
+         "kappa_minus_reference", "ci_low", "ci_high", "p_wilcoxon", "p_holm",
+         "true_kappa_minus_reference", "true_ci_low", "true_ci_high", "true_p_wilcoxon",
+         "kappa_minus_unpaired", "unpaired_ci_low", "unpaired_ci_high", "unpaired_p_wilcoxon"],
+        result_rows))
+
+    def mean_sd(m):
+        return _fmt(m["mean"]) + ("" if m["sd"] is None else f" ± {_fmt(m['sd'])}")
+
+    def diff(paired):
+        if not paired:
+            return "–"
+        return f"{paired['mean']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
 
     subjects = sorted({r["test"] for r in records})
     seeds = sorted({r["seed"] for r in records})
+    primary = ", ".join(end.primary) or "none"
     lines = [
         "# Leave-one-subject-out study",
         "",
         f"{len(subjects)} test subject(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}). "
         "Each network is scored on its fold's held-out subject with its best checkpoint by "
-        "validation kappa; the floors (band powers + logistic regression, plain and with +-2 "
-        "epochs of context) are trained on the same training subjects. Mean ± sample SD over "
-        "runs. Δκ: the paired difference to ear-only on the same subject and seed, with a 95% "
-        "bootstrap CI over subjects and seeds and a Wilcoxon signed-rank p over the subjects' "
-        "mean differences." + (f" {note}" if note else ""),
+        "validation kappa; the floors (logistic regression on band powers, with +-2 epochs of "
+        "context, on band powers and waveform shape, and fitted to the scalp floor's "
+        "predictions) are trained on the same training subjects. Mean ± sample SD over runs.",
         "",
-        "| Method | Kappa | Macro-F1 | Accuracy | Δκ vs ear-only [95% CI] | p | runs |",
-        "|---|---|---|---|---|---|---|",
+        f"Primary endpoint (fixed before the run): Δκ = kappa of the method minus kappa of "
+        f"{end.reference} on the same subject and seed, against the scored labels; 95% "
+        "two-level bootstrap CI (subjects, then seeds); exact Wilcoxon signed-rank p over the "
+        f"subjects' mean differences; Holm over {primary}."
+        + (f" Δκ vs unpaired: the same against {end.unpaired}." if end.unpaired else "")
+        + (f" {note}" if note else ""),
+        "",
+        f"| Method | Kappa | Macro-F1 | Δκ vs {end.reference} [95% CI] | p | p (Holm) | "
+        "Δκ vs unpaired [95% CI] | runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in methods:
-        cells = []
-        for metric in ("kappa", "macro_f1", "accuracy"):
-            m = summary[method][metric]
-            cells.append(_fmt(m["mean"]) + ("" if m["sd"] is None else f" ± {_fmt(m['sd'])}"))
-        paired = summary[method]["paired"]
-        if paired:
-            cells.append(f"{paired['mean']:+.3f} [{paired['ci_low']:+.3f}, "
-                         f"{paired['ci_high']:+.3f}]")
-            cells.append(_fmt(paired["p_wilcoxon"]))
-        else:
-            cells += ["–", "–"]
-        lines.append(f"| {method} | " + " | ".join(cells)
-                     + f" | {summary[method]['kappa']['runs']} |")
+        m = summary[method]
+        paired = m["paired"] or {}
+        lines.append(
+            f"| {method} | {mean_sd(m['kappa'])} | {mean_sd(m['macro_f1'])} | "
+            f"{diff(m['paired'])} | {_fmt(paired.get('p_wilcoxon')) if paired else '–'} | "
+            f"{_fmt(paired['p_holm']) if 'p_holm' in paired else '–'} | "
+            f"{diff(m['vs_unpaired'])} | {m['kappa']['runs']} |")
+    if any(summary[m]["true_kappa"]["runs"] for m in methods):
+        lines += ["", "Secondary: against the true stages (simulated nights only; same epochs).",
+                  "", f"| Method | Kappa (true stages) | Δκ vs {end.reference} [95% CI] | p |",
+                  "|---|---|---|---|"]
+        for method in methods:
+            m = summary[method]
+            lines.append(f"| {method} | {mean_sd(m['true_kappa'])} | {diff(m['paired_true'])} | "
+                         f"{_fmt((m['paired_true'] or {}).get('p_wilcoxon'))} |")
+    if any(summary[m]["f1"] for m in methods):
+        lines += ["", "Secondary: per-stage F1 (mean over runs, against the scored labels).", "",
+                  "| Method | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+        for method in methods:
+            f1 = summary[method]["f1"]
+            lines.append(f"| {method} | " + " | ".join(_fmt(f1.get(st)) for st in stages) + " |")
     results_md = _write_text(workdir / "results.md", "\n".join(lines) + "\n")
-    files = {"results.md": results_md, "results.csv": results_csv, "per_run.csv": per_run}
+
+    confusion_lines = ["# Confusion matrices, pooled over each method's runs",
+                       "", "Rows: scored stage; columns: predicted stage.", ""]
+    for method in methods:
+        counts = summary[method]["confusion"]
+        if counts is None:
+            continue
+        confusion_lines += [f"## {method}", "", "| scored \\ predicted | " + " | ".join(stages)
+                            + " |", "|---|" + "---|" * len(stages)]
+        confusion_lines += [f"| {st} | " + " | ".join(str(c) for c in row) + " |"
+                            for st, row in zip(stages, counts)]
+        confusion_lines.append("")
+    confusion_md = _write_text(workdir / "confusion.md", "\n".join(confusion_lines))
+    files = {"results.md": results_md, "results.csv": results_csv, "per_run.csv": per_run,
+             "confusion.md": confusion_md}
     if _is_main():
-        files["results.png"] = plot_results(workdir / "results.png", summary, methods)
+        files["results.png"] = plot_results(workdir / "results.png", summary, methods,
+                                            end.reference)
     return files
 
 
-def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str]) -> pathlib.Path:
-    """Two panels: each method's kappa (mean ± SD), and its paired Δκ to ear-only with the CI."""
+def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str],
+                 reference: str) -> pathlib.Path:
+    """Two panels: each method's kappa (mean ± SD), and its paired Δκ to the reference with the
+    CI."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -600,7 +786,7 @@ def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str]) -> p
                            xerr=[[paired["mean"] - paired["ci_low"]],
                                  [paired["ci_high"] - paired["mean"]]])
     right.axvline(0.0, color="grey", linewidth=1)
-    right.set_xlabel(f"Δκ vs {REFERENCE} (95% bootstrap CI)")
+    right.set_xlabel(f"Δκ vs {reference} (95% bootstrap CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,7 @@ import csv
 import json
 
 import jax
+import numpy as np
 import ml_collections
 import pytest
 
@@ -13,6 +14,7 @@ from eegkd_jax.configs import loso
 from eegkd_jax import study
 
 METHODS = tuple(loso.METHODS)
+DEFAULT = tuple(loso.DEFAULT_METHODS)
 
 
 def tiny_config(cache_dir):
@@ -65,7 +67,8 @@ def test_method_configs_follow_the_mode_files(tmp_path):
     teacher = tmp_path / "fold" / "scalp_teacher"
     made = {m: study.method_config(config, m, fold, teacher) for m in METHODS}
     assert {m: (c.mode, c.supervised_input) for m, c in made.items() if c.mode == "supervised"} == {
-        "scalp_teacher": ("supervised", "scalp"), "ear_baseline": ("supervised", "ear")}
+        "scalp_teacher": ("supervised", "scalp"), "ear_baseline": ("supervised", "ear"),
+        "ear_baseline_matched": ("supervised", "ear")}
     assert made["transfer"].mode == "transfer"
     assert made["transfer"].kd.teacher_workdir == str(teacher)
     assert made["transfer"].model.to_dict() == config.teacher.to_dict()
@@ -74,6 +77,13 @@ def test_method_configs_follow_the_mode_files(tmp_path):
     assert made["online_kd"].kd.variant == "original" and made["mutual"].kd.variant == "mutual"
     assert made["mutual"].kd.response_weight > 0 and made["online_kd"].kd.response_weight == 0
     assert made["online_kd"].kd.teacher_workdir == ""
+    # The controls: twice the steps for ear-only, the teacher's targets on the wrong windows.
+    matched = made["ear_baseline_matched"]
+    assert (matched.mode, matched.supervised_input) == ("supervised", "ear")
+    assert matched.max_steps == 600 and matched.num_epochs == 2 * config.num_epochs
+    assert made["offline_kd_unpaired"].kd.unpaired and not made["offline_kd"].kd.unpaired
+    assert made["offline_kd_unpaired"].kd.teacher_workdir == str(teacher)
+    made.pop("ear_baseline_matched")
     for m, c in made.items():
         assert "study" not in c
         # The shared settings are the study's, not the mode file's own CPU defaults.
@@ -87,12 +97,28 @@ def test_method_configs_follow_the_mode_files(tmp_path):
         study.method_config(config, "kd", fold, teacher)
 
 
+def fake_predictions(labels, test, method, seed):
+    """The stand-in's predictions: the scored labels with the first j epochs moved to the next
+    stage, j set by (test subject, method, seed), so every run has its own known kappa."""
+    pred = np.where(labels < 0, 0, labels).astype(np.int64)
+    j = int(test[-2:]) + 2 * METHODS.index(method) + seed
+    pred[:j] = (pred[:j] + 1) % 5
+    return pred
+
+
+def expected_kappa(labels, pred):
+    from sklearn.metrics import cohen_kappa_score
+
+    kept = labels >= 0
+    return cohen_kappa_score(labels[kept], pred[kept])
+
+
 def fake_training(monkeypatch, calls):
     """Replaces training and scoring with instant stand-ins that record what they were asked and
-    return scores that identify the (fold, seed, method): kappa = 0.1 * (test subject number) +
-    0.01 * (method index) + 0.001 * seed."""
+    predict :func:`fake_predictions` on the test night."""
     from eegkd_jax import checkpoint as ckpt_lib
     from eegkd_jax import evaluate
+    from eegkd_jax.data import pipeline
     from eegkd_jax.train import loop
 
     def train(cfg, run_dir):
@@ -104,10 +130,9 @@ def fake_training(monkeypatch, calls):
         cfg = ckpt_lib.load_config(run_dir)
         calls.append(("eval", run_dir.parent.name, run_dir.name, checkpoint, split))
         (test,) = cfg.data.test_subjects
-        kappa = 0.1 * int(test[-2:]) + 0.01 * METHODS.index(run_dir.name) + 0.001 * cfg.seed
-        overall = {"accuracy": kappa + 0.2, "kappa": kappa, "macro_f1": kappa + 0.1,
-                   "num_epochs": 24}
-        return {"overall": overall, "per_subject": {test: overall}, "step": 2}
+        labels = pipeline.prepare_cohort(cfg.data).labels[test]
+        pred = fake_predictions(labels, test, run_dir.name, cfg.seed)
+        return {"per_subject": {test: {}}, "predictions": {test: pred}, "step": 2}
 
     monkeypatch.setattr(loop, "train_and_evaluate", train)
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", score)
@@ -120,6 +145,8 @@ def read_csv(path):
 
 def test_every_method_every_fold_and_seed_in_order_with_clean_splits(tmp_path, monkeypatch,
                                                                       tfds_dir):
+    from eegkd_jax.data import pipeline, simulate
+
     config = tiny_config(tfds_dir)
     config.study.folds = 0  # all three subjects
     config.study.seeds = (0, 1)
@@ -130,55 +157,100 @@ def test_every_method_every_fold_and_seed_in_order_with_clean_splits(tmp_path, m
     trained = [c for c in calls if c[0] == "train"]
     assert [(fold, cfg.seed, method) for _, fold, method, cfg in trained] == [
         (f"fold-{i:02d}-sim-0{i + 1}", seed, m) for i in range(3) for seed in (0, 1)
-        for m in METHODS]
+        for m in DEFAULT]
     for _, fold, method, cfg in trained:
         test = fold[-6:]
         assert cfg.data.test_subjects == (test,) and test not in cfg.data.validation_subjects
-        if method in ("transfer", "offline_kd", "offline_kd_epoch", "offline_kd_soft"):
+        if method in ("transfer", "offline_kd", "offline_kd_epoch", "offline_kd_unpaired"):
             # from this fold's own teacher of the same seed
             assert cfg.kd.teacher_workdir == str(
                 tmp_path / "loso" / fold / f"seed-{cfg.seed}" / "scalp_teacher")
     assert all(c[3:] == ("best", "test") for c in calls if c[0] == "eval")
 
     per_run = read_csv(tmp_path / "loso" / "per_run.csv")
-    rows = study.FLOORS + METHODS
+    rows = study.FLOORS + DEFAULT
     assert [(r["test_subject"], r["seed"], r["method"]) for r in per_run] == [
         (f"sim-0{i + 1}", str(seed), m) for i in range(3) for seed in (0, 1) for m in rows]
+    cohort = pipeline.prepare_cohort(config.data)
+    kappa = {}
     for row in per_run:
         assert row["test_subject"] not in row["validation_subjects"].split()
         assert row["test_subject"] not in row["train_subjects"].split()
-    results = read_csv(tmp_path / "loso" / "results.csv")
-    assert list(results[0]) == [
-        "method", "runs", "accuracy_mean", "accuracy_sd", "kappa_mean", "kappa_sd",
-        "macro_f1_mean", "macro_f1_sd", "kappa_minus_ear_baseline", "ci_low", "ci_high",
-        "p_wilcoxon"]
-    assert [r["method"] for r in results] == list(rows)
-    for i, method in enumerate(METHODS):
-        row = results[len(study.FLOORS) + i]
+        if row["method"] in DEFAULT:
+            labels = cohort.labels[row["test_subject"]]
+            pred = fake_predictions(labels, row["test_subject"], row["method"], int(row["seed"]))
+            want = expected_kappa(labels, pred)
+            assert float(row["kappa"]) == pytest.approx(want, abs=1e-6)
+            truth, _ = simulate.simulate_labels(row["test_subject"], seed=0, hours=0.2)
+            assert float(row["true_kappa"]) == pytest.approx(
+                expected_kappa(np.where(labels < 0, -1, truth), pred), abs=1e-6)
+            kappa[row["test_subject"], int(row["seed"]), row["method"]] = want
+    results = {r["method"]: r for r in read_csv(tmp_path / "loso" / "results.csv")}
+    assert list(results) == list(rows)
+    reference = loso.REFERENCE
+    for method in DEFAULT:
+        row = results[method]
         assert row["runs"] == "6"
-        # folds 0.1, 0.2, 0.3 (+ 0.000 and 0.001 for the seeds)
-        assert float(row["kappa_mean"]) == pytest.approx(0.2005 + 0.01 * i)
-        if method != "ear_baseline":
-            # The same difference on every subject and seed: a CI of one point, p of 3 equal
-            # signs (two-sided exact Wilcoxon: 2 / 2^3).
-            diff = 0.01 * (i - METHODS.index("ear_baseline"))
-            assert float(row["kappa_minus_ear_baseline"]) == pytest.approx(diff)
-            assert float(row["ci_low"]) == pytest.approx(diff)
-            assert float(row["ci_high"]) == pytest.approx(diff)
-            assert float(row["p_wilcoxon"]) == pytest.approx(0.25)
-        else:
-            assert row["kappa_minus_ear_baseline"] == ""
-    floor = results[0]
-    assert floor["method"] == "floor_scalp" and floor["runs"] == "6"
-    assert 0.0 <= float(floor["kappa_mean"]) <= 1.0
+        values = [k for (_, _, m), k in kappa.items() if m == method]
+        assert float(row["kappa_mean"]) == pytest.approx(np.mean(values), abs=1e-6)
+        if method == reference:
+            assert row["kappa_minus_reference"] == ""
+            continue
+        per_subject = [np.mean([kappa[s, seed, method] - kappa[s, seed, reference]
+                                for seed in (0, 1)]) for s in ("sim-01", "sim-02", "sim-03")]
+        assert float(row["kappa_minus_reference"]) == pytest.approx(np.mean(per_subject), abs=1e-6)
+        assert float(row["ci_low"]) <= float(row["kappa_minus_reference"]) <= float(row["ci_high"])
+        assert (row["p_holm"] != "") == (method in loso.PRIMARY)
+        assert (row["kappa_minus_unpaired"] != "") == (method in loso.PRIMARY)
+        assert row["true_kappa_minus_reference"] != ""
+    floor = results["floor_scalp"]
+    assert floor["runs"] == "6" and 0.0 <= float(floor["kappa_mean"]) <= 1.0
     md = (tmp_path / "loso" / "results.md").read_text()
-    assert "| offline_kd | 0.231 ± 0.089 | 0.331 ± 0.089 | 0.431 ± 0.089 | +0.020 " in md
+    assert f"Δκ vs {reference}" in md and "Holm over transfer, offline_kd" in md
+    assert "| N1 |" in (tmp_path / "loso" / "confusion.md").read_text()
     assert (tmp_path / "loso" / "results.png").stat().st_size > 1000
-    assert result["summary"]["mutual"]["kappa"]["runs"] == 6
+    assert result["summary"]["online_kd"]["kappa"]["runs"] == 6
 
     calls.clear()
     again = study.run_study(config, tmp_path / "loso")  # all finished: nothing runs
     assert calls == [] and again["summary"] == result["summary"]
+
+
+def test_primary_endpoint_against_scipy_on_a_fixed_table():
+    """Δκ, its exact Wilcoxon p and Holm's correction on a fixed table of nine subjects x two
+    seeds, against scipy and Holm's step-down rule written out."""
+    from scipy import stats
+
+    rng = np.random.default_rng(7)
+    subjects = [f"sim-0{i}" for i in range(1, 10)]
+    shifts = {"transfer": 0.04, "offline_kd": 0.01, "offline_kd_epoch": -0.02, "online_kd": 0.0}
+    records = []
+    table = {}
+    for subject in subjects:
+        for seed in (0, 1):
+            base = 0.5 + 0.05 * rng.standard_normal()
+            methods = {"ear_baseline_matched": {"test": dict.fromkeys(study.SCORES, base)}}
+            for method, shift in shifts.items():
+                value = base + shift + 0.02 * rng.standard_normal()
+                methods[method] = {"test": dict.fromkeys(study.SCORES, value)}
+                table[subject, seed, method] = value - base
+            records.append({"test": subject, "seed": seed, "methods": methods})
+    end = study.Endpoint("ear_baseline_matched", tuple(shifts), "")
+    summary = study.summarize(records, ["ear_baseline_matched", *shifts], end)
+    raw = {}
+    for method in shifts:
+        per_subject = [np.mean([table[s, seed, method] for seed in (0, 1)]) for s in subjects]
+        paired = summary[method]["paired"]
+        assert paired["mean"] == pytest.approx(np.mean(per_subject))
+        raw[method] = stats.wilcoxon(per_subject, method="exact").pvalue
+        assert paired["p_wilcoxon"] == pytest.approx(raw[method])
+        assert paired["ci_low"] < paired["mean"] < paired["ci_high"]
+    order = sorted(shifts, key=raw.get)
+    running = 0.0
+    for rank, method in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * raw[method]))
+        assert summary[method]["paired"]["p_holm"] == pytest.approx(running)
+    assert study.holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
 
 
 def test_parts_run_apart_combine_into_the_one_study(tmp_path, monkeypatch, tfds_dir):
