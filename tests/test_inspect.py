@@ -194,3 +194,68 @@ def run_main_with(capsys, path, *options):
     code = inspect_cli.main([str(path), *options])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# ---- inspect FILE applies the reader's checks: what training or predict would refuse, it refuses.
+
+def _one_line_error(capsys, path, *options):
+    code, out, err = run_main_with(capsys, path, *options)
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_an_unparsable_annotation_is_refused(tmp_path, capsys):
+    hypnogram = tmp_path / "ST7132JR-Hypnogram.edf"
+    hypnogram.write_bytes(REAL_HYPNOGRAM.read_bytes().replace(b"+1230\x15120\x14",
+                                                              b"+1230\x15nan\x14", 1))
+    err = _one_line_error(capsys, hypnogram)
+    assert "annotation 2 ('+1230\\x15nan\\x14Sleep stage 1\\x14'): duration 'nan'" in err
+    write_psg(tmp_path / "ST7132J0-PSG.edf", 30.0 + 852 * 30.0)
+    assert "annotation 2" in _one_line_error(capsys, tmp_path / "ST7132J0-PSG.edf")
+    assert "annotation 2" in _one_line_error(capsys, tmp_path)
+
+
+@pytest.mark.parametrize("field, signal, value, problem", [
+    ("starttime of recording", None, "ab.cd.ef", "not a time of day hh.mm.ss"),
+    ("physical minimum", 0, "nan", "not a number"),
+    ("physical maximum", 1, "inf", "not a number"),
+    ("digital minimum", 0, "-inf", "not a number"),
+    ("digital maximum", 1, "NaN", "not a number"),
+])
+def test_what_the_reader_refuses_inspect_refuses(tmp_path, capsys, field, signal, value, problem):
+    from eegkd_jax.data import edf
+    from test_edf import set_field
+
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 60, "Sleep stage W")])
+    write_psg(tmp_path / "x-PSG.edf", 60.0)
+    set_field(tmp_path / "x-PSG.edf", field, value, signal)
+    with pytest.raises(edf.DataError, match=problem):
+        edf.read_subject(tmp_path, "x")
+    err = _one_line_error(capsys, tmp_path / "x-PSG.edf")
+    assert f"header field '{field}'" in err and f"is '{value}', {problem}" in err
+
+
+def test_a_plain_edf_says_what_it_assumed_and_warns_about_rates(tmp_path, capsys):
+    from test_edf import set_field, write_sleep_edf_like
+
+    psg = tmp_path / "night.edf"
+    write_sleep_edf_like(psg)
+    code, out, err = run_main(capsys, psg)
+    summary = json.loads(out)
+    assert code == 0 and err == "" and summary["warnings"] == []
+    assert summary["sampling_rate"] == 100 and summary["duration_seconds"] == 1800.0
+    assert summary["assumed"] == ["the header's record duration of 30 s: a plain EDF file has no "
+                                  "time-keeping annotations to confirm it, and the sampling rates "
+                                  "and the duration follow from it"]
+    set_field(psg, "duration of a data record", "3")
+    code, out, err = run_main(capsys, psg)
+    summary = json.loads(out)
+    assert code == 0 and summary["sampling_rate"] == 1000 and "record duration of 3 s" in \
+        summary["assumed"][0]
+    assert summary["warnings"] and "sampled at 1000 Hz" in summary["warnings"][0]
+    assert err == f"warning: {psg}: {summary['warnings'][0]}\n"
+    set_field(psg, "duration of a data record", "300")  # 10 Hz: refused, as the reader does
+    assert "would be sampled at 10 Hz" in _one_line_error(capsys, psg)
+    # EDF+ (MNE's exporter) has time-keeping annotations: nothing assumed.
+    write_psg(tmp_path / "plus.edf", 60.0)
+    assert json.loads(run_main(capsys, tmp_path / "plus.edf")[1])["assumed"] == []
