@@ -315,6 +315,34 @@ def test_two_concurrent_starts_then_kills_at_five_moments(reference, fake_pipeli
     assert _records(workdir) == _records(ref_dir)
 
 
+def test_a_torn_tail_of_random_bytes_is_dropped_on_resume(reference, fake_pipeline, tmp_path,
+                                                           caplog):
+    """Random bytes torn onto the log's end, with the characters str.splitlines also splits at
+    (\\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85) among them: dropped with a warning, as a torn half
+    record is, and the run resumes to the same end."""
+    import logging
+
+    from eegkd_jax.train import loop
+
+    ref_dir, ref_result = reference
+    rng = random.Random(27)
+    for trial in range(4):
+        workdir = tmp_path / f"run{trial}"
+        shutil.copytree(ref_dir, workdir)
+        separators = [b"\r", b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", "\x85".encode()]
+        tail = bytearray(rng.randbytes(40).replace(b"\n", b"x"))
+        for separator in rng.sample(separators, 3):
+            at = rng.randrange(len(tail))
+            tail[at:at] = separator
+        with (workdir / "metrics.jsonl").open("ab") as f:
+            f.write(b'{"step": 7, "split": "tr' + bytes(tail))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert loop.train_and_evaluate(run_config(), workdir) == ref_result
+        assert "dropping its last line" in caplog.text
+        assert _records(workdir) == _records(ref_dir)
+
+
 # ------------------------------------------------------------------------------------- damage
 def _damage_kinds():
     """(name, function(step directory)) for ten kinds of damage to a step."""

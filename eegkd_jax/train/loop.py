@@ -150,10 +150,16 @@ def read_log(path: pathlib.Path) -> list[tuple[str, dict]]:
     """The records of a metrics.jsonl as (line, record) pairs. A torn last line (what a crash or
     power loss in the middle of a write leaves) is dropped with a warning; a bad line elsewhere is
     an error naming the file and line."""
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    # Only "\n" ends a record: str.splitlines also splits at \r, \x0b, \x0c, \x1c-\x1e and \x85,
+    # which would cut a torn tail of random bytes into lines that are then no longer the last.
+    lines = [line + b"\n" for line in path.read_bytes().split(b"\n")]
+    lines[-1] = lines[-1][:-1]  # what follows the last "\n": nothing, or a torn record
+    if not lines[-1]:
+        lines.pop()
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, raw in enumerate(lines, 1):
+        line = raw.decode("utf-8", errors="replace")
+        if not line.strip(" \t\r\n"):
             continue
         try:
             record = json.loads(line)
@@ -161,7 +167,7 @@ def read_log(path: pathlib.Path) -> list[tuple[str, dict]]:
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 logging.warning("%s: dropping its last line, %d bytes that are not a whole record "
-                                "(a write cut short by a crash or power loss)", path, len(line))
+                                "(a write cut short by a crash or power loss)", path, len(raw))
                 continue
             raise errors.UserError(f"{path}:{number}: not a metrics record; fix or delete that "
                                    "line to resume") from None
