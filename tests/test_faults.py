@@ -496,6 +496,59 @@ def test_a_diverging_run_stops_before_saving_and_names_the_last_good_step(refere
     assert checkpoint.Checkpointer(tmp_path / "jump", read_only=True).all_steps() == [2]
 
 
+def test_a_rejected_state_leaves_no_validation_record(reference, fake_pipeline, tmp_path,
+                                                       monkeypatch):
+    """Validated at every step: a state the pre-save checks reject (lr 1e20 on resume; NaN
+    parameters from step 4 on, whose train loss is still finite) stops the run before it is
+    scored, so neither metrics.jsonl nor TensorBoard holds a score of it."""
+    import jax.numpy as jnp
+
+    from eegkd_jax import checkpoint
+    from eegkd_jax.train import loop, steps
+
+    ref_dir, _ = reference
+    written = []
+    real_write = loop._Logger.write
+
+    def write(self, step, split, scalars):
+        written.append((step, split))
+        return real_write(self, step, split, scalars)
+
+    monkeypatch.setattr(loop._Logger, "write", write)
+    every_step = {"eval_every_steps": 1, "checkpoint_every_steps": 1}
+    workdir = tmp_path / "lr"
+    shutil.copytree(ref_dir, workdir)
+    shutil.rmtree(checkpoint.checkpoint_dir(workdir) / "6")
+    with pytest.raises(loop.DivergedError, match=r"training stopped at step 5: .*the last good "
+                                                 r"checkpoint is step 4"):
+        loop.train_and_evaluate(run_config(**{"optimizer.learning_rate": 1e20}, **every_step),
+                                workdir)
+    assert (5, "validation") not in written
+    assert [r for r in _records(workdir) if r[1] == "validation"] == []
+    assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [4]
+
+    real_build = steps.build_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real_build(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new, metrics = step(state, batch)
+            bad = jax.tree.map(lambda p: jnp.where(new.step >= 4, jnp.nan, p), new.params)
+            return new.replace(params=bad), metrics
+        return wrapped
+
+    monkeypatch.setattr(steps, "build_train_step", poisoned)
+    written.clear()
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"at step 4: non-finite values in \['params'.*last good checkpoint "
+                             r"is step 3"):
+        loop.train_and_evaluate(run_config(**every_step), tmp_path / "nan")
+    assert (4, "validation") not in written and (3, "validation") in written
+    assert [r for r in _records(tmp_path / "nan") if r[1] == "validation"] == [
+        (1, "validation"), (2, "validation"), (3, "validation")]
+
+
 # ------------------------------------------------------------------------------------- one line
 def _cli(args, env, timeout=120):
     done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,

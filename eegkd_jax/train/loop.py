@@ -11,8 +11,8 @@ Guards: one run per workdir (``checkpoint.WorkdirLock``); a rerun whose model, d
 settings differ from its checkpoints' is refused before anything is written; a workdir holding only
 damaged checkpoints is refused rather than trained from scratch; training stops, naming the last
 good checkpoint, when a metric is not finite or a loss jumps above ``divergence_factor`` times its
-running level; a checkpoint is written only when its parameters are finite and the loss it gives is
-finite and in range.
+running level; a state is validated (and its score logged) or checkpointed only when its parameters
+are finite and the loss it gives is finite and in range.
 
 Exact resumption: the state carries the step and the run's PRNG key (dropout keys are
 ``fold_in(key, step)``), and the pipeline's batch at step k depends only on (seed, k), so a run
@@ -480,10 +480,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logger.write(step, "train", means)
         sums, count = None, 0
 
-    def check_before_save(step: int, data, last_input) -> None:
-        """The state about to be saved must be sound itself, not only the steps before it: its
-        parameters finite, and the loss it gives finite and in range (the step it would take next,
-        run on a copy on the same batch and thrown away)."""
+    def check_state(step: int, data, last_input) -> None:
+        """The state about to be validated or saved must be sound itself, not only the steps
+        before it: its parameters finite, and the loss it gives finite and in range (the step it
+        would take next, run on a copy on the same batch and thrown away)."""
         check_and_log(step)
         bad = [k for k, ok in jax.device_get(finite_fields(state)).items() if not ok]
         if bad:
@@ -515,14 +515,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             if step % config.log_every_steps == 0 or last:
                 check_and_log(step)
                 progress.set_postfix(steps_per_s=f"{(step - start) / (time.time() - t0):.2f}")
+            checked = False
             if step % eval_every == 0 or last:
-                check_and_log(step)
+                # Checked before it is scored: a state the checks reject would leave its score in
+                # metrics.jsonl and TensorBoard, though the run stops and saves nothing of it.
+                check_state(step, data, jax.tree.map(lambda x: x[-1:], xs))
+                checked = True
                 validation = run_validation()
                 if validation:
                     logger.write(step, "validation", validation)
                     logging.info("step %d validation %s", step, validation)
             if step % ckpt_every == 0 or last:
-                check_before_save(step, data, jax.tree.map(lambda x: x[-1:], xs))
+                if not checked:
+                    check_state(step, data, jax.tree.map(lambda x: x[-1:], xs))
                 checkpointer.save(state, config=config,
                                   metrics=validation if step % eval_every == 0 or last else None)
         if start >= total_steps:  # already finished: re-evaluate the restored final state
