@@ -435,6 +435,42 @@ def test_a_damaged_latest_step_resumes_from_the_one_before(reference, fake_pipel
 
 
 # ------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("field, value, problem", [
+    ("depth", 2, r"params/\w+_1/.* is missing"),
+    ("initial_filters", 4, r"params/.* has shape \(.*\), the model wants \(.*\)"),
+])
+def test_eval_of_a_step_whose_config_no_longer_fits_its_state(reference, fake_pipeline, tmp_path,
+                                                              caplog, field, value, problem):
+    """The step's config.json edited and its manifest rehashed, so that it passes its checks:
+    eval refuses in one line naming the field and the step (not a flax traceback from inside
+    apply), and the warning about checkpoints/config.json names the step's file as differing."""
+    import logging
+
+    from eegkd_jax import checkpoint, errors, evaluate
+
+    ref_dir, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    step_dir = checkpoint.checkpoint_dir(workdir) / "6"
+    saved = json.loads((step_dir / "config.json").read_text())
+    was = saved["model"][field]
+    saved["model"][field] = value
+    (step_dir / "config.json").write_text(json.dumps(saved))
+    (step_dir / "manifest.json").unlink()
+    checkpoint.write_manifest(step_dir, 6)
+    with caplog.at_level(logging.WARNING), pytest.raises(checkpoint.CheckpointError) as info:
+        evaluate.evaluate_checkpoint(workdir, tmp_path / "out", checkpoint=6, floor=False)
+    line = errors.one_line(info.value)
+    assert re.fullmatch(
+        rf"{step_dir}: the state saved at step 6 does not fit the network that its config.json "
+        rf"describes \(model.{field} is {value} there, {was} in "
+        rf"{checkpoint.checkpoint_dir(workdir)}/config.json\): {problem} and \d+ more; was that "
+        r"config.json edited\?", line), line
+    assert (f"{step_dir}/config.json, the config saved with step 6, and "
+            f"{checkpoint.checkpoint_dir(workdir)}/config.json differ (model.{field} {value} vs "
+            f"{was})") in caplog.text
+
+
 def test_a_rerun_with_other_settings_refuses_before_writing(reference, fake_pipeline, tmp_path):
     from eegkd_jax import checkpoint
     from eegkd_jax.train import loop
