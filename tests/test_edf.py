@@ -50,7 +50,8 @@ def write_hypnogram(path, annotations, start=START):
 
 # The fixed EDF header, as the spec lays it out: main-header fields at fixed offsets, then each
 # per-signal field once for every signal before the next field starts.
-MAIN_FIELDS = {"starttime of recording": (176, 8), "number of bytes in header record": (184, 8), "number of data records": (236, 8),
+MAIN_FIELDS = {"starttime of recording": (176, 8), "number of bytes in header record": (184, 8),
+               "number of data records": (236, 8),
                "duration of a data record": (244, 8), "number of signals": (252, 4)}
 SIGNAL_FIELDS = [("label", 16), ("transducer type", 80), ("physical dimension", 8), ("physical minimum", 8),
                  ("physical maximum", 8), ("digital minimum", 8), ("digital maximum", 8), ("prefiltering", 80),
