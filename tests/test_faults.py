@@ -151,7 +151,9 @@ def _worker_main(workdir: pathlib.Path) -> None:
     from eegkd_jax.train import loop
 
     def main(argv):
-        result = loop.train_and_evaluate(run_config(), workdir)
+        # announce as `eegkd train` passes it: the line on the screen
+        result = loop.train_and_evaluate(run_config(), workdir,
+                                         announce=lambda line: print(line, flush=True))
         (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
 
     app.run(errors.report_errors(main), argv=["worker"], flags_parser=errors.parse_flags)
@@ -277,8 +279,9 @@ def test_two_concurrent_starts_then_kills_at_five_moments(reference, fake_pipeli
     line = _one_error_line(err)
     assert f"is in use by pid {holder.pid} on host " in line, line
     go.touch()
-    code, _, err = finish(holder)
+    code, out, err = finish(holder)
     assert code == -signal.SIGKILL, err[-3000:]
+    assert out == f"starting fresh: no checkpoint in {ckpts}; 6 steps to train\n"
     assert not ckpts.exists() or steps() == []
     assert json.loads((workdir / "run.lock").read_text())["pid"] == holder.pid
 
@@ -295,21 +298,26 @@ def test_two_concurrent_starts_then_kills_at_five_moments(reference, fake_pipeli
 
     # 4. right after step 5's record: the log runs past the last checkpoint; then a power loss
     #    tears a half line onto its end.
-    code, _, err = finish(start_worker(workdir, env, "log:5"))
+    code, out, err = finish(start_worker(workdir, env, "log:5"))
     assert code == -signal.SIGKILL, err[-3000:]
+    assert out == f"resumed from step 2 of 6: checkpoint {ckpts / '2'}\n"
     assert steps() == [2, 4] and _records(workdir)[-1] == (5, "train")
     with (workdir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "split": "tr')
 
     # 5. in the middle of pruning step 2 after step 6 was saved.
-    code, _, err = finish(start_worker(workdir, env, "prune:6"))
+    code, out, err = finish(start_worker(workdir, env, "prune:6"))
     assert code == -signal.SIGKILL, err[-3000:]
-    assert "dropping its last line" in err and "resumed from" in err
+    assert "dropping its last line" in err
+    assert out == f"resumed from step 4 of 6: checkpoint {ckpts / '4'}\n"
     assert steps() == [4, 6] and leftovers() == ["2.deleting"]
 
     # The last rerun (here, in this process) finds the run finished and reports what the
     # uninterrupted run reported, with the same weights and the same log.
-    assert loop.train_and_evaluate(run_config(), workdir) == ref_result
+    said = []
+    assert loop.train_and_evaluate(run_config(), workdir, announce=said.append) == ref_result
+    assert said == [f"resumed from step 6 of 6: checkpoint {ckpts / '6'} (training is finished; "
+                    "validating it again)"]
     assert leftovers() == []
     assert_same_final_state(workdir, ref_dir)
     assert _records(workdir) == _records(ref_dir)

@@ -261,10 +261,15 @@ def evaluate(eval_fn: Callable, state: state_lib.TrainState, batches, subjects, 
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       announce: Callable[[str], Any] | None = None) -> dict:
     """Trains the configured mode in ``workdir`` (resuming from its latest intact checkpoint if
     any) and returns the final validation metrics (flat dict: accuracy, kappa, macro_f1, and
     teacher_* in KD modes, plus step).
+
+    ``announce`` (e.g. ``print``, as ``eegkd train`` passes) is given one line, on process 0: the
+    step and checkpoint the run resumed from, of how many steps, or that it starts fresh. The
+    line is logged either way.
 
     Raises:
       checkpoint.WorkdirBusyError: another run holds the workdir.
@@ -278,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir):
-        return _train_and_evaluate(config, workdir)
+        return _train_and_evaluate(config, workdir, announce)
 
 
 def _finite_fields(state: state_lib.TrainState) -> dict[str, jax.Array]:
@@ -317,7 +322,8 @@ def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, me
     return data
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        announce: Callable[[str], Any] | None) -> dict:
     # Imported here so that importing the training library stays cheap (TensorFlow, models).
     from eegkd_jax.data import pipeline
     from eegkd_jax.models import build_model, init_variables
@@ -398,8 +404,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if resume_step is not None:
         # Falls back to an earlier intact step if the latest one fails to restore.
         state = checkpointer.restore(abstract, "latest")
-        logging.info("resumed from %s at step %d", checkpointer.directory, int(state.step))
+        restored = int(jax.device_get(state.step))
+        opening = (f"resumed from step {restored} of {total_steps}: checkpoint "
+                   f"{checkpointer.directory / str(restored)}")
+        if restored >= total_steps:
+            opening += " (training is finished; validating it again)"
     else:
+        opening = (f"starting fresh: no checkpoint in {checkpointer.directory}; {total_steps} "
+                   "steps to train")
         state = init_state(jax.random.PRNGKey(config.seed))
         if config.mode == "offline_kd":
             placed = _place_replicated(
@@ -412,6 +424,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 teacher_params, {"params": abstract.params, "batch_stats": abstract.batch_stats},
                 mesh, "transfer: scalp model -> ear model (config.model must equal the teacher's)")
             state = state.replace(params=placed["params"], batch_stats=placed["batch_stats"])
+    logging.info("%s", opening)
+    if announce is not None and jax.process_index() == 0:
+        announce(opening)
 
     # ---- steps
     eval_fn = jax.jit(
