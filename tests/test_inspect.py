@@ -259,3 +259,18 @@ def test_a_plain_edf_says_what_it_assumed_and_warns_about_rates(tmp_path, capsys
     # EDF+ (MNE's exporter) has time-keeping annotations: nothing assumed.
     write_psg(tmp_path / "plus.edf", 60.0)
     assert json.loads(run_main(capsys, tmp_path / "plus.edf")[1])["assumed"] == []
+
+
+def test_a_cohort_night_at_a_rate_outside_sleep_eeg_is_warned_about(tmp_path, capsys):
+    import logging
+
+    from test_edf import set_field, write_sleep_edf_like
+
+    write_sleep_edf_like(tmp_path / "x-PSG.edf")  # 1800 s at 100 Hz in 30-s records
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 3600, "Sleep stage W")])
+    set_field(tmp_path / "x-PSG.edf", "duration of a data record", "60")  # 50 Hz, 3600 s
+    code, out, err = run_main(capsys, tmp_path)
+    assert code == 0 and json.loads(out)["sampling_rate"] == 50.0
+    assert err.startswith(f"warning: {tmp_path / 'x-PSG.edf'}: signal 1 ('EEG Fpz-Cz') is sampled "
+                          "at 50 Hz") and err.count("\n") == 1
+    assert logging.getLogger("absl").propagate  # main leaves the logging of its caller be

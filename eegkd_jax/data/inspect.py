@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import pathlib
@@ -320,6 +321,13 @@ def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
     import mne
 
     mne.set_log_level("ERROR")  # MNE logs to stdout, which must hold only our JSON
+    # The readers' warnings (a cohort's nights) as inspect FILE prints its own: "warning: ...".
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(logging.Formatter("warning: %(message)s"))
+    to_stderr.setLevel(logging.WARNING)
+    absl_logger = logging.getLogger("absl")
+    propagate, absl_logger.propagate = absl_logger.propagate, False
+    absl_logger.addHandler(to_stderr)
     try:
         summary = inspect_path(args.path, hypnogram=hypnogram)
     except DataError as e:
@@ -332,6 +340,9 @@ def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
             traceback.print_exc()
         print(f"error: {args.path}: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 1
+    finally:  # main may run inside another program (eegkd, the tests): leave its logging be
+        absl_logger.removeHandler(to_stderr)
+        absl_logger.propagate = propagate
     for warning in summary.get("warnings", ()):  # on the screen too, not only in the JSON
         print(f"warning: {summary['path']}: {warning}", file=sys.stderr)
     try:
