@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -274,3 +275,19 @@ def test_a_cohort_night_at_a_rate_outside_sleep_eeg_is_warned_about(tmp_path, ca
     assert err.startswith(f"warning: {tmp_path / 'x-PSG.edf'}: signal 1 ('EEG Fpz-Cz') is sampled "
                           "at 50 Hz") and err.count("\n") == 1
     assert logging.getLogger("absl").propagate  # main leaves the logging of its caller be
+
+
+def test_a_signal_far_longer_than_its_scoring_is_refused_as_the_reader_does(tmp_path, capsys):
+    from eegkd_jax.data import edf
+    from test_edf import set_field, write_sleep_edf_like
+
+    write_sleep_edf_like(tmp_path / "x-PSG.edf")  # 1800 s in 30-s records
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 1800, "Sleep stage W")])
+    assert json.loads(run_main(capsys, tmp_path / "x-PSG.edf")[1])["epochs"] == 60
+    set_field(tmp_path / "x-PSG.edf", "duration of a data record", "60")  # 3600 s at 50 Hz
+    problem = (r"x-PSG\.edf: signal runs 3600 s \(60 records of 60 s by header field 'duration of "
+               r"a data record'\), more than 1\.5 times the 1800 s that its hypnogram "
+               r"x-Hypnogram\.edf covers")
+    with pytest.raises(edf.DataError, match=problem):
+        edf.read_subject(tmp_path, "x")
+    assert re.search(problem, _one_line_error(capsys, tmp_path / "x-PSG.edf"))

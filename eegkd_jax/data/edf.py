@@ -426,6 +426,23 @@ def check_eeg_signals(path, header: EdfHeader, names) -> list[str]:
     return warnings
 
 
+def check_length_against_scoring(psg_path, header: EdfHeader, hypnogram_path,
+                                 scored_span: float) -> None:
+    """Refuses a signal more than SIGNAL_PER_SCORING_LIMIT times as long as the ``scored_span``
+    seconds (from the PSG's start) that its hypnogram covers: in a plain EDF file, the sign of a
+    wrong record duration (the reader and ``eegkd inspect`` apply it alike)."""
+    seconds = header.records * header.record_seconds
+    if seconds > SIGNAL_PER_SCORING_LIMIT * scored_span:
+        raise DataError(
+            psg_path,
+            f"signal runs {seconds:g} s ({header.records} records of {header.record_seconds:g} s "
+            f"by header field 'duration of a data record'), more than "
+            f"{SIGNAL_PER_SCORING_LIMIT:g} times the {scored_span:g} s that its hypnogram "
+            f"{pathlib.Path(hypnogram_path).name} covers: the record duration is wrong, or the "
+            "hypnogram belongs to another recording",
+        )
+
+
 def _open_edf(path: pathlib.Path, include=None, header: EdfHeader | None = None):
     """MNE's reader on ``path``, after ``read_header`` (or with its result ``header``) checked the
     header: MNE would read a truncated file's whole records, or a -1 record count, without a word,
@@ -681,15 +698,8 @@ def read_psg(
             raise DataError(psg_path, f"signal is shorter than one {epoch_seconds:g}-s epoch")
     else:
         labels = hyp.labels
-        scored_span = first + labels.shape[0] * epoch_seconds  # PSG seconds the hypnogram covers
-        if raw.n_times / fs > SIGNAL_PER_SCORING_LIMIT * scored_span:
-            raise DataError(
-                psg_path,
-                f"signal runs {raw.n_times / fs:g} s ({length}), more than "
-                f"{SIGNAL_PER_SCORING_LIMIT:g} times the {scored_span:g} s that its hypnogram "
-                f"{hypnogram_path.name} covers: the record duration is wrong, or the hypnogram "
-                "belongs to another recording",
-            )
+        check_length_against_scoring(psg_path, header, hypnogram_path,
+                                     first + labels.shape[0] * epoch_seconds)
     covered = max(0, (raw.n_times - start) // samples)  # epochs that fit in the signal
     if covered < labels.shape[0]:
         beyond = labels[covered:]

@@ -90,12 +90,16 @@ def _edf_variant(path: pathlib.Path) -> str:
     return "edf+" if reserved.startswith((b"EDF+C", b"EDF+D")) else "edf"
 
 
-def _scoring(psg: pathlib.Path, hypnogram: pathlib.Path, duration: float) -> dict:
+def _scoring(psg: pathlib.Path, hypnogram: pathlib.Path, header: edf.EdfHeader) -> dict:
     """Stages of ``hypnogram`` placed on the PSG's clock; the epochs that fall past the end of
-    the signal are counted apart (the reader drops unscored ones and refuses scored ones)."""
+    the signal are counted apart (the reader drops unscored ones and refuses scored ones). A
+    signal far longer than its scoring is refused, as the reader refuses it."""
     hyp = edf.read_hypnogram(hypnogram)
     first = edf.scoring_start(psg, hypnogram)
     labels = hyp.labels
+    edf.check_length_against_scoring(psg, header, hypnogram,
+                                     first + labels.shape[0] * EPOCH_SECONDS)
+    duration = header.records * header.record_seconds
     within = max(0, min(labels.shape[0], math.floor((duration - first) / EPOCH_SECONDS + 1e-9)))
     past = labels[within:]
     summary = {
@@ -163,7 +167,7 @@ def inspect_edf(path: pathlib.Path, hypnogram: str | pathlib.Path | None = "auto
         summary.update({"scored": False, "hypnogram": None,
                         "epochs": int(duration // EPOCH_SECONDS), "epochs_per_stage": None})
     else:
-        summary.update(_scoring(path, pathlib.Path(hypnogram), duration))
+        summary.update(_scoring(path, pathlib.Path(hypnogram), header))
     return summary
 
 
