@@ -8,17 +8,24 @@ Every trial asserts its outcome:
   kills       SIGKILL during the first step (of that holder), in the middle of orbax's write of a
               step, after a step's files and manifest are written but before its commit, right
               after a log record (a torn half line is then appended, as a power loss leaves), and
-              in the middle of pruning; every rerun resumes, and the last ends bit-identical to an
+              in the middle of pruning; every rerun resumes, says on stdout where from (step N of
+              M, which checkpoint) or that it starts fresh, and the last ends bit-identical to an
               uninterrupted run with the same log.
+  torn tail   random bytes (with \\r, \\x0b, \\x1c, \\x85 among them) torn onto the log: dropped
+              with a warning on resume, which ends as the uninterrupted run.
   bit flips   single-bit flips at random places of the latest step: each is caught, reported by
               number, and restore falls back to the previous step's exact values; "best" never
               names the damaged step.
   damage      kinds of damage to the latest step (truncations, deletions, a bad manifest, metrics
               or config file, a stray file): each is caught and falls back; a resumed run then
               ends bit-identical; with every step damaged a run refuses instead of starting over.
-  config      a rerun with other model, data or mode settings refuses before writing a byte.
+  config      a rerun with other model, data or mode settings refuses before writing a byte; eval
+              of a step whose config.json was edited (manifest rehashed) so that it no longer fits
+              the state refuses in one line naming the field and the step.
   guard       resuming at learning rate 1e20, and a loss held near 1e12, stop the run in one line
-              naming the last good step; nothing after it is saved and "best" stays good.
+              naming the last good step; nothing after it is saved and "best" stays good; with
+              validation at every step, a rejected state (lr 1e20, NaN parameters) is never scored
+              into the log.
   one line    a missing workdir, a misspelt config field, a bad variant, a full disk: one line.
 
 The workers are this file run as a script: the tiny supervised run of test_train on its in-memory
