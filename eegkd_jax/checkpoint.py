@@ -447,18 +447,21 @@ class Checkpointer:
 
 
 def _warn_if_edited(workdir: pathlib.Path, step: int, config: ml_collections.ConfigDict) -> None:
-    """Says so when ``checkpoints/config.json`` no longer matches the config saved with the step
-    (someone edited it): the step's own config is the one used."""
+    """Says so when ``checkpoints/config.json`` and the config saved with the step disagree
+    (either may have been edited, or the run resumed with other settings), naming both files and
+    each one's values: the step's own config is the one used."""
     path = checkpoint_dir(workdir) / CONFIG_FILE
     try:
         top = _flatten(json.loads(path.read_text()))
     except (OSError, ValueError):
         return
-    own = _flatten(json.loads(config_json(config)))
+    own = flat_config(config)
     changed = sorted(k for k in top.keys() | own.keys() if top.get(k) != own.get(k))
     if changed:
-        logging.warning("%s differs from the config saved with step %d (%s); the step's config is "
-                        "used", path, step, ", ".join(changed[:8]))
+        shown = ", ".join(f"{k} {own.get(k)!r} vs {top.get(k)!r}" for k in changed[:8])
+        logging.warning("%s, the config saved with step %d, and %s differ (%s%s); the step's "
+                        "config is used", checkpoint_dir(workdir) / str(step) / CONFIG_FILE, step,
+                        path, shown, f" and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
 # ---------------------------------------------------------------------- the run's config
@@ -494,6 +497,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out if out or not prefix else {prefix[:-1]: {}}
     return {prefix[:-1]: tree}
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted field: value} of a config, as its JSON holds it (tuples as lists)."""
+    return _flatten(json.loads(config_json(config)))
 
 
 def config_differences(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict

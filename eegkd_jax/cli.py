@@ -174,7 +174,9 @@ def train_main(argv: Sequence[str]) -> None:
     if log:
         print(f"{config.mode} in {workdir} (log: {log}; --verbose shows it here)")
     logging.info("config:\n%s", config)
-    result = train_and_evaluate(config, workdir)
+    # The one line a run prints before its progress bar: where it resumed from, or that it
+    # starts fresh (the rest of the log goes to train.log).
+    result = train_and_evaluate(config, workdir, announce=lambda line: print(line, flush=True))
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     print(f"final validation ({workdir}): {json.dumps(summary)}")
     if "kappa" in result:

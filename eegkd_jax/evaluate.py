@@ -18,6 +18,7 @@ In KD runs (and online KD especially) the checkpoint also holds the scalp teache
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +74,66 @@ def predict_nights(
             np.asarray(out["valid"], dtype=bool),
             probabilities=probabilities,
         )
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"params/encoder_0/conv/kernel": shape} of every array in a variables tree."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
+            for path, leaf in flat}
+
+
+def _differing(workdir: pathlib.Path, step: int, config: ml_collections.ConfigDict,
+               group: str) -> str:
+    """How ``config.<group>`` (the step's) differs from the run's other configs
+    (``checkpoints/config.json``, then the other steps'), e.g. "model.depth is 3 there, 2 in
+    .../checkpoints/config.json"; "" when no other config says otherwise."""
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    others = [(ckpt_lib.checkpoint_dir(workdir) / ckpt_lib.CONFIG_FILE, None)]
+    others += [(checkpointer.directory / str(s) / ckpt_lib.CONFIG_FILE, s)
+               for s in reversed(checkpointer.all_steps()) if s != step]
+    checkpointer.close()
+    own = ckpt_lib.flat_config(config)
+    for path, _ in others:
+        try:
+            other = ckpt_lib.flat_config(ml_collections.ConfigDict(json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+        fields = sorted(k for k in own.keys() | other.keys()
+                        if k.startswith(group + ".") and own.get(k) != other.get(k))
+        if fields:
+            return "; ".join(f"{k} is {own.get(k)!r} there, {other.get(k)!r} in {path}"
+                             for k in fields[:4])
+    return ""
+
+
+def check_variables_fit(workdir: pathlib.Path, step: int, config: ml_collections.ConfigDict,
+                        group: str, module, variables: dict, input_shape) -> None:
+    """Raises CheckpointError, in one line naming the config field and the step, unless the
+    variables saved at ``step`` are exactly those of ``module``, the network that the step's
+    config.json describes in ``config.<group>`` (e.g. its model.depth edited and its manifest
+    rehashed); flax would fail deep in ``apply`` on a missing parameter, or ignore extra ones."""
+    from eegkd_jax.models import init_variables
+
+    wanted = _shapes(jax.eval_shape(lambda key: init_variables(module, key, input_shape),
+                                    jax.random.PRNGKey(0)))
+    saved = _shapes(variables)
+    def ordered(keys):  # parameters before batch statistics: what a reader looks for first
+        return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+
+    problems = [f"{k} is missing" for k in ordered(wanted.keys() - saved.keys())]
+    problems += [f"{k} is not in the model" for k in ordered(saved.keys() - wanted.keys())]
+    problems += [f"{k} has shape {saved[k]}, the model wants {wanted[k]}"
+                 for k in ordered(wanted.keys() & saved.keys()) if wanted[k] != saved[k]]
+    if not problems:
+        return
+    where = ckpt_lib.checkpoint_dir(workdir) / str(step)
+    fields = _differing(workdir, step, config, group) or f"see config.{group}"
+    raise ckpt_lib.CheckpointError(
+        f"{where}: the state saved at step {step} does not fit the network that its "
+        f"{ckpt_lib.CONFIG_FILE} describes ({fields}): {problems[0]}"
+        f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}; was that "
+        f"{ckpt_lib.CONFIG_FILE} edited?")
 
 
 def classical_floor(cohort, config: ml_collections.ConfigDict, subjects: Sequence[str],
@@ -192,23 +253,28 @@ def evaluate_checkpoint(
 
     input_key = steps_lib.student_input(config)
     n_channels = {"scalp": len(cohort.scalp_names), "ear": len(cohort.ear_names)}
-    scored = [("", input_key, steps_lib.trained_model_config(config), "params", "batch_stats")]
+    trained = steps_lib.trained_model_config(config)
+    scored = [("", input_key, "teacher" if trained is config.teacher else "model", "params",
+               "batch_stats")]
     if teacher:
         if state.get("teacher_params") is None:
             raise ValueError(f"{workdir} ({config.mode}) holds no teacher to evaluate")
-        scored.append(("teacher", "scalp", config.teacher, "teacher_params", "teacher_batch_stats"))
+        scored.append(("teacher", "scalp", "teacher", "teacher_params", "teacher_batch_stats"))
 
     results: dict[str, Any] = {}
-    for name, signal, model_cfg, params_key, stats_key in scored:
+    for name, signal, group, params_key, stats_key in scored:
+        model_cfg = config[group]
         module = build_model(
             model_cfg,
             in_channels=n_channels[signal],
             sampling_rate=cohort.sampling_rate,
             epoch_seconds=config.data.epoch_seconds,
         )
-        variables = parallel.replicate(
-            steps_lib.model_variables(state[params_key], state.get(stats_key)), mesh
-        )
+        saved = steps_lib.model_variables(state[params_key], state.get(stats_key))
+        window = int(config.data.sequence_length) * cohort.epoch_samples
+        check_variables_fit(workdir, step, config, group, module, saved,
+                            (1, window, n_channels[signal]))
+        variables = parallel.replicate(saved, mesh)
         collector = metrics_lib.NightCollector(
             {s: cohort.num_epochs[s] for s in subjects}, subjects, source=f"{workdir} step {step}"
         )

@@ -56,8 +56,9 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
 
     seen = {}
 
-    def fake_train(config, workdir):
+    def fake_train(config, workdir, *, announce):
         seen.update(config=config, workdir=workdir)
+        announce("resumed from step 2 of 4: checkpoint runs/x/checkpoints/2")
         return {"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.123456}
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
@@ -81,6 +82,8 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
     assert seen["config"].mode == "online_kd" and seen["config"].seed == 3
     assert seen["config"].max_steps == 4 and seen["workdir"] == str(tmp_path / "run")
     out = capsys.readouterr().out.splitlines()
+    # The run's one line of its own: where it resumed from (or that it starts fresh).
+    assert out[-3] == "resumed from step 2 of 4: checkpoint runs/x/checkpoints/2"
     assert out[-2] == (f"final validation ({tmp_path / 'run'}): "
                        '{"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.1235}')
     assert out[-1] == ("validation kappa: student (ear) 0.250 (floor 0.100), teacher (scalp) 0.500 "

@@ -50,7 +50,8 @@ def write_hypnogram(path, annotations, start=START):
 
 # The fixed EDF header, as the spec lays it out: main-header fields at fixed offsets, then each
 # per-signal field once for every signal before the next field starts.
-MAIN_FIELDS = {"number of bytes in header record": (184, 8), "number of data records": (236, 8),
+MAIN_FIELDS = {"starttime of recording": (176, 8), "number of bytes in header record": (184, 8),
+               "number of data records": (236, 8),
                "duration of a data record": (244, 8), "number of signals": (252, 4)}
 SIGNAL_FIELDS = [("label", 16), ("transducer type", 80), ("physical dimension", 8), ("physical minimum", 8),
                  ("physical maximum", 8), ("digital minimum", 8), ("digital maximum", 8), ("prefiltering", 80),
@@ -511,4 +512,78 @@ def test_limits_of_the_eeg_signals(tmp_path):
     set_field(psg, "physical maximum", whole[at: at + width].decode().strip(), signal=0)
     with pytest.raises(DataError, match=r"x-PSG\.edf: header field 'physical maximum' of signal 1 "
                                         r"\('EEG Fpz-Cz'\) equals the physical minimum"):
+        edf.read_psg(psg, None)
+
+
+# ---- Annotations are parsed by us, each in full or refused (MNE's pattern skipped a TAL it could
+# not parse: a stage vanished, or the night started later, without a word).
+
+@pytest.mark.parametrize("old, new, problem", [
+    (b"+1230\x15120\x14", b"+1230\x15nan\x14",
+     r"annotation 2 \('\+1230\\x15nan\\x14Sleep stage 1\\x14'\): duration 'nan' is not a number"),
+    (b"+30\x151200\x14", b"+30\x1519x0\x14",
+     r"annotation 1 \('\+30\\x1519x0\\x14Sleep stage W\\x14'\): duration '19x0' is not a number"),
+    (b"+1350\x15", b"+13a0\x15",
+     r"annotation 3 \('\+13a0\\x15180\\x14Sleep stage W\\x14'\): onset '\+13a0' is not a signed "
+     r"number"),
+    (b"+1230\x15120\x14", b"+1230\x15120\x15",
+     r"annotation 2 \('\+1230\\x15120\\x15Sleep stage 1\\x14'\): duration '120\\x15Sleep stage 1'"),
+    (b"+1530\x1530\x14Sleep stage 1\x14\x00", b"+1530\x1530\x14Sleep stage 1\x00\x00",
+     r"annotation 4 \('\+1530\\x1530\\x14Sleep stage 1'\): its text does not end in byte 20"),
+])
+def test_an_annotation_that_cannot_be_parsed_is_refused(tmp_path, old, new, problem):
+    assert len(old) == len(new)
+    whole = REAL_HYPNOGRAM.read_bytes()
+    assert whole.count(old) >= 1
+    hypnogram = tmp_path / "ST7132JR-Hypnogram.edf"
+    hypnogram.write_bytes(whole.replace(old, new, 1))
+    with pytest.raises(DataError, match=rf"ST7132JR-Hypnogram\.edf: {problem}"):
+        edf.read_hypnogram(hypnogram)
+    write_psg(tmp_path / "ST7132J0-PSG.edf", 30.0 + 852 * 30.0)  # the cohort reader refuses too
+    with pytest.raises(DataError, match=rf"ST7132JR-Hypnogram\.edf: {problem}"):
+        edf.read_subject(tmp_path, "ST7132J0")
+
+
+def test_annotations_agree_with_the_real_hypnogram():
+    annotations = edf.read_annotations(REAL_HYPNOGRAM)
+    assert len(annotations) == 116 and [a.index for a in annotations] == list(range(1, 117))
+    first = annotations[0]
+    assert (first.onset, first.duration, first.text) == (30.0, 1200.0, "Sleep stage W")
+
+
+# ---- A wrong start time or record duration: refused where the file shows it, said where not.
+
+def test_a_start_time_that_is_no_time_is_refused(tmp_path):
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 60, "Sleep stage W")])
+    write_psg(tmp_path / "x-PSG.edf", 60.0)
+    for value in ("ab.cd.ef", "25.00.00", "12:00:00"):
+        set_field(tmp_path / "x-PSG.edf", "starttime of recording", value)
+        with pytest.raises(DataError, match=rf"x-PSG\.edf: header field 'starttime of recording' is "
+                                            rf"'{value}', not a time of day hh\.mm\.ss"):
+            edf.read_subject(tmp_path, "x")
+
+
+def write_sleep_edf_like(path, seconds=1800.0):
+    """A plain EDF file laid out as Sleep-EDF's PSGs: 30-s records of 3000 samples (100 Hz)."""
+    return write_plain_edf(path, seconds, fs=100.0, record_seconds=30.0)
+
+
+def test_a_rate_outside_sleep_eeg_is_warned_about(tmp_path, caplog):
+    import logging
+
+    psg = tmp_path / "x-PSG.edf"
+    write_sleep_edf_like(psg)
+    with caplog.at_level(logging.WARNING):
+        edf.read_psg(psg, None)
+    assert "outside the" not in caplog.text
+    for seconds, rate in (("1", "3000"), ("3", "1000")):  # nothing in a plain EDF contradicts it
+        set_field(psg, "duration of a data record", seconds)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            edf.read_psg(psg, None)
+        assert (f"x-PSG.edf: signal 1 ('EEG Fpz-Cz') is sampled at {rate} Hz (3000 samples per "
+                f"{seconds}-s record by header field 'duration of a data record'; nothing in a "
+                "plain EDF file confirms it), outside the 100 to 512 Hz") in caplog.text
+    set_field(psg, "duration of a data record", "300")  # 10 Hz: no EEG at all
+    with pytest.raises(DataError, match=r"x-PSG\.edf: signal 1 \('EEG Fpz-Cz'\) would be sampled at 10 Hz"):
         edf.read_psg(psg, None)

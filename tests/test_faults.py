@@ -8,17 +8,24 @@ Every trial asserts its outcome:
   kills       SIGKILL during the first step (of that holder), in the middle of orbax's write of a
               step, after a step's files and manifest are written but before its commit, right
               after a log record (a torn half line is then appended, as a power loss leaves), and
-              in the middle of pruning; every rerun resumes, and the last ends bit-identical to an
+              in the middle of pruning; every rerun resumes, says on stdout where from (step N of
+              M, which checkpoint) or that it starts fresh, and the last ends bit-identical to an
               uninterrupted run with the same log.
+  torn tail   random bytes (with \\r, \\x0b, \\x1c, \\x85 among them) torn onto the log: dropped
+              with a warning on resume, which ends as the uninterrupted run.
   bit flips   single-bit flips at random places of the latest step: each is caught, reported by
               number, and restore falls back to the previous step's exact values; "best" never
               names the damaged step.
   damage      kinds of damage to the latest step (truncations, deletions, a bad manifest, metrics
               or config file, a stray file): each is caught and falls back; a resumed run then
               ends bit-identical; with every step damaged a run refuses instead of starting over.
-  config      a rerun with other model, data or mode settings refuses before writing a byte.
+  config      a rerun with other model, data or mode settings refuses before writing a byte; eval
+              of a step whose config.json was edited (manifest rehashed) so that it no longer fits
+              the state refuses in one line naming the field and the step.
   guard       resuming at learning rate 1e20, and a loss held near 1e12, stop the run in one line
-              naming the last good step; nothing after it is saved and "best" stays good.
+              naming the last good step; nothing after it is saved and "best" stays good; with
+              validation at every step, a rejected state (lr 1e20, NaN parameters) is never scored
+              into the log.
   one line    a missing workdir, a misspelt config field, a bad variant, a full disk: one line.
 
 The workers are this file run as a script: the tiny supervised run of test_train on its in-memory
@@ -151,7 +158,9 @@ def _worker_main(workdir: pathlib.Path) -> None:
     from eegkd_jax.train import loop
 
     def main(argv):
-        result = loop.train_and_evaluate(run_config(), workdir)
+        # announce as `eegkd train` passes it: the line on the screen
+        result = loop.train_and_evaluate(run_config(), workdir,
+                                         announce=lambda line: print(line, flush=True))
         (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
 
     app.run(errors.report_errors(main), argv=["worker"], flags_parser=errors.parse_flags)
@@ -277,8 +286,9 @@ def test_two_concurrent_starts_then_kills_at_five_moments(reference, fake_pipeli
     line = _one_error_line(err)
     assert f"is in use by pid {holder.pid} on host " in line, line
     go.touch()
-    code, _, err = finish(holder)
+    code, out, err = finish(holder)
     assert code == -signal.SIGKILL, err[-3000:]
+    assert out == f"starting fresh: no checkpoint in {ckpts}; 6 steps to train\n"
     assert not ckpts.exists() or steps() == []
     assert json.loads((workdir / "run.lock").read_text())["pid"] == holder.pid
 
@@ -295,24 +305,57 @@ def test_two_concurrent_starts_then_kills_at_five_moments(reference, fake_pipeli
 
     # 4. right after step 5's record: the log runs past the last checkpoint; then a power loss
     #    tears a half line onto its end.
-    code, _, err = finish(start_worker(workdir, env, "log:5"))
+    code, out, err = finish(start_worker(workdir, env, "log:5"))
     assert code == -signal.SIGKILL, err[-3000:]
+    assert out == f"resumed from step 2 of 6: checkpoint {ckpts / '2'}\n"
     assert steps() == [2, 4] and _records(workdir)[-1] == (5, "train")
     with (workdir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "split": "tr')
 
     # 5. in the middle of pruning step 2 after step 6 was saved.
-    code, _, err = finish(start_worker(workdir, env, "prune:6"))
+    code, out, err = finish(start_worker(workdir, env, "prune:6"))
     assert code == -signal.SIGKILL, err[-3000:]
-    assert "dropping its last line" in err and "resumed from" in err
+    assert "dropping its last line" in err
+    assert out == f"resumed from step 4 of 6: checkpoint {ckpts / '4'}\n"
     assert steps() == [4, 6] and leftovers() == ["2.deleting"]
 
     # The last rerun (here, in this process) finds the run finished and reports what the
     # uninterrupted run reported, with the same weights and the same log.
-    assert loop.train_and_evaluate(run_config(), workdir) == ref_result
+    said = []
+    assert loop.train_and_evaluate(run_config(), workdir, announce=said.append) == ref_result
+    assert said == [f"resumed from step 6 of 6: checkpoint {ckpts / '6'} (training is finished; "
+                    "validating it again)"]
     assert leftovers() == []
     assert_same_final_state(workdir, ref_dir)
     assert _records(workdir) == _records(ref_dir)
+
+
+def test_a_torn_tail_of_random_bytes_is_dropped_on_resume(reference, fake_pipeline, tmp_path,
+                                                           caplog):
+    """Random bytes torn onto the log's end, with the characters str.splitlines also splits at
+    (\\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85) among them: dropped with a warning, as a torn half
+    record is, and the run resumes to the same end."""
+    import logging
+
+    from eegkd_jax.train import loop
+
+    ref_dir, ref_result = reference
+    rng = random.Random(27)
+    for trial in range(4):
+        workdir = tmp_path / f"run{trial}"
+        shutil.copytree(ref_dir, workdir)
+        separators = [b"\r", b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", "\x85".encode()]
+        tail = bytearray(rng.randbytes(40).replace(b"\n", b"x"))
+        for separator in rng.sample(separators, 3):
+            at = rng.randrange(len(tail))
+            tail[at:at] = separator
+        with (workdir / "metrics.jsonl").open("ab") as f:
+            f.write(b'{"step": 7, "split": "tr' + bytes(tail))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert loop.train_and_evaluate(run_config(), workdir) == ref_result
+        assert "dropping its last line" in caplog.text
+        assert _records(workdir) == _records(ref_dir)
 
 
 # ------------------------------------------------------------------------------------- damage
@@ -407,6 +450,42 @@ def test_a_damaged_latest_step_resumes_from_the_one_before(reference, fake_pipel
 
 
 # ------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("field, value, problem", [
+    ("depth", 2, r"params/\w+_1/.* is missing"),
+    ("initial_filters", 4, r"params/.* has shape \(.*\), the model wants \(.*\)"),
+])
+def test_eval_of_a_step_whose_config_no_longer_fits_its_state(reference, fake_pipeline, tmp_path,
+                                                              caplog, field, value, problem):
+    """The step's config.json edited and its manifest rehashed, so that it passes its checks:
+    eval refuses in one line naming the field and the step (not a flax traceback from inside
+    apply), and the warning about checkpoints/config.json names the step's file as differing."""
+    import logging
+
+    from eegkd_jax import checkpoint, errors, evaluate
+
+    ref_dir, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    step_dir = checkpoint.checkpoint_dir(workdir) / "6"
+    saved = json.loads((step_dir / "config.json").read_text())
+    was = saved["model"][field]
+    saved["model"][field] = value
+    (step_dir / "config.json").write_text(json.dumps(saved))
+    (step_dir / "manifest.json").unlink()
+    checkpoint.write_manifest(step_dir, 6)
+    with caplog.at_level(logging.WARNING), pytest.raises(checkpoint.CheckpointError) as info:
+        evaluate.evaluate_checkpoint(workdir, tmp_path / "out", checkpoint=6, floor=False)
+    line = errors.one_line(info.value)
+    assert re.fullmatch(
+        rf"{step_dir}: the state saved at step 6 does not fit the network that its config.json "
+        rf"describes \(model.{field} is {value} there, {was} in "
+        rf"{checkpoint.checkpoint_dir(workdir)}/config.json\): {problem} and \d+ more; was that "
+        r"config.json edited\?", line), line
+    assert (f"{step_dir}/config.json, the config saved with step 6, and "
+            f"{checkpoint.checkpoint_dir(workdir)}/config.json differ (model.{field} {value} vs "
+            f"{was})") in caplog.text
+
+
 def test_a_rerun_with_other_settings_refuses_before_writing(reference, fake_pipeline, tmp_path):
     from eegkd_jax import checkpoint
     from eegkd_jax.train import loop
@@ -466,6 +545,59 @@ def test_a_diverging_run_stops_before_saving_and_names_the_last_good_step(refere
                                                  r"is step 2.*divergence_factor"):
         loop.train_and_evaluate(run_config(), tmp_path / "jump")
     assert checkpoint.Checkpointer(tmp_path / "jump", read_only=True).all_steps() == [2]
+
+
+def test_a_rejected_state_leaves_no_validation_record(reference, fake_pipeline, tmp_path,
+                                                       monkeypatch):
+    """Validated at every step: a state the pre-save checks reject (lr 1e20 on resume; NaN
+    parameters from step 4 on, whose train loss is still finite) stops the run before it is
+    scored, so neither metrics.jsonl nor TensorBoard holds a score of it."""
+    import jax.numpy as jnp
+
+    from eegkd_jax import checkpoint
+    from eegkd_jax.train import loop, steps
+
+    ref_dir, _ = reference
+    written = []
+    real_write = loop._Logger.write
+
+    def write(self, step, split, scalars):
+        written.append((step, split))
+        return real_write(self, step, split, scalars)
+
+    monkeypatch.setattr(loop._Logger, "write", write)
+    every_step = {"eval_every_steps": 1, "checkpoint_every_steps": 1}
+    workdir = tmp_path / "lr"
+    shutil.copytree(ref_dir, workdir)
+    shutil.rmtree(checkpoint.checkpoint_dir(workdir) / "6")
+    with pytest.raises(loop.DivergedError, match=r"training stopped at step 5: .*the last good "
+                                                 r"checkpoint is step 4"):
+        loop.train_and_evaluate(run_config(**{"optimizer.learning_rate": 1e20}, **every_step),
+                                workdir)
+    assert (5, "validation") not in written
+    assert [r for r in _records(workdir) if r[1] == "validation"] == []
+    assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [4]
+
+    real_build = steps.build_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real_build(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new, metrics = step(state, batch)
+            bad = jax.tree.map(lambda p: jnp.where(new.step >= 4, jnp.nan, p), new.params)
+            return new.replace(params=bad), metrics
+        return wrapped
+
+    monkeypatch.setattr(steps, "build_train_step", poisoned)
+    written.clear()
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"at step 4: non-finite values in \['params'.*last good checkpoint "
+                             r"is step 3"):
+        loop.train_and_evaluate(run_config(**every_step), tmp_path / "nan")
+    assert (4, "validation") not in written and (3, "validation") in written
+    assert [r for r in _records(tmp_path / "nan") if r[1] == "validation"] == [
+        (1, "validation"), (2, "validation"), (3, "validation")]
 
 
 # ------------------------------------------------------------------------------------- one line

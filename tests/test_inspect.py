@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,100 @@ def run_main_with(capsys, path, *options):
     code = inspect_cli.main([str(path), *options])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# ---- inspect FILE applies the reader's checks: what training or predict would refuse, it refuses.
+
+def _one_line_error(capsys, path, *options):
+    code, out, err = run_main_with(capsys, path, *options)
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_an_unparsable_annotation_is_refused(tmp_path, capsys):
+    hypnogram = tmp_path / "ST7132JR-Hypnogram.edf"
+    hypnogram.write_bytes(REAL_HYPNOGRAM.read_bytes().replace(b"+1230\x15120\x14",
+                                                              b"+1230\x15nan\x14", 1))
+    err = _one_line_error(capsys, hypnogram)
+    assert "annotation 2 ('+1230\\x15nan\\x14Sleep stage 1\\x14'): duration 'nan'" in err
+    write_psg(tmp_path / "ST7132J0-PSG.edf", 30.0 + 852 * 30.0)
+    assert "annotation 2" in _one_line_error(capsys, tmp_path / "ST7132J0-PSG.edf")
+    assert "annotation 2" in _one_line_error(capsys, tmp_path)
+
+
+@pytest.mark.parametrize("field, signal, value, problem", [
+    ("starttime of recording", None, "ab.cd.ef", "not a time of day hh.mm.ss"),
+    ("physical minimum", 0, "nan", "not a number"),
+    ("physical maximum", 1, "inf", "not a number"),
+    ("digital minimum", 0, "-inf", "not a number"),
+    ("digital maximum", 1, "NaN", "not a number"),
+])
+def test_what_the_reader_refuses_inspect_refuses(tmp_path, capsys, field, signal, value, problem):
+    from eegkd_jax.data import edf
+    from test_edf import set_field
+
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 60, "Sleep stage W")])
+    write_psg(tmp_path / "x-PSG.edf", 60.0)
+    set_field(tmp_path / "x-PSG.edf", field, value, signal)
+    with pytest.raises(edf.DataError, match=problem):
+        edf.read_subject(tmp_path, "x")
+    err = _one_line_error(capsys, tmp_path / "x-PSG.edf")
+    assert f"header field '{field}'" in err and f"is '{value}', {problem}" in err
+
+
+def test_a_plain_edf_says_what_it_assumed_and_warns_about_rates(tmp_path, capsys):
+    from test_edf import set_field, write_sleep_edf_like
+
+    psg = tmp_path / "night.edf"
+    write_sleep_edf_like(psg)
+    code, out, err = run_main(capsys, psg)
+    summary = json.loads(out)
+    assert code == 0 and err == "" and summary["warnings"] == []
+    assert summary["sampling_rate"] == 100 and summary["duration_seconds"] == 1800.0
+    assert summary["assumed"] == ["the header's record duration of 30 s: a plain EDF file has no "
+                                  "time-keeping annotations to confirm it, and the sampling rates "
+                                  "and the duration follow from it"]
+    set_field(psg, "duration of a data record", "3")
+    code, out, err = run_main(capsys, psg)
+    summary = json.loads(out)
+    assert code == 0 and summary["sampling_rate"] == 1000 and "record duration of 3 s" in \
+        summary["assumed"][0]
+    assert summary["warnings"] and "sampled at 1000 Hz" in summary["warnings"][0]
+    assert err == f"warning: {psg}: {summary['warnings'][0]}\n"
+    set_field(psg, "duration of a data record", "300")  # 10 Hz: refused, as the reader does
+    assert "would be sampled at 10 Hz" in _one_line_error(capsys, psg)
+    # EDF+ (MNE's exporter) has time-keeping annotations: nothing assumed.
+    write_psg(tmp_path / "plus.edf", 60.0)
+    assert json.loads(run_main(capsys, tmp_path / "plus.edf")[1])["assumed"] == []
+
+
+def test_a_cohort_night_at_a_rate_outside_sleep_eeg_is_warned_about(tmp_path, capsys):
+    import logging
+
+    from test_edf import set_field, write_sleep_edf_like
+
+    write_sleep_edf_like(tmp_path / "x-PSG.edf")  # 1800 s at 100 Hz in 30-s records
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 3600, "Sleep stage W")])
+    set_field(tmp_path / "x-PSG.edf", "duration of a data record", "60")  # 50 Hz, 3600 s
+    code, out, err = run_main(capsys, tmp_path)
+    assert code == 0 and json.loads(out)["sampling_rate"] == 50.0
+    assert err.startswith(f"warning: {tmp_path / 'x-PSG.edf'}: signal 1 ('EEG Fpz-Cz') is sampled "
+                          "at 50 Hz") and err.count("\n") == 1
+    assert logging.getLogger("absl").propagate  # main leaves the logging of its caller be
+
+
+def test_a_signal_far_longer_than_its_scoring_is_refused_as_the_reader_does(tmp_path, capsys):
+    from eegkd_jax.data import edf
+    from test_edf import set_field, write_sleep_edf_like
+
+    write_sleep_edf_like(tmp_path / "x-PSG.edf")  # 1800 s in 30-s records
+    write_hypnogram(tmp_path / "x-Hypnogram.edf", [(0, 1800, "Sleep stage W")])
+    assert json.loads(run_main(capsys, tmp_path / "x-PSG.edf")[1])["epochs"] == 60
+    set_field(tmp_path / "x-PSG.edf", "duration of a data record", "60")  # 3600 s at 50 Hz
+    problem = (r"x-PSG\.edf: signal runs 3600 s \(60 records of 60 s by header field 'duration of "
+               r"a data record'\), more than 1\.5 times the 1800 s that its hypnogram "
+               r"x-Hypnogram\.edf covers")
+    with pytest.raises(edf.DataError, match=problem):
+        edf.read_subject(tmp_path, "x")
+    capsys.readouterr()  # the reader's warning about 50 Hz, on stderr where absl logs there
+    assert re.search(problem, _one_line_error(capsys, tmp_path / "x-PSG.edf"))

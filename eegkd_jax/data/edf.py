@@ -5,7 +5,9 @@ A hypnogram is a list of annotations (onset, duration, stage) in Rechtschaffen &
 30-s epochs: W=0, 1=N1, 2=N2, 3 and 4 merge to N3, R=REM; "?" and movement time become -1. The
 epoch grid starts at the first annotation (in Sleep-EDF usually 30 s after the file start, e.g.
 ST7132JR). Gaps between annotations that are whole epochs are unscored (-1); overlaps, gaps that are
-not whole epochs, or unknown annotation texts are errors.
+not whole epochs, or unknown annotation texts are errors. The annotations are parsed here
+(``read_annotations``), each in full or refused naming its index and text: MNE's reader skips one
+it cannot parse without a word.
 
 The hypnogram's onsets are relative to its own start time; the PSG's start time (both from the EDF
 headers) places them on the signal. Unscored epochs that run past the end of the signal (Sleep-EDF
@@ -22,11 +24,14 @@ Headers: ``read_header`` parses the fixed header itself before MNE sees the file
 MNE would read wrong without a word: a file shorter (truncated) or longer than the records its
 header promises (MNE reads the whole records there are), a record duration that is not a positive
 number or that the EDF+ time-keeping annotations contradict, record, signal and sample counts that
-are not positive whole numbers, duplicate labels (MNE renames them ELA-0, ELA-1). A record count
+are not positive whole numbers, duplicate labels (MNE renames them ELA-0, ELA-1), a start time
+that is no hh.mm.ss (MNE reads it as midnight). A record count
 of -1 ("still recording" in the spec) is counted from the file size. ``read_psg`` further refuses
 an EEG rate outside EEG_RATE_RANGE_HZ and a signal more than SIGNAL_PER_SCORING_LIMIT times as
 long as its hypnogram covers: the two signs of a wrong record duration in a plain EDF file, which
-has no time-keeping annotations. Past these checks, MNE reads the many slightly non-compliant
+has no time-keeping annotations. A rate outside SLEEP_EEG_RATE_RANGE_HZ is read with a warning:
+without a hypnogram it is the only sign of an edited record duration. ``check_eeg_signals`` holds the checks of the EEG
+signals, which ``eegkd inspect`` applies too. Past these checks, MNE reads the many slightly non-compliant
 headers found in the wild (free text in reserved fields, digital limits written as floats, dates
 in odd formats); what it cannot read is a DataError.
 
@@ -42,8 +47,10 @@ import dataclasses
 import datetime
 import math
 import pathlib
+import re
 
 import numpy as np
+from absl import logging
 
 from eegkd_jax.data import bids, montage
 from eegkd_jax.data.recording import DataError, Recording
@@ -104,6 +111,10 @@ SIGNAL_FIELDS = (
 # record are wrong. Wide on purpose: whether a rate suits a model (> 70 Hz for the 0.3-35 Hz band)
 # is for preprocess and predict to say, not the reader.
 EEG_RATE_RANGE_HZ = (16.0, 65536.0)
+# Rates sleep EEG is recorded at (Sleep-EDF 100 Hz, SHHS 125, EESM17 200, MASS 256, clinical
+# systems up to 512). A rate outside is read, with a warning: a plain EDF file has nothing that
+# confirms its record duration, and an edited one (30 s -> 1 or 3 s) shows only in its rate.
+SLEEP_EEG_RATE_RANGE_HZ = (100.0, 512.0)
 # A PSG may run on after its scoring ends (lights on, the recorder left running), but a signal
 # more than half again as long as everything its hypnogram covers is more likely read with a wrong
 # record duration (twice the true one doubles the signal's length).
@@ -218,6 +229,13 @@ def read_header(path: str | pathlib.Path) -> EdfHeader:
                 path, f"file is {size} bytes, it ends inside its {header_bytes}-byte header"
             )
         rest = f.read(header_bytes - MAIN_HEADER_BYTES)
+
+    start_text = _header_text(main[176:184])
+    clock = re.fullmatch(r"([0-9]{1,2})\.([0-9]{1,2})\.([0-9]{1,2})", start_text)
+    if not clock or int(clock[1]) > 23 or int(clock[2]) > 59 or int(clock[3]) > 59:
+        # MNE reads a start time it cannot parse as midnight, which misplaces the scoring.
+        raise DataError(path, f"{_field('starttime of recording')} is {start_text!r}, not a time "
+                              "of day hh.mm.ss")
 
     signal_fields: dict[str, tuple[str, ...]] = {}
     at = 0
@@ -348,10 +366,22 @@ def _check_time_keeping(path, header: EdfHeader, header_bytes: int, duration_tex
         )
 
 
-def _check_eeg_signals(path, header: EdfHeader, names) -> None:
-    """Check the header fields of the EEG signals that will be read: a plausible sampling rate
-    and digital and physical limits that give a finite, non-zero scale."""
+def record_duration_confirmed(header: EdfHeader) -> bool:
+    """Whether anything in the file confirms the header's record duration: EDF+ time-keeping
+    annotations (``read_header`` checked them against it); a plain EDF file has none."""
+    return EDF_ANNOTATIONS in header.labels and header.record_seconds > 0
+
+
+def check_eeg_signals(path, header: EdfHeader, names) -> list[str]:
+    """Check the header fields of the EEG signals ``names`` that will be read (the reader and
+    ``eegkd inspect`` apply the same checks): a plausible sampling rate and digital and physical
+    limits that give a finite, non-zero scale, else a DataError.
+
+    Returns:
+      Warnings, one sentence each: rates outside SLEEP_EEG_RATE_RANGE_HZ.
+    """
     lo, hi = EEG_RATE_RANGE_HZ
+    warnings = []
     for name in names:
         i = header.signal(name)
         rate = header.samples_per_record[i] / header.record_seconds
@@ -383,6 +413,34 @@ def _check_eeg_signals(path, header: EdfHeader, names) -> None:
                 f"({header.signal_fields['physical minimum'][i]!r}): the signal would have no "
                 "scale",
             )
+        if not SLEEP_EEG_RATE_RANGE_HZ[0] <= rate <= SLEEP_EEG_RATE_RANGE_HZ[1]:
+            basis = ("EDF+ time-keeping annotations confirm it" if record_duration_confirmed(header)
+                     else "nothing in a plain EDF file confirms it")
+            warnings.append(
+                f"signal {i + 1} ({name!r}) is sampled at {rate:g} Hz "
+                f"({header.samples_per_record[i]} samples per {header.record_seconds:g}-s record "
+                f"by header field 'duration of a data record'; {basis}), outside the "
+                f"{SLEEP_EEG_RATE_RANGE_HZ[0]:g} to {SLEEP_EEG_RATE_RANGE_HZ[1]:g} Hz that sleep "
+                "EEG is recorded at: if the record duration is wrong, so are the rate and the "
+                "length")
+    return warnings
+
+
+def check_length_against_scoring(psg_path, header: EdfHeader, hypnogram_path,
+                                 scored_span: float) -> None:
+    """Refuses a signal more than SIGNAL_PER_SCORING_LIMIT times as long as the ``scored_span``
+    seconds (from the PSG's start) that its hypnogram covers: in a plain EDF file, the sign of a
+    wrong record duration (the reader and ``eegkd inspect`` apply it alike)."""
+    seconds = header.records * header.record_seconds
+    if seconds > SIGNAL_PER_SCORING_LIMIT * scored_span:
+        raise DataError(
+            psg_path,
+            f"signal runs {seconds:g} s ({header.records} records of {header.record_seconds:g} s "
+            f"by header field 'duration of a data record'), more than "
+            f"{SIGNAL_PER_SCORING_LIMIT:g} times the {scored_span:g} s that its hypnogram "
+            f"{pathlib.Path(hypnogram_path).name} covers: the record duration is wrong, or the "
+            "hypnogram belongs to another recording",
+        )
 
 
 def _open_edf(path: pathlib.Path, include=None, header: EdfHeader | None = None):
@@ -400,25 +458,106 @@ def _open_edf(path: pathlib.Path, include=None, header: EdfHeader | None = None)
         raise DataError(path, f"cannot read EDF header ({type(e).__name__}: {e})")
 
 
+@dataclasses.dataclass(frozen=True)
+class Annotation:
+    """One EDF+ annotation: ``index`` counts the file's annotations from 1 (time-keeping ones
+    left out); ``tal`` is the text of its time-stamped annotation list, for error messages."""
+
+    index: int
+    onset: float
+    duration: float | None
+    text: str
+    tal: str
+
+
+# EDF+ 2.2.2: a TAL is "+onset[\x15duration]\x14text\x14[text\x14...]\x00"; onsets carry a
+# sign, durations do not, and both are plain decimals (no exponent, no nan).
+_TAL_ONSET = re.compile(rb"[+-][0-9]+(?:\.[0-9]*)?")
+_TAL_DURATION = re.compile(rb"[0-9]+(?:\.[0-9]*)?")
+
+
+def read_annotations(path: str | pathlib.Path, header: EdfHeader | None = None
+                     ) -> list[Annotation]:
+    """Every annotation in the "EDF Annotations" signals of an EDF+ file, in file order.
+
+    Parsed here rather than by MNE, whose pattern skips a TAL it cannot parse without a word (an
+    onset "+3a0" or a duration "nan" made a stage vanish): each TAL is parsed in full or refused
+    with a DataError naming its index and text. The time-keeping TAL that opens each record (an
+    onset and no text) is not an annotation.
+    """
+    path = pathlib.Path(path)
+    header = read_header(path) if header is None else header
+    signals = [i for i, label in enumerate(header.labels) if label == EDF_ANNOTATIONS]
+    if not signals:
+        raise DataError(path, f"no {EDF_ANNOTATIONS!r} signal: not an EDF+ annotation file")
+    record_bytes = SAMPLE_BYTES * sum(header.samples_per_record)
+    header_bytes = MAIN_HEADER_BYTES + SIGNAL_HEADER_BYTES * len(header.labels)
+    data = np.memmap(path, np.uint8, "r", offset=header_bytes,
+                     shape=(header.records, record_bytes))
+    annotations: list[Annotation] = []
+    for k in range(header.records):
+        for n, i in enumerate(signals):
+            lo = SAMPLE_BYTES * sum(header.samples_per_record[:i])
+            raw = bytes(data[k, lo: lo + SAMPLE_BYTES * header.samples_per_record[i]])
+            # Unused bytes after the last TAL are NULs too: empty pieces are padding.
+            for m, tal in enumerate(t for t in raw.split(b"\x00") if t):
+                parsed = _parse_tal(path, tal, len(annotations) + 1, k, header.records)
+                if m == 0 and n == 0 and parsed[2] == [""] and parsed[1] is None:
+                    continue  # the record's time-keeping TAL
+                onset, duration, texts = parsed
+                for text in texts:
+                    if not text:
+                        raise DataError(path, f"annotation {len(annotations) + 1} "
+                                              f"({_shown(tal)}) has an empty text")
+                    annotations.append(Annotation(len(annotations) + 1, onset, duration, text,
+                                                  _shown(tal)))
+    del data
+    return annotations
+
+
+def _shown(tal: bytes) -> str:
+    return repr(tal.decode("latin-1"))
+
+
+def _parse_tal(path, tal: bytes, index: int, record: int, records: int
+               ) -> tuple[float, float | None, list[str]]:
+    """(onset, duration or None, texts) of one TAL, else a DataError naming annotation ``index``."""
+    def refuse(problem: str):
+        where = f" in data record {record + 1} of {records}" if records > 1 else ""
+        raise DataError(path, f"annotation {index}{where} ({_shown(tal)}): {problem}")
+
+    if not tal.endswith(b"\x14"):
+        refuse("its text does not end in byte 20 (\\x14), as EDF+ requires")
+    stamp, *texts = tal[:-1].split(b"\x14")
+    onset_text, has_duration, duration_text = stamp.partition(b"\x15")
+    if not _TAL_ONSET.fullmatch(onset_text):
+        refuse(f"onset {onset_text.decode('latin-1')!r} is not a signed number of seconds")
+    if has_duration and not _TAL_DURATION.fullmatch(duration_text):
+        refuse(f"duration {duration_text.decode('latin-1')!r} is not a number of seconds")
+    try:
+        decoded = [t.decode("utf-8") for t in texts]  # EDF+ annotations are UTF-8
+    except UnicodeDecodeError:
+        refuse("its text is not UTF-8")
+    return (float(onset_text), float(duration_text) if has_duration else None, decoded)
+
+
 def read_hypnogram(path: str | pathlib.Path, epoch_seconds: float = EPOCH_SECONDS) -> Hypnogram:
     """Expand a Sleep-EDF style EDF+ hypnogram into one label per ``epoch_seconds`` epoch."""
-    import mne
-
     path = pathlib.Path(path)
-    start = _open_edf(path).info["meas_date"]
-    try:
-        annotations = mne.read_annotations(path)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(path, f"cannot read annotations ({type(e).__name__}: {e})")
-    if len(annotations) == 0:
+    header = read_header(path)
+    raw = _open_edf(path, header=header)
+    start = raw.info["meas_date"]
+    raw.close()
+    annotations = read_annotations(path, header)
+    if not annotations:
         raise DataError(path, "no annotations: not a hypnogram")
-    order = np.argsort(annotations.onset, kind="stable")
+    order = sorted(annotations, key=lambda a: a.onset)  # stable: ties keep file order
     labels: list[int] = []
-    first = float(annotations.onset[order[0]])
+    first = order[0].onset
     expected = first
-    for i in order:
-        text = str(annotations.description[i]).strip()
-        onset, duration = float(annotations.onset[i]), float(annotations.duration[i])
+    for annotation in order:
+        text = annotation.text.strip()
+        onset, duration = annotation.onset, annotation.duration or 0.0
         stage = HYPNOGRAM_STAGES.get(text.lower())
         if stage is None:
             raise DataError(
@@ -524,7 +663,8 @@ def read_psg(
     ear = [n for n in names if kinds[n] == "ear"]
     if not scalp and not ear:
         raise DataError(psg_path, f"no EEG channels among {names}")
-    _check_eeg_signals(psg_path, header, scalp + ear)
+    for warning in check_eeg_signals(psg_path, header, scalp + ear):
+        logging.warning("%s: %s", psg_path, warning)
     # MNE gives a file one rate, the highest of its channels; opening with only the EEG keeps the
     # EEG at its own rate when, say, an ECG is sampled faster. (EEG channels of different rates
     # would still be brought to the highest of them.)
@@ -558,15 +698,8 @@ def read_psg(
             raise DataError(psg_path, f"signal is shorter than one {epoch_seconds:g}-s epoch")
     else:
         labels = hyp.labels
-        scored_span = first + labels.shape[0] * epoch_seconds  # PSG seconds the hypnogram covers
-        if raw.n_times / fs > SIGNAL_PER_SCORING_LIMIT * scored_span:
-            raise DataError(
-                psg_path,
-                f"signal runs {raw.n_times / fs:g} s ({length}), more than "
-                f"{SIGNAL_PER_SCORING_LIMIT:g} times the {scored_span:g} s that its hypnogram "
-                f"{hypnogram_path.name} covers: the record duration is wrong, or the hypnogram "
-                "belongs to another recording",
-            )
+        check_length_against_scoring(psg_path, header, hypnogram_path,
+                                     first + labels.shape[0] * epoch_seconds)
     covered = max(0, (raw.n_times - start) // samples)  # epochs that fit in the signal
     if covered < labels.shape[0]:
         beyond = labels[covered:]

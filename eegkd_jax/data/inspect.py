@@ -14,7 +14,10 @@ the stages per 30-s epoch: for an EDF file, the hypnogram named by ``--hypnogram
 Sleep-EDF hypnogram paired with a ``*-PSG.edf`` by name; for an EESM17 ``*_eeg.set``, the scoring
 file beside it. Only that file (and its hypnogram or sidecars) is opened: never the other
 recordings in its folder. An EDF file is read through its header (checked as the reader checks it:
-truncation, record counts, duplicate labels), not sample by sample.
+truncation, record counts, duplicate labels, start time, the EEG signals' rates and limits), not
+sample by sample. ``assumed`` lists what nothing in the file confirms (a plain EDF's record
+duration, from which its rates and length follow); ``warnings`` (also printed on stderr) the EEG
+rates outside what sleep EEG is recorded at.
 
 A directory: the cohort as training reads it, every night through the same readers, one at a time
 (format, subjects, rate, channels, duration and epochs per stage, totals and per recording). There
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import pathlib
@@ -69,15 +73,10 @@ def _rate(value: float) -> float | int:
 # One file
 
 
-def _edf_start(path: pathlib.Path) -> str | None:
+def _edf_start(path: pathlib.Path, header: edf.EdfHeader) -> str | None:
     """The start date and time in the file's header (its own clock: EDF has no time zone), as
-    ISO 8601, or None if the header has none."""
-    import mne
-
-    try:
-        raw = mne.io.read_raw_edf(path, preload=False, verbose="error")
-    except Exception as e:  # noqa: BLE001 - MNE raises all sorts on headers it cannot read
-        raise DataError(path, f"cannot read EDF header ({type(e).__name__}: {e})") from None
+    ISO 8601, or None if the header has none; read as the reader reads it."""
+    raw = edf._open_edf(path, header=header)
     start = raw.info["meas_date"]
     raw.close()
     return None if start is None else start.replace(tzinfo=None).isoformat()
@@ -91,12 +90,16 @@ def _edf_variant(path: pathlib.Path) -> str:
     return "edf+" if reserved.startswith((b"EDF+C", b"EDF+D")) else "edf"
 
 
-def _scoring(psg: pathlib.Path, hypnogram: pathlib.Path, duration: float) -> dict:
+def _scoring(psg: pathlib.Path, hypnogram: pathlib.Path, header: edf.EdfHeader) -> dict:
     """Stages of ``hypnogram`` placed on the PSG's clock; the epochs that fall past the end of
-    the signal are counted apart (the reader drops unscored ones and refuses scored ones)."""
+    the signal are counted apart (the reader drops unscored ones and refuses scored ones). A
+    signal far longer than its scoring is refused, as the reader refuses it."""
     hyp = edf.read_hypnogram(hypnogram)
     first = edf.scoring_start(psg, hypnogram)
     labels = hyp.labels
+    edf.check_length_against_scoring(psg, header, hypnogram,
+                                     first + labels.shape[0] * EPOCH_SECONDS)
+    duration = header.records * header.record_seconds
     within = max(0, min(labels.shape[0], math.floor((duration - first) / EPOCH_SECONDS + 1e-9)))
     past = labels[within:]
     summary = {
@@ -136,6 +139,14 @@ def inspect_edf(path: pathlib.Path, hypnogram: str | pathlib.Path | None = "auto
             scalp.append(label)
         elif group == "ear":
             ear.append(label)
+    # The reader's checks of the EEG signals (rates, limits), so that inspect passes no file
+    # that training or predict would refuse.
+    warnings = edf.check_eeg_signals(path, header, scalp + ear)
+    assumed = []
+    if not edf.record_duration_confirmed(header):
+        assumed.append(f"the header's record duration of {header.record_seconds:g} s: a plain EDF "
+                       "file has no time-keeping annotations to confirm it, and the sampling rates "
+                       "and the duration follow from it")
     eeg_rates = sorted({c["sampling_rate"] for c in channels if c["name"] in scalp + ear})
     if isinstance(hypnogram, str) and hypnogram == "auto":
         hypnogram = edf.find_hypnogram(path)
@@ -143,7 +154,9 @@ def inspect_edf(path: pathlib.Path, hypnogram: str | pathlib.Path | None = "auto
         "path": str(path),
         "format": _edf_variant(path),
         "subjects": [path.name.removesuffix(edf.PSG_SUFFIX).removesuffix(".edf")],
-        "start_time": _edf_start(path),
+        "start_time": _edf_start(path, header),
+        "assumed": assumed,
+        "warnings": warnings,
         "duration_seconds": round(duration, 6),
         "sampling_rate": eeg_rates[0] if len(eeg_rates) == 1 else (eeg_rates or None),
         "channels": channels,
@@ -154,7 +167,7 @@ def inspect_edf(path: pathlib.Path, hypnogram: str | pathlib.Path | None = "auto
         summary.update({"scored": False, "hypnogram": None,
                         "epochs": int(duration // EPOCH_SECONDS), "epochs_per_stage": None})
     else:
-        summary.update(_scoring(path, pathlib.Path(hypnogram), duration))
+        summary.update(_scoring(path, pathlib.Path(hypnogram), header))
     return summary
 
 
@@ -312,6 +325,13 @@ def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
     import mne
 
     mne.set_log_level("ERROR")  # MNE logs to stdout, which must hold only our JSON
+    # The readers' warnings (a cohort's nights) as inspect FILE prints its own: "warning: ...".
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(logging.Formatter("warning: %(message)s"))
+    to_stderr.setLevel(logging.WARNING)
+    absl_logger = logging.getLogger("absl")
+    propagate, absl_logger.propagate = absl_logger.propagate, False
+    absl_logger.addHandler(to_stderr)
     try:
         summary = inspect_path(args.path, hypnogram=hypnogram)
     except DataError as e:
@@ -324,6 +344,11 @@ def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
             traceback.print_exc()
         print(f"error: {args.path}: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 1
+    finally:  # main may run inside another program (eegkd, the tests): leave its logging be
+        absl_logger.removeHandler(to_stderr)
+        absl_logger.propagate = propagate
+    for warning in summary.get("warnings", ()):  # on the screen too, not only in the JSON
+        print(f"warning: {summary['path']}: {warning}", file=sys.stderr)
     try:
         print(json.dumps(summary, indent=args.indent, default=_json_default), flush=True)
     except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted

@@ -11,8 +11,8 @@ Guards: one run per workdir (``checkpoint.WorkdirLock``); a rerun whose model, d
 settings differ from its checkpoints' is refused before anything is written; a workdir holding only
 damaged checkpoints is refused rather than trained from scratch; training stops, naming the last
 good checkpoint, when a metric is not finite or a loss jumps above ``divergence_factor`` times its
-running level; a checkpoint is written only when its parameters are finite and the loss it gives is
-finite and in range.
+running level; a state is validated (and its score logged) or checkpointed only when its parameters
+are finite and the loss it gives is finite and in range.
 
 Exact resumption: the state carries the step and the run's PRNG key (dropout keys are
 ``fold_in(key, step)``), and the pipeline's batch at step k depends only on (seed, k), so a run
@@ -150,10 +150,16 @@ def read_log(path: pathlib.Path) -> list[tuple[str, dict]]:
     """The records of a metrics.jsonl as (line, record) pairs. A torn last line (what a crash or
     power loss in the middle of a write leaves) is dropped with a warning; a bad line elsewhere is
     an error naming the file and line."""
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    # Only "\n" ends a record: str.splitlines also splits at \r, \x0b, \x0c, \x1c-\x1e and \x85,
+    # which would cut a torn tail of random bytes into lines that are then no longer the last.
+    lines = [line + b"\n" for line in path.read_bytes().split(b"\n")]
+    lines[-1] = lines[-1][:-1]  # what follows the last "\n": nothing, or a torn record
+    if not lines[-1]:
+        lines.pop()
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, raw in enumerate(lines, 1):
+        line = raw.decode("utf-8", errors="replace")
+        if not line.strip(" \t\r\n"):
             continue
         try:
             record = json.loads(line)
@@ -161,7 +167,7 @@ def read_log(path: pathlib.Path) -> list[tuple[str, dict]]:
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 logging.warning("%s: dropping its last line, %d bytes that are not a whole record "
-                                "(a write cut short by a crash or power loss)", path, len(line))
+                                "(a write cut short by a crash or power loss)", path, len(raw))
                 continue
             raise errors.UserError(f"{path}:{number}: not a metrics record; fix or delete that "
                                    "line to resume") from None
@@ -255,10 +261,15 @@ def evaluate(eval_fn: Callable, state: state_lib.TrainState, batches, subjects, 
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       announce: Callable[[str], Any] | None = None) -> dict:
     """Trains the configured mode in ``workdir`` (resuming from its latest intact checkpoint if
     any) and returns the final validation metrics (flat dict: accuracy, kappa, macro_f1, and
     teacher_* in KD modes, plus step).
+
+    ``announce`` (e.g. ``print``, as ``eegkd train`` passes) is given one line, on process 0: the
+    step and checkpoint the run resumed from, of how many steps, or that it starts fresh. The
+    line is logged either way.
 
     Raises:
       checkpoint.WorkdirBusyError: another run holds the workdir.
@@ -272,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir):
-        return _train_and_evaluate(config, workdir)
+        return _train_and_evaluate(config, workdir, announce)
 
 
 def _finite_fields(state: state_lib.TrainState) -> dict[str, jax.Array]:
@@ -311,7 +322,8 @@ def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, me
     return data
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        announce: Callable[[str], Any] | None) -> dict:
     # Imported here so that importing the training library stays cheap (TensorFlow, models).
     from eegkd_jax.data import pipeline
     from eegkd_jax.models import build_model, init_variables
@@ -392,8 +404,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     if resume_step is not None:
         # Falls back to an earlier intact step if the latest one fails to restore.
         state = checkpointer.restore(abstract, "latest")
-        logging.info("resumed from %s at step %d", checkpointer.directory, int(state.step))
+        restored = int(jax.device_get(state.step))
+        opening = (f"resumed from step {restored} of {total_steps}: checkpoint "
+                   f"{checkpointer.directory / str(restored)}")
+        if restored >= total_steps:
+            opening += " (training is finished; validating it again)"
     else:
+        opening = (f"starting fresh: no checkpoint in {checkpointer.directory}; {total_steps} "
+                   "steps to train")
         state = init_state(jax.random.PRNGKey(config.seed))
         if config.mode == "offline_kd":
             placed = _place_replicated(
@@ -406,6 +424,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 teacher_params, {"params": abstract.params, "batch_stats": abstract.batch_stats},
                 mesh, "transfer: scalp model -> ear model (config.model must equal the teacher's)")
             state = state.replace(params=placed["params"], batch_stats=placed["batch_stats"])
+    logging.info("%s", opening)
+    if announce is not None and jax.process_index() == 0:
+        announce(opening)
 
     # ---- steps
     eval_fn = jax.jit(
@@ -474,10 +495,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logger.write(step, "train", means)
         sums, count = None, 0
 
-    def check_before_save(step: int, data, last_input) -> None:
-        """The state about to be saved must be sound itself, not only the steps before it: its
-        parameters finite, and the loss it gives finite and in range (the step it would take next,
-        run on a copy on the same batch and thrown away)."""
+    def check_state(step: int, data, last_input) -> None:
+        """The state about to be validated or saved must be sound itself, not only the steps
+        before it: its parameters finite, and the loss it gives finite and in range (the step it
+        would take next, run on a copy on the same batch and thrown away)."""
         check_and_log(step)
         bad = [k for k, ok in jax.device_get(finite_fields(state)).items() if not ok]
         if bad:
@@ -509,14 +530,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             if step % config.log_every_steps == 0 or last:
                 check_and_log(step)
                 progress.set_postfix(steps_per_s=f"{(step - start) / (time.time() - t0):.2f}")
+            checked = False
             if step % eval_every == 0 or last:
-                check_and_log(step)
+                # Checked before it is scored: a state the checks reject would leave its score in
+                # metrics.jsonl and TensorBoard, though the run stops and saves nothing of it.
+                check_state(step, data, jax.tree.map(lambda x: x[-1:], xs))
+                checked = True
                 validation = run_validation()
                 if validation:
                     logger.write(step, "validation", validation)
                     logging.info("step %d validation %s", step, validation)
             if step % ckpt_every == 0 or last:
-                check_before_save(step, data, jax.tree.map(lambda x: x[-1:], xs))
+                if not checked:
+                    check_state(step, data, jax.tree.map(lambda x: x[-1:], xs))
                 checkpointer.save(state, config=config,
                                   metrics=validation if step % eval_every == 0 or last else None)
         if start >= total_steps:  # already finished: re-evaluate the restored final state
