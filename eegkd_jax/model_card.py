@@ -29,6 +29,9 @@ SOURCES = {"simulated": "simulated nights (eegkd_jax.data.simulate)",
            "edf": "EDF/EDF+ polysomnograms with Sleep-EDF-style hypnograms"}
 SIMULATED_WARNING = ("warning: this model was trained on simulated nights only and never saw a "
                      "real recording; its stages show how the tool works, they are not a scoring")
+# The same, short enough for a figure.
+SIMULATED_CAVEAT = ("Model trained on simulated nights only: these stages show how the tool works, "
+                    "they are not a scoring")
 
 
 def _plain(value: Any) -> Any:
