@@ -34,6 +34,14 @@ COMMANDS: dict[str, str] = {
     "inspect": "look at a recording or cohort: channels, rates, duration, stages (JSON)",
     "export": "write a trained network as one LiteRT or ONNX file for on-device scoring",
 }
+# What follows the command name in each absl command's usage line.
+USAGE: dict[str, str] = {
+    "train": "--config=CONFIG[:variant] [--workdir=DIR] [--config.FIELD=VALUE ...]",
+    "eval": "--workdir=DIR [flags]",
+    "predict": "--checkpoint=RUN [flags] RECORDING",
+    "study": "--workdir=DIR [--reduced] [--config=CONFIG] [--config.FIELD=VALUE ...]",
+}
+HELP_ARGS = frozenset({"-h", "-help", "--help", "--helpshort", "--helpfull", "-?"})
 PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -75,10 +83,39 @@ def _run_absl(prog: str, args: Sequence[str], define: Callable[[], object],
         define()  # a config flag parses its file and overrides already
     except Exception as error:  # noqa: BLE001 - config_flags raises anything the file raises
         errors.exit_on_flag_error(error, sys.argv)
-    # --help lists the key flags of the module named by argv[0]: make the command's flags its own.
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, errors.VERBOSE_HELP)
+    # The command's flags are its own (absl's help lists the key flags of the module argv[0] names).
     for name in sorted(set(flags.FLAGS) - before):
         flags.FLAGS.register_key_flag_for_module(prog, flags.FLAGS[name])
+    if help_requested(args):
+        print(command_help(prog))
+        raise SystemExit(0)
     app.run(errors.report_errors(main), argv=list(sys.argv), flags_parser=errors.parse_flags)
+
+
+def help_requested(args: Sequence[str]) -> bool:
+    """Whether ``args`` ask for help (before a "--" that ends the options)."""
+    args = list(args)
+    options = args[:args.index("--")] if "--" in args else args
+    return any(a in HELP_ARGS for a in options)
+
+
+def command_help(prog: str) -> str:
+    """The help of an absl command: its usage, what it does, and its own flags (not absl's, and
+    not the ``eegkd`` overview that absl would print as the main module's docstring)."""
+    from absl import flags
+
+    name = prog.split()[-1].removesuffix(".py")
+    lines = [f"usage: {prog} {USAGE.get(name, '[flags]')}", ""]
+    if name in COMMANDS:
+        lines += [f"{name}: {COMMANDS[name]}", ""]
+    lines.append("flags:")
+    for flag in sorted(flags.FLAGS.get_key_flags_for_module(prog), key=lambda f: f.name):
+        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+        text = " ".join(str(flag.help).split())
+        lines.append(f"  --{flag.name}: {text}{default}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +315,7 @@ def evaluate(args: Sequence[str], prog: str = "eegkd eval") -> None:
 
 
 def predict(args: Sequence[str], prog: str = "eegkd predict") -> None:
+    quiet_native_logs(args)
     from eegkd_jax import predict as predict_lib
 
     _run_absl(prog, args, predict_lib.define_flags, predict_lib.main)
@@ -297,6 +335,7 @@ def inspect(args: Sequence[str], prog: str = "eegkd inspect") -> int:
 
 
 def export(args: Sequence[str], prog: str = "eegkd export") -> int:
+    quiet_native_logs(args)
     from eegkd_jax import export as export_lib
 
     return export_lib.main(list(args), prog=prog)

@@ -484,3 +484,36 @@ def test_stage_raw_from_python_matches_the_command(runs, tmp_path):
     # A recording the model cannot read is refused as the command refuses it.
     with pytest.raises(DataError, match="cannot form the scalp derivations"):
         predict.stage_raw(raw, workdir)
+
+
+def run_command(*args, cwd=None):
+    """``python -m eegkd_jax.cli ARGS`` in a fresh process, as a user runs it (no test settings
+    that quiet TensorFlow)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).parents[1])
+    return subprocess.run([sys.executable, "-m", "eegkd_jax.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_predict_is_quiet_and_has_its_own_help(runs, edf_dir, tmp_path):
+    """No library chatter before the answer or the error: a good file prints the answer (and the
+    simulated-only warning), a bad one a single line; --help is the command's own, exit 0."""
+    workdir = runs["ear"][0]
+    done = run_command("predict", f"--checkpoint={workdir}", f"--out={tmp_path / 'o'}",
+                       str(edf_dir / "night1-PSG.edf"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("night1: 9 epochs staged (step 1)")
+    from eegkd_jax import model_card
+    assert done.stderr == model_card.SIMULATED_WARNING + "\n"
+    write_psg(tmp_path / "sc-PSG.edf", 60.0, fs=EDF_RATE, channels=("EEG Fpz-Cz",))
+    done = run_command("predict", f"--checkpoint={workdir}", str(tmp_path / "sc-PSG.edf"))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    done = run_command("predict", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: eegkd predict --checkpoint=RUN [flags] RECORDING")
+    assert "--channel_map:" in done.stdout and "one entry point" not in done.stdout
