@@ -201,6 +201,9 @@ def train_main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     config_flag, workdir_flag = define_train_flags()
     config = errors.config_value(config_flag)  # before the slow imports below
+    from eegkd_jax.train import settings
+
+    settings.check_config(config)  # (train_and_evaluate checks too) before train.log is written
     logging.get_absl_handler().addFilter(_QuietOrbax())
     from eegkd_jax import compilation_cache
     from eegkd_jax.train.loop import train_and_evaluate

@@ -109,6 +109,30 @@ def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: --config.optimiser") and "optimizer" in err
 
 
+def test_a_setting_that_cannot_be_meant_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from absl import flags
+
+    from eegkd_jax import errors
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(errors, "_in_cli", False)
+    before = set(flags.FLAGS)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", f"--config={ROOT / 'configs' / 'supervised.py'}:tiny",
+                      "--config.optimizer.learning_rate=-0.004", f"--workdir={tmp_path / 'run'}"])
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        cli._TRAIN_FLAGS = None
+    captured = capsys.readouterr()
+    assert done.value.code == 1 and captured.out == ""
+    assert captured.err == ("error: config.optimizer.learning_rate=-0.004 cannot be meant: it must "
+                            "be > 0\n")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_the_command_works_from_any_directory(tmp_path):
     # The module behind the console script, started outside the repository.
     env = dict(os.environ, PYTHONPATH=str(ROOT))

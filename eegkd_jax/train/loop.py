@@ -43,6 +43,7 @@ from eegkd_jax import errors
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card
 from eegkd_jax import parallel
+from eegkd_jax.train import settings
 from eegkd_jax.train import state as state_lib
 from eegkd_jax.train import steps as steps_lib
 
@@ -268,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       DivergedError / NonFiniteLossError: training went wrong; the message names the last good
         checkpoint.
     """
+    settings.check_config(config)  # nonsense values are refused before anything starts
     parallel.maybe_initialize_distributed(config.distributed)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
