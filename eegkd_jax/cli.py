@@ -216,13 +216,30 @@ def train_main(argv: Sequence[str]) -> None:
     logging.info("config:\n%s", config)
     result = train_and_evaluate(config, workdir)
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
-    print(f"final validation ({workdir}): {json.dumps(summary)}")
-    if "kappa" in result:
-        print(kappa_line(config, result))
+    print(f"validation at the last step ({workdir}): {json.dumps(summary)}")
+    best = best_validation(workdir)
+    if best is not None and "kappa" in best:
+        print(kappa_line(config, best, best=True))
+    elif "kappa" in result:
+        print(kappa_line(config, result, best=False))
 
 
-def kappa_line(config, result) -> str:
-    """The validation kappas with the classical floor of the same signal beside each."""
+def best_validation(workdir) -> dict | None:
+    """{"step", "kappa", ...} of the checkpoint that eval, predict and export restore by default
+    (the best validation kappa), as the run's model card records it; None without a card or
+    validation."""
+    from eegkd_jax import model_card
+
+    card = model_card.load(workdir)
+    metrics = card["metrics"] if card else {}
+    if not metrics.get("validation") or metrics.get("step") is None:
+        return None
+    return {"step": int(metrics["step"]), **metrics["validation"]}
+
+
+def kappa_line(config, result, *, best: bool = True) -> str:
+    """The validation kappas with the classical floor of the same signal beside each, and the
+    step they belong to: the best checkpoint (what the other commands use) where ``best``."""
     from eegkd_jax.baseline import validation_floors
     from eegkd_jax.train.steps import student_input
 
@@ -233,7 +250,9 @@ def kappa_line(config, result) -> str:
     if "teacher_kappa" in result:
         parts.append(f"teacher (scalp) {result['teacher_kappa']:.3f} "
                      f"(floor {floors.get('scalp', float('nan')):.3f})")
-    return ("validation kappa: " + ", ".join(parts)
+    where = (f" at step {result['step']}, the best checkpoint (eval, predict and export use it)"
+             if best else f" at the last step, {result['step']}")
+    return ("validation kappa: " + ", ".join(parts) + where
             + "; floor = band powers + logistic regression on the same split")
 
 

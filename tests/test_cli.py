@@ -60,6 +60,16 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         seen.update(config=config, workdir=workdir)
         return {"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.123456}
 
+    def fake_train_with_card(config, workdir):
+        # The run's card records the best checkpoint, step 2, as the training loop writes it.
+        from eegkd_jax import model_card
+        from test_model_card import SPLITS, fake_cohort
+
+        card = model_card.build(config, fake_cohort(), SPLITS,
+                                {"kappa": 0.3, "teacher_kappa": 0.45, "accuracy": 0.5}, step=2)
+        model_card.save(workdir, card)
+        return fake_train(config, workdir)
+
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     from eegkd_jax import baseline, compilation_cache, errors
 
@@ -81,10 +91,29 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
     assert seen["config"].mode == "online_kd" and seen["config"].seed == 3
     assert seen["config"].max_steps == 4 and seen["workdir"] == str(tmp_path / "run")
     out = capsys.readouterr().out.splitlines()
-    assert out[-2] == (f"final validation ({tmp_path / 'run'}): "
+    assert out[-2] == (f"validation at the last step ({tmp_path / 'run'}): "
                        '{"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.1235}')
     assert out[-1] == ("validation kappa: student (ear) 0.250 (floor 0.100), teacher (scalp) 0.500 "
-                       "(floor 0.200); floor = band powers + logistic regression on the same split")
+                       "(floor 0.200) at the last step, 4; floor = band powers + logistic "
+                       "regression on the same split")
+
+    # With the run's card (every real run has one): the final line is the best checkpoint's.
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train_with_card)
+    before = set(flags.FLAGS)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
+                      f"--workdir={tmp_path / 'run2'}"])
+        assert done.value.code in (0, None)
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        cli._TRAIN_FLAGS = None
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ("validation kappa: student (ear) 0.300 (floor 0.100), teacher (scalp) 0.450 "
+                       "(floor 0.200) at step 2, the best checkpoint (eval, predict and export use "
+                       "it); floor = band powers + logistic regression on the same split")
 
 
 def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):

@@ -528,6 +528,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         raise
     _close_all(closers, failing=False)
     final_step = int(jax.device_get(state.step))
-    # What the networks were trained on, for predict and export to show (eegkd_jax.model_card).
-    model_card.save(workdir, model_card.build(config, cohort, splits, validation, step=final_step))
+    # What the networks were trained on, for predict and export to show (eegkd_jax.model_card),
+    # with the scores of the checkpoint they restore: the best, not necessarily the last.
+    best_step, best_validation = checkpointer.best_validation()
+    model_card.save(workdir, model_card.build(config, cohort, splits, best_validation,
+                                              step=best_step))
     return {"step": final_step, **validation}
