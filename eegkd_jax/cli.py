@@ -324,6 +324,7 @@ def eval_main(argv: Sequence[str]) -> None:
     print(f"step {results['step']}: {metrics.summary_line(results['overall'])}")
     if "teacher" in results:
         print(f"teacher: {metrics.summary_line(results['teacher']['overall'])}")
+    print(f"({metrics.SUMMARY_LEGEND})")
     print(f"report: {results['out_dir']}/report.md")
 
 
