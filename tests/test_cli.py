@@ -1,5 +1,6 @@
 """The `eegkd` command: dispatch, config lookup, the train command's flags, and a package that
 holds the library and the command (and neither configs/ nor tests/)."""
+import hashlib
 import json
 import os
 import pathlib
@@ -160,6 +161,39 @@ def test_a_setting_that_cannot_be_meant_is_refused_in_one_line(tmp_path, monkeyp
     assert captured.err == ("error: config.optimizer.learning_rate=-0.004 cannot be meant: it must "
                             "be > 0\n")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_setup_installs_the_eegkd_command_once(tmp_path):
+    """.ci/setup installs the package (editable) into .venv beside the requirements, says so in
+    one line, and does nothing the second time. The copy's .venv sees this interpreter's packages
+    and carries their stamp, so only the package is installed here."""
+    import site
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copyfile(ROOT / name, repo / name)
+    shutil.copytree(ROOT / ".ci", repo / ".ci")
+    shutil.copytree(ROOT / "eegkd_jax", repo / "eegkd_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "venv", str(repo / ".venv")], check=True)
+    packages = next(pathlib.Path(p) for p in site.getsitepackages() if "site-packages" in p)
+    venv_packages = next((repo / ".venv" / "lib").glob("python*/site-packages"))
+    (venv_packages / "these_packages.pth").write_text(f"{packages}\n")
+    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()
+    (repo / ".venv" / ".requirements.sha256").write_text(digest + "\n")
+    first = subprocess.run(["bash", ".ci/setup"], cwd=repo, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == ".ci/setup: installing eegkd-jax into .venv (editable)\n"
+    done = subprocess.run([str(repo / ".venv" / "bin" / "eegkd"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: eegkd <command>")
+    where = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-c",
+                            "import eegkd_jax; print(eegkd_jax.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert where.stdout.strip() == str(repo / "eegkd_jax" / "__init__.py")  # editable
+    again = subprocess.run(["bash", ".ci/setup"], cwd=repo, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == ""
 
 
 def test_the_command_works_from_any_directory(tmp_path):
