@@ -296,8 +296,15 @@ def _channels_hint(new: NewRecording, model: TrainedModel, specs: tuple[str, ...
             f"--channel_map='{example}' (a channel label, 'A - B' of two labels, or electrodes "
             f"X-Y; or a file with one DERIVATION=CHANNELS per line)")
     if suggested.repeated:
-        repeats = ", ".join(f"{by_spec[spec]} repeats the signal of {by_spec.get(other, other)}"
-                            for spec, other in suggested.repeated.items())
+        # Named as predict's warning will name them once the map is used: in the model's order.
+        formed = {}
+        for derivation, spec in zip(model.derivations, specs):
+            try:
+                formed[derivation] = montage.explain(recording, entries.get(derivation, spec))
+            except DataError:
+                continue
+        repeats = ", ".join(f"{d} repeats the signal of {other}"
+                            for d, other in repeated_inputs(formed).items())
         text += (f". The recording has fewer distinct EEG signals than the model's "
                  f"{len(model.derivations)} inputs, so in this map {repeats}: the model never saw "
                  f"such input, and its stages are less reliable")

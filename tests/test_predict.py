@@ -392,7 +392,8 @@ def test_labels_without_type_prefix_are_read(runs, tmp_path):
     assert result["inputs"]["C3-O1"] == "C3-A1 - O1-A1" and result["epochs"] == 4
 
 
-# The real Sleep-EDF PSG crop (tests/data/README.md): here, or in the shared data beside the project.
+# The real Sleep-EDF PSG crop (tests/data/README.md): here, or in the shared data beside the
+# project.
 CROP_NAME = "SC4001E0-PSG-first300s.edf"
 REAL_CROP = next((p for p in [pathlib.Path(__file__).parent / "data" / "sleep-edf" / CROP_NAME,
                               pathlib.Path(__file__).parents[2] / "shared" / "data" / "sleep-edf"
