@@ -265,6 +265,15 @@ class Checkpointer:
             return self.latest_step()
         return max(scored, key=lambda s: (_kappa(self.metrics(s)), s))
 
+    def best_validation(self) -> tuple[int | None, dict | None]:
+        """(``best_step()``, the validation metrics saved with it, or None where it has none):
+        what "best" restores and how it scored."""
+        step = self.best_step()
+        metrics = self.metrics(step) if step is not None else None
+        if metrics and "num_epochs" in metrics:
+            metrics["num_epochs"] = int(metrics["num_epochs"])  # saved as a float
+        return step, metrics
+
     def config(self, step: int) -> ml_collections.ConfigDict:
         """The config the step was trained with."""
         path = self.directory / str(step) / CONFIG_FILE

@@ -34,6 +34,14 @@ COMMANDS: dict[str, str] = {
     "inspect": "look at a recording or cohort: channels, rates, duration, stages (JSON)",
     "export": "write a trained network as one LiteRT or ONNX file for on-device scoring",
 }
+# What follows the command name in each absl command's usage line.
+USAGE: dict[str, str] = {
+    "train": "--config=CONFIG[:variant] [--workdir=DIR] [--config.FIELD=VALUE ...]",
+    "eval": "--workdir=DIR [flags]",
+    "predict": "--checkpoint=RUN [flags] RECORDING",
+    "study": "--workdir=DIR [--reduced] [--config=CONFIG] [--config.FIELD=VALUE ...]",
+}
+HELP_ARGS = frozenset({"-h", "-help", "--help", "--helpshort", "--helpfull", "-?"})
 PACKAGED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -75,10 +83,39 @@ def _run_absl(prog: str, args: Sequence[str], define: Callable[[], object],
         define()  # a config flag parses its file and overrides already
     except Exception as error:  # noqa: BLE001 - config_flags raises anything the file raises
         errors.exit_on_flag_error(error, sys.argv)
-    # --help lists the key flags of the module named by argv[0]: make the command's flags its own.
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, errors.VERBOSE_HELP)
+    # The command's flags are its own (absl's help lists the key flags of the module argv[0] names).
     for name in sorted(set(flags.FLAGS) - before):
         flags.FLAGS.register_key_flag_for_module(prog, flags.FLAGS[name])
+    if help_requested(args):
+        print(command_help(prog))
+        raise SystemExit(0)
     app.run(errors.report_errors(main), argv=list(sys.argv), flags_parser=errors.parse_flags)
+
+
+def help_requested(args: Sequence[str]) -> bool:
+    """Whether ``args`` ask for help (before a "--" that ends the options)."""
+    args = list(args)
+    options = args[:args.index("--")] if "--" in args else args
+    return any(a in HELP_ARGS for a in options)
+
+
+def command_help(prog: str) -> str:
+    """The help of an absl command: its usage, what it does, and its own flags (not absl's, and
+    not the ``eegkd`` overview that absl would print as the main module's docstring)."""
+    from absl import flags
+
+    name = prog.split()[-1].removesuffix(".py")
+    lines = [f"usage: {prog} {USAGE.get(name, '[flags]')}", ""]
+    if name in COMMANDS:
+        lines += [f"{name}: {COMMANDS[name]}", ""]
+    lines.append("flags:")
+    for flag in sorted(flags.FLAGS.get_key_flags_for_module(prog), key=lambda f: f.name):
+        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+        text = " ".join(str(flag.help).split())
+        lines.append(f"  --{flag.name}: {text}{default}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,6 +201,9 @@ def train_main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     config_flag, workdir_flag = define_train_flags()
     config = errors.config_value(config_flag)  # before the slow imports below
+    from eegkd_jax.train import settings
+
+    settings.check_config(config)  # (train_and_evaluate checks too) before train.log is written
     logging.get_absl_handler().addFilter(_QuietOrbax())
     from eegkd_jax import compilation_cache
     from eegkd_jax.train.loop import train_and_evaluate
@@ -178,13 +218,30 @@ def train_main(argv: Sequence[str]) -> None:
     # starts fresh (the rest of the log goes to train.log).
     result = train_and_evaluate(config, workdir, announce=lambda line: print(line, flush=True))
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
-    print(f"final validation ({workdir}): {json.dumps(summary)}")
-    if "kappa" in result:
-        print(kappa_line(config, result))
+    print(f"validation at the last step ({workdir}): {json.dumps(summary)}")
+    best = best_validation(workdir)
+    if best is not None and "kappa" in best:
+        print(kappa_line(config, best, best=True))
+    elif "kappa" in result:
+        print(kappa_line(config, result, best=False))
 
 
-def kappa_line(config, result) -> str:
-    """The validation kappas with the classical floor of the same signal beside each."""
+def best_validation(workdir) -> dict | None:
+    """{"step", "kappa", ...} of the checkpoint that eval, predict and export restore by default
+    (the best validation kappa), as the run's model card records it; None without a card or
+    validation."""
+    from eegkd_jax import model_card
+
+    card = model_card.load(workdir)
+    metrics = card["metrics"] if card else {}
+    if not metrics.get("validation") or metrics.get("step") is None:
+        return None
+    return {"step": int(metrics["step"]), **metrics["validation"]}
+
+
+def kappa_line(config, result, *, best: bool = True) -> str:
+    """The validation kappas with the classical floor of the same signal beside each, and the
+    step they belong to: the best checkpoint (what the other commands use) where ``best``."""
     from eegkd_jax.baseline import validation_floors
     from eegkd_jax.train.steps import student_input
 
@@ -195,7 +252,9 @@ def kappa_line(config, result) -> str:
     if "teacher_kappa" in result:
         parts.append(f"teacher (scalp) {result['teacher_kappa']:.3f} "
                      f"(floor {floors.get('scalp', float('nan')):.3f})")
-    return ("validation kappa: " + ", ".join(parts)
+    where = (f" at step {result['step']}, the best checkpoint (eval, predict and export use it)"
+             if best else f" at the last step, {result['step']}")
+    return ("validation kappa: " + ", ".join(parts) + where
             + "; floor = band powers + logistic regression on the same split")
 
 
@@ -267,6 +326,7 @@ def eval_main(argv: Sequence[str]) -> None:
     print(f"step {results['step']}: {metrics.summary_line(results['overall'])}")
     if "teacher" in results:
         print(f"teacher: {metrics.summary_line(results['teacher']['overall'])}")
+    print(f"({metrics.SUMMARY_LEGEND})")
     print(f"report: {results['out_dir']}/report.md")
 
 
@@ -280,6 +340,7 @@ def evaluate(args: Sequence[str], prog: str = "eegkd eval") -> None:
 
 
 def predict(args: Sequence[str], prog: str = "eegkd predict") -> None:
+    quiet_native_logs(args)
     from eegkd_jax import predict as predict_lib
 
     _run_absl(prog, args, predict_lib.define_flags, predict_lib.main)
@@ -299,6 +360,7 @@ def inspect(args: Sequence[str], prog: str = "eegkd inspect") -> int:
 
 
 def export(args: Sequence[str], prog: str = "eegkd export") -> int:
+    quiet_native_logs(args)
     from eegkd_jax import export as export_lib
 
     return export_lib.main(list(args), prog=prog)

@@ -20,7 +20,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-VERBOSE_HELP = "Print the full traceback of an error (by default an error is reported in one line)."
+VERBOSE_HELP = ("Show the full traceback of an error and every log line (by default: warnings, and "
+                "an error in one line).")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

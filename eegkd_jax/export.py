@@ -36,6 +36,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -143,10 +144,37 @@ def to_litert(model, epochs: int, quantize: str = "none") -> bytes:
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     try:
-        return bytes(converter.convert())
+        with _native_quiet():
+            return bytes(converter.convert())
     except Exception as e:  # noqa: BLE001 - the converter raises its own ConverterError and others
         raise ExportError(f"TFLiteConverter could not convert {model.describe()}: "
                           f"{type(e).__name__}: {e}") from None
+
+
+# Off with --verbose: the runtimes' C++ notices are hidden while they load (see _native_quiet).
+QUIET_NATIVE = True
+
+
+@contextlib.contextmanager
+def _native_quiet() -> Iterator[None]:
+    """The LiteRT runtime and TensorFlow's converter print notices from C++ straight to the
+    process's stderr ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU", "Ignored
+    output_format"), past Python's logging: while they load, file descriptor 2 points at
+    /dev/null. Their Python exceptions still propagate; --verbose shows everything."""
+    if not QUIET_NATIVE:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -190,7 +218,7 @@ def litert_to_onnx(tflite: bytes) -> bytes:
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)
         try:
-            with warnings.catch_warnings(), _fully_connected_keeps_its_bias():
+            with warnings.catch_warnings(), _fully_connected_keeps_its_bias(), _native_quiet():
                 warnings.filterwarnings("ignore", message=r".*tf\.lite\.Interpreter is deprecated")
                 model_proto, _ = tf2onnx.convert.from_tflite(str(path), opset=ONNX_OPSET)
         finally:
@@ -271,9 +299,10 @@ class Runner:
             self.input_shape = tuple(self._session.get_inputs()[0].shape)
         else:
             interpreter = _require("ai_edge_litert.interpreter")
-            self._interpreter = interpreter.Interpreter(model_path=str(self.path),
-                                                        num_threads=threads)
-            self._interpreter.allocate_tensors()
+            with _native_quiet():
+                self._interpreter = interpreter.Interpreter(model_path=str(self.path),
+                                                            num_threads=threads)
+                self._interpreter.allocate_tensors()
             self._in = self._interpreter.get_input_details()[0]
             self._out = self._interpreter.get_output_details()[0]
             self.input_shape = tuple(int(d) for d in self._in["shape"])
@@ -512,7 +541,11 @@ def main(argv: list[str] | None = None, prog: str = "eegkd export") -> int:
                         help="length of the simulated night the file is checked on")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of the check's runtime (the latency it reports)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the converters' and runtimes' own log lines")
     args = parser.parse_args(argv)
+    global QUIET_NATIVE
+    QUIET_NATIVE = not args.verbose
     which: str | int = args.which
     if which not in ("best", "latest"):
         try:

@@ -296,6 +296,11 @@ def evaluate_subjects(
     return {"overall": summarize(pooled), "per_subject": per_subject, "across_subjects": across}
 
 
+# What the abbreviations of ``summary_line`` stand for, printed beside it by ``eegkd eval``.
+SUMMARY_LEGEND = ("acc = accuracy, kappa = Cohen's kappa, MF1 = macro-averaged F1, "
+                  "G = sqrt(macro sensitivity x macro specificity), n = scored epochs")
+
+
 def summary_line(summary: Mapping[str, Any]) -> str:
     """One-line text form of a summary for logs.
 

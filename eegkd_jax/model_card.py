@@ -29,6 +29,9 @@ SOURCES = {"simulated": "simulated nights (eegkd_jax.data.simulate)",
            "edf": "EDF/EDF+ polysomnograms with Sleep-EDF-style hypnograms"}
 SIMULATED_WARNING = ("warning: this model was trained on simulated nights only and never saw a "
                      "real recording; its stages show how the tool works, they are not a scoring")
+# The same, short enough for a figure.
+SIMULATED_CAVEAT = ("Model trained on simulated nights only: these stages show how the tool works, "
+                    "they are not a scoring")
 
 
 def _plain(value: Any) -> Any:
@@ -59,10 +62,11 @@ def build(config, cohort, splits, validation_metrics: Mapping[str, Any] | None,
       config: the run's config (``mode``, ``data``, ``model``, ``teacher``, ``kd``).
       cohort: the built cohort (``pipeline.Cohort``: subjects, labels, rate, derivation names).
       splits: ``pipeline.Splits`` (train, validation, test subject tuples).
-      validation_metrics: the final validation scores as the loop reports them (accuracy, kappa,
-        macro_f1, teacher_* in KD modes, num_epochs), or None without validation subjects.
+      validation_metrics: the validation scores of the checkpoint that "best" restores (what
+        eval, predict and export use; ``Checkpointer.best_validation``): accuracy, kappa,
+        macro_f1, teacher_* in KD modes, num_epochs; None without validation subjects.
       test_metrics: scores on the test subjects, if already known (see ``record_test``).
-      step: the training step the metrics belong to.
+      step: the checkpoint's step, which the metrics belong to.
 
     Returns:
       A JSON-able dict (see the module docstring).
@@ -218,7 +222,8 @@ def summary(card: Mapping[str, Any], network: str = "model") -> str:
 
     prefix = "teacher_" if network == "teacher" else ""
     metrics = card["metrics"]
-    step = f" at step {metrics['step']}" if metrics.get("step") is not None else ""
+    step = (f" at step {metrics['step']} (the checkpoint used)" if metrics.get("step") is not None
+            else "")
     lines = [
         f"trained on: {trained_on}",
         f"network: {arch.get('name')}{size}, {card['mode']} {network}, reads {net['input']} "

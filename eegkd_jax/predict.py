@@ -39,6 +39,7 @@ prediction and the metrics go into the JSON; without it every epoch is still pre
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import pathlib
@@ -182,12 +183,29 @@ class NewRecording:
       path: the signal file (EDF or .set), named in every error.
       scored: whether scoring came with it (a hypnogram / scoring file); if not, every label is -1.
       start_seconds: recording time (seconds from the file's first sample) of epoch 0.
+      start_time: the clock time of the file's first sample, where the file says it (EDF
+        header, MNE ``meas_date``); None otherwise.
     """
 
     recording: Recording
     path: pathlib.Path
     scored: bool
     start_seconds: float
+    start_time: datetime.datetime | None = None
+
+
+def edf_start_time(path: str | pathlib.Path) -> datetime.datetime | None:
+    """The start date and time in an EDF header (bytes 168-183, "dd.mm.yyhh.mm.ss"; years 85-99
+    are 19xx, as the EDF specification says), or None where the header has none that parses."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(184)[168:184].decode("ascii")
+        day, month, year = (int(v) for v in head[:8].split("."))
+        hour, minute, second = (int(v) for v in head[8:].split("."))
+        year += 1900 if year >= 85 else 2000
+        return datetime.datetime(year, month, day, hour, minute, second)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def read_new_recording(
@@ -234,7 +252,7 @@ def read_new_recording(
         hypnogram = edf.find_hypnogram(path)
     recording = edf.read_psg(path, hypnogram, epoch_seconds=epoch_seconds)
     start = edf.scoring_start(path, hypnogram, epoch_seconds)
-    return NewRecording(recording, path, hypnogram is not None, start)
+    return NewRecording(recording, path, hypnogram is not None, start, edf_start_time(path))
 
 
 def input_specs(model: TrainedModel, channel_map: Mapping[str, str] | None = None
@@ -258,25 +276,58 @@ def input_specs(model: TrainedModel, channel_map: Mapping[str, str] | None = Non
 def _channels_hint(new: NewRecording, model: TrainedModel, specs: tuple[str, ...],
                    problems: Mapping[str, str]) -> str:
     """What the error of an unformable input tells the user: channels present, derivations
-    needed, an example map (and, for an ear model on a scalp-only recording, another model)."""
+    needed, a channel map that runs as printed (``montage.suggest_map``; it says so where the
+    recording has too few distinct signals and repeats one), and, for an ear model on a
+    scalp-only recording, another model."""
     recording = new.recording
     labels = list(recording.scalp_channels) + list(recording.ear_channels)
     by_spec = dict(zip(specs, model.derivations))
     detail = "; ".join(f"{by_spec[spec]}" + (f" (mapped to {spec})" if spec != by_spec[spec] else "")
                        + f": {why}" for spec, why in problems.items())
-    example = montage.example_map(recording, specs, problems)
-    example = ",".join(f"{by_spec.get(k, k)}={v}" for k, v in
-                       (e.split("=", 1) for e in example.split(",")))
+    suggested = montage.suggest_map(recording, specs, problems)
+    # The whole map: the user's entries that work, then the suggestion for the rest.
+    entries = {by_spec[spec]: spec for spec in specs
+               if spec != by_spec[spec] and spec not in problems}
+    entries.update({by_spec[spec]: channels for spec, channels in suggested.entries.items()})
+    example = ",".join(f"{d}={entries[d]}" for d in model.derivations if d in entries)
     text = (f"cannot form the {model.input_key} derivations {list(model.derivations)} that the "
             f"model reads ({detail}). The recording's EEG channels are {labels}. Say which "
             f"channels stand for each derivation with --channel_map, e.g. "
             f"--channel_map='{example}' (a channel label, 'A - B' of two labels, or electrodes "
             f"X-Y; or a file with one DERIVATION=CHANNELS per line)")
+    if suggested.repeated:
+        # Named as predict's warning will name them once the map is used: in the model's order.
+        formed = {}
+        for derivation, spec in zip(model.derivations, specs):
+            try:
+                formed[derivation] = montage.explain(recording, entries.get(derivation, spec))
+            except DataError:
+                continue
+        repeats = ", ".join(f"{d} repeats the signal of {other}"
+                            for d, other in repeated_inputs(formed).items())
+        text += (f". The recording has fewer distinct EEG signals than the model's "
+                 f"{len(model.derivations)} inputs, so in this map {repeats}: the model never saw "
+                 f"such input, and its stages are less reliable")
     if model.input_key == "ear" and not recording.ear_channels:
         text += (". This model reads ear-EEG: the EESM17 ear electrodes ELA ELB ELE ELG ELI ELK "
                  "(left) and ERA ERB ERE ERG ERI ERK (right); for a scalp-only recording use a "
                  "scalp model, e.g. --network=teacher of a KD run or a supervised :scalp run")
     return text
+
+
+def repeated_inputs(inputs: Mapping[str, str]) -> dict[str, str]:
+    """{derivation: the earlier derivation it repeats} for model inputs formed from the same
+    signal (``inputs``: derivation -> ``montage.explain`` text), e.g. one channel mapped into
+    two slots."""
+    first: dict[str, str] = {}
+    out = {}
+    for derivation, formed in inputs.items():
+        key = formed.removeprefix("-")
+        if key in first:
+            out[derivation] = first[key]
+        else:
+            first[key] = derivation
+    return out
 
 
 def input_band(new: NewRecording, model: TrainedModel) -> tuple[float | None, float | None] | None:
@@ -336,16 +387,24 @@ def prepare_input(new: NewRecording, model: TrainedModel,
     from eegkd_jax.data import preprocess
 
     data_cfg = model.config.data.copy_and_resolve_references()
-    other = "ear" if model.input_key == "scalp" else "scalp"
+    key = model.input_key
+    other = "ear" if key == "scalp" else "scalp"
+    specs = input_specs(model, channel_map)
+    unique = tuple(dict.fromkeys(specs))  # a channel mapped into several inputs is derived once
     data_cfg[f"{other}_derivations"] = ()
-    data_cfg[f"{model.input_key}_derivations"] = input_specs(model, channel_map)
+    data_cfg[f"{key}_derivations"] = unique
     data_cfg.preprocess.bandpass_hz = input_band(new, model)
     try:
-        return preprocess.prepare_night(new.recording, data_cfg)
+        night = preprocess.prepare_night(new.recording, data_cfg)
     except DataError as err:
         if err.source == str(new.path):
             raise
         raise DataError(new.path, f"{err.source}: {err.problem}") from None
+    if unique == specs:
+        return night
+    columns = [unique.index(spec) for spec in specs]
+    return dataclasses.replace(night, **{key: getattr(night, key)[:, columns],
+                                         f"{key}_names": model.derivations})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +492,49 @@ def predict_probabilities(
     return collector.probabilities()[name], predicted
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class StagedNight:
+    """One night staged by one model: what ``predict_recording`` writes and ``stage_raw`` returns.
+
+    Attributes:
+      model: the restored network. new: the recording as read.
+      labels: (epochs,) the scoring (-1 = unscored).
+      probabilities: (epochs, 5) float64. stages: (epochs,) int64 predicted stages.
+      inputs: {model derivation: how it was formed from the recording's channels}.
+      repeated_inputs: {derivation: the earlier one whose signal it repeats} (``repeated_inputs``).
+    """
+
+    model: TrainedModel
+    new: NewRecording
+    labels: np.ndarray
+    probabilities: np.ndarray
+    stages: np.ndarray
+    inputs: dict[str, str]
+    repeated_inputs: dict[str, str]
+
+
+def stage_night(model: TrainedModel, new: NewRecording,
+                channel_map: Mapping[str, str] | None = None, *, batch_size: int | None = None,
+                max_sequence_epochs: int = 0) -> StagedNight:
+    """Checks, prepares and stages one read recording: the one path of ``eegkd predict`` and of
+    ``stage_raw``.
+
+    Raises:
+      DataError naming the file: the recording cannot give the model its input.
+    """
+    check_compatible(new, model, channel_map)
+    night = prepare_input(new, model, channel_map)
+    inputs = {d: montage.explain(new.recording, spec)
+              for d, spec in zip(model.derivations, input_specs(model, channel_map))}
+    logging.info("staging %s (%d epochs) with %s", new.path, night.num_epochs, model.describe())
+    signal = night.ear if model.input_key == "ear" else night.scalp
+    probabilities, predicted = predict_probabilities(
+        model, signal, night.labels, batch_size=batch_size,
+        max_sequence_epochs=max_sequence_epochs, name=str(new.path))
+    return StagedNight(model, new, night.labels.astype(np.int64), probabilities, predicted,
+                       inputs, repeated_inputs(inputs))
+
+
 def predict_recording(
     checkpoint: str | pathlib.Path,
     recording_path: str | pathlib.Path,
@@ -459,11 +561,12 @@ def predict_recording(
 
     Returns:
       {"name", "epochs", "scored", "step", "tsv", "png", "json", "metrics", "inputs",
-      "model_card", "trained_on_real_recordings"}: the TSV has one row per epoch (onset on the
-      recording's clock, duration, stage, p_W .. p_REM); "metrics" is the pooled summary against
-      the scoring (``metrics.summarize``), or None without scoring; "inputs" says how each model
-      input was formed from the recording's channels; "model_card" is the run's card (None for a
-      run without one).
+      "repeated_inputs", "model_card", "trained_on_real_recordings"}: the TSV has one row per
+      epoch (onset on the recording's clock, duration, stage, p_W .. p_REM); "metrics" is the
+      pooled summary against the scoring (``metrics.summarize``), or None without scoring;
+      "inputs" says how each model input was formed from the recording's channels;
+      "repeated_inputs" names inputs fed the same signal as another; "model_card" is the run's
+      card (None for a run without one).
 
     Raises:
       DataError: the recording or the channel map cannot be read, or the recording cannot give
@@ -476,18 +579,12 @@ def predict_recording(
     card = model_card.load(model.workdir)
     new = read_new_recording(recording_path, hypnogram=hypnogram,
                              epoch_seconds=model.epoch_seconds)
-    check_compatible(new, model, channel_map)
-    night = prepare_input(new, model, channel_map)
-    inputs = {d: montage.explain(new.recording, spec)
-              for d, spec in zip(model.derivations, input_specs(model, channel_map))}
+    staged = stage_night(model, new, channel_map, batch_size=batch_size,
+                         max_sequence_epochs=max_sequence_epochs)
+    probabilities, predicted, inputs = staged.probabilities, staged.stages, staged.inputs
     name = new.recording.subject
-    logging.info("staging %s (%d epochs) with %s", new.path, night.num_epochs, model.describe())
-    signal = night.ear if model.input_key == "ear" else night.scalp
-    probabilities, predicted = predict_probabilities(
-        model, signal, night.labels, batch_size=batch_size,
-        max_sequence_epochs=max_sequence_epochs, name=str(new.path))
 
-    truth = night.labels.astype(np.int64)
+    truth = staged.labels
     scored = new.scored and bool((truth >= 0).any())
     summary = None
     if scored:
@@ -495,6 +592,8 @@ def predict_recording(
                                                 subject_names=[name], source=str(new.path))
         summary = results["overall"]
 
+    real = model_card.trained_on_real_recordings(card, model.config)
+    caveat = model_card.SIMULATED_CAVEAT if real is False else None
     out_dir = pathlib.Path(out_dir or model.workdir / "predictions" / name)
     epoch_seconds = model.epoch_seconds
     onsets = new.start_seconds + epoch_seconds * np.arange(predicted.size)
@@ -507,7 +606,7 @@ def predict_recording(
     png = report_lib.plot_hypnogram(
         out_dir / f"{name}_hypnogram.png", predicted, epoch_seconds=epoch_seconds,
         true_stages=truth if scored else None, probabilities=probabilities, title=title,
-        start_seconds=new.start_seconds)
+        start_seconds=new.start_seconds, clock_start=new.start_time, note=caveat or "")
     counts = {stage: int(np.sum(predicted == i)) for i, stage in enumerate(STAGES)}
     info = {
         "recording": str(new.path),
@@ -515,6 +614,7 @@ def predict_recording(
         "epochs": int(predicted.size),
         "epoch_seconds": epoch_seconds,
         "first_onset_seconds": new.start_seconds,
+        "start_time": new.start_time.isoformat() if new.start_time else None,
         "recording_sampling_rate": float(new.recording.sampling_rate),
         "bandpass_hz": input_band(new, model),
         "scored": scored,
@@ -525,8 +625,10 @@ def predict_recording(
                        "derivations": list(model.derivations),
                        "sampling_rate": model.sampling_rate},
         "inputs": inputs,
+        "repeated_inputs": staged.repeated_inputs,
         "channel_map": dict(channel_map or {}),
         "metrics": summary,
+        "caveat": caveat,
         "files": {"tsv": tsv.name, "png": png.name},
         "model_card": card,
     }
@@ -536,8 +638,140 @@ def predict_recording(
     tmp.replace(json_path)
     return {"name": name, "epochs": int(predicted.size), "scored": scored, "step": model.step,
             "tsv": tsv, "png": png, "json": json_path, "metrics": summary, "inputs": inputs,
+            "repeated_inputs": staged.repeated_inputs,
             "model_card": card, "network": model.network, "workdir": model.workdir,
-            "trained_on_real_recordings": model_card.trained_on_real_recordings(card, model.config)}
+            "trained_on_real_recordings": real}
+
+
+def repeat_warning(repeated: Mapping[str, str]) -> str | None:
+    """The one-line warning for model inputs that repeat another's signal (None if none do)."""
+    if not repeated:
+        return None
+    pairs = ", ".join(f"{d} repeats {other}" for d, other in repeated.items())
+    return (f"warning: the recording has fewer distinct EEG signals than the model has inputs "
+            f"({pairs}); the model never saw such input, so its stages are less reliable")
+
+
+# --------------------------------------------------------------------------------------------------
+# Staging from Python
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Staging:
+    """The stages of one night, as ``stage_raw`` returns them.
+
+    Attributes:
+      stages: (epochs,) int64 predicted stages, 0=W 1=N1 2=N2 3=N3 4=REM.
+      probabilities: (epochs, 5) float64 stage probabilities, columns W N1 N2 N3 REM.
+      onsets: (epochs,) float64 seconds from the recording's first sample to each epoch.
+      epoch_seconds: the epoch length.
+      step: the checkpoint's step; network: "model" or "teacher".
+      inputs: {model derivation: how it was formed from the recording's channels}.
+      repeated_inputs: {derivation: the input whose signal it repeats} (too few channels).
+      trained_on_real_recordings: False for a model that only ever saw simulated nights.
+    """
+
+    stages: np.ndarray
+    probabilities: np.ndarray
+    onsets: np.ndarray
+    epoch_seconds: float
+    step: int
+    network: str
+    inputs: dict[str, str]
+    repeated_inputs: dict[str, str]
+    trained_on_real_recordings: bool | None
+
+    @property
+    def hypnogram(self) -> list[str]:
+        """The stages by name, one per epoch ("W", "N1", "N2", "N3", "REM")."""
+        return [STAGES[int(s)] for s in self.stages]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per epoch: onset, stage and p_W .. p_REM (``pandas.DataFrame(records())``)."""
+        return [{"onset": float(t), "stage": STAGES[int(s)],
+                 **{f"p_{name}": float(p) for name, p in zip(STAGES, row)}}
+                for t, s, row in zip(self.onsets, self.stages, self.probabilities)]
+
+
+def recording_from_raw(raw, epoch_seconds: float = 30.0) -> NewRecording:
+    """An ``mne.io.BaseRaw`` as a night to stage: its EEG channels (by label, as the EDF reader
+    sorts them: 10-20 and ear-EEG names, with or without type and reference) in microvolts,
+    every whole epoch unscored; channels in ``raw.info["bads"]`` are rejected.
+
+    Raises:
+      DataError naming the raw's file (or "mne raw"): no EEG channel, shorter than an epoch.
+    """
+    from eegkd_jax.data import bids
+
+    filenames = [f for f in (getattr(raw, "filenames", None) or ()) if f]
+    source = pathlib.Path(filenames[0]) if filenames else pathlib.Path("mne-raw")
+    groups = {n: montage.eeg_group(n) for n in raw.ch_names}
+    scalp = [n for n in raw.ch_names if groups[n] == "scalp"]
+    ear = [n for n in raw.ch_names if groups[n] == "ear"]
+    if not scalp and not ear:
+        raise DataError(source, f"no EEG channels among {list(raw.ch_names)}")
+    fs = float(raw.info["sfreq"])
+    samples = epoch_seconds * fs
+    if not math.isclose(samples, round(samples)):
+        raise DataError(source, f"{epoch_seconds:g}-s epochs are not whole samples at {fs:g} Hz")
+    epochs = raw.n_times // int(round(samples))
+    if epochs == 0:
+        raise DataError(source, f"signal is shorter than one {epoch_seconds:g}-s epoch")
+    scalp_signal, ear_signal = bids.read_microvolts(raw, [scalp, ear], 0, raw.n_times, source)
+    recording = Recording(
+        subject=source.stem, source=str(source), sampling_rate=fs, scalp=scalp_signal,
+        scalp_channels=tuple(scalp), ear=ear_signal, ear_channels=tuple(ear),
+        labels=np.full(epochs, -1, np.int8), epoch_seconds=epoch_seconds,
+        rejected_channels=frozenset(b for b in raw.info["bads"] if b in scalp + ear))
+    start = raw.info.get("meas_date")
+    start = start.replace(tzinfo=None) if isinstance(start, datetime.datetime) else None
+    return NewRecording(recording, source, False, 0.0, start)
+
+
+def stage_raw(
+    raw,
+    checkpoint: str | pathlib.Path,
+    channel_map: str | Mapping[str, str] | None = None,
+    *,
+    which: str | int = "best",
+    network: str = "model",
+    batch_size: int | None = None,
+    max_sequence_epochs: int = 0,
+) -> Staging:
+    """Stages a night held in an ``mne.io.BaseRaw`` with a trained run, through the same code
+    as ``eegkd predict`` (the run's own derivations, filter, rate and scaling)::
+
+        raw = mne.io.read_raw_edf("night-PSG.edf")
+        staging = predict.stage_raw(raw, "runs/online_kd", network="teacher",
+                                    channel_map={"A1-A2": "EEG Fpz-Cz - EEG Pz-Oz"})
+        staging.hypnogram[:3], staging.probabilities.shape   # ['W', 'W', 'N1'], (epochs, 5)
+
+    Args:
+      raw: the recording (any MNE reader; volts, as MNE keeps them).
+      checkpoint: the run's workdir or its checkpoints directory.
+      channel_map: {derivation: recording channels} or its text form (see ``predict_recording``).
+      which, network, batch_size, max_sequence_epochs: as ``predict_recording``.
+
+    Returns:
+      ``Staging``: stages and probabilities per epoch; writes nothing.
+
+    Raises:
+      DataError: the recording cannot give the model its input; the message says what would.
+    """
+    model = load_trained_model(checkpoint, which, network=network)
+    if isinstance(channel_map, str):
+        channel_map = montage.parse_channel_map(channel_map)
+    input_specs(model, channel_map)
+    new = recording_from_raw(raw, model.epoch_seconds)
+    staged = stage_night(model, new, channel_map, batch_size=batch_size,
+                         max_sequence_epochs=max_sequence_epochs)
+    card = model_card.load(model.workdir)
+    return Staging(
+        stages=staged.stages, probabilities=staged.probabilities,
+        onsets=new.start_seconds + model.epoch_seconds * np.arange(staged.stages.size),
+        epoch_seconds=model.epoch_seconds, step=model.step, network=model.network,
+        inputs=staged.inputs, repeated_inputs=staged.repeated_inputs,
+        trained_on_real_recordings=model_card.trained_on_real_recordings(card, model.config))
 
 
 def card_lines(result: Mapping[str, Any]) -> list[str]:
@@ -604,7 +838,9 @@ def main(argv) -> None:
                 f'--which must be "best", "latest" or a step number, got {which!r}') from None
     hypnogram = flag_values.hypnogram
     hypnogram = {"auto": "auto", "none": None}.get(hypnogram.lower(), hypnogram)
-    logging.set_verbosity(logging.INFO)
+    # Quiet unless --verbose: orbax's and JAX's INFO lines (backends, read throughput) would bury
+    # the answer.
+    logging.set_verbosity(logging.INFO if errors.verbose() else logging.WARNING)
     from eegkd_jax import compilation_cache
 
     compilation_cache.enable()
@@ -623,6 +859,9 @@ def main(argv) -> None:
     print(line)
     print(f"hypnogram: {result['tsv']}\nfigure: {result['png']}")
     print("\n".join(card_lines(result)))
+    warning = repeat_warning(result["repeated_inputs"])
+    if warning:
+        print(warning, file=sys.stderr)
     if result["trained_on_real_recordings"] is False:
         print(model_card.SIMULATED_WARNING, file=sys.stderr)
 

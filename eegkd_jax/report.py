@@ -148,6 +148,8 @@ def plot_hypnogram(
     probabilities: Any = None,
     title: str = "",
     start_seconds: float = 0.0,
+    clock_start: datetime.datetime | None = None,
+    note: str = "",
 ) -> pathlib.Path:
     """Draws one night's predicted hypnogram to a PNG.
 
@@ -161,6 +163,9 @@ def plot_hypnogram(
         "hypnodensity" band in the hypnogram's stage order.
       title: figure title.
       start_seconds: time of the first epoch's onset (added to the axis, e.g. for a cropped night).
+      clock_start: the clock time of the recording's first sample; the axis then reads clock time
+        (``time_axis``) instead of hours from 0.
+      note: a caveat written under the figure (e.g. that the model only saw simulated nights).
 
     Returns:
       The path written.
@@ -225,12 +230,32 @@ def plot_hypnogram(
             handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
             frameon=False,
         )
-    axes[-1].set_xlabel("Time (hours)")
+    label, formatter = time_axis(clock_start, hours[-1] - hours[0])
+    axes[-1].set_xlabel(label)
+    if formatter is not None:
+        axes[-1].xaxis.set_major_formatter(formatter)
     axes[-1].set_xlim(hours[0], hours[-1])
     if title:
         fig.suptitle(title)
+    if note:
+        fig.supxlabel(note, fontsize=8, color="#9b2226")  # the layout makes room for it
     _save(fig, path)
     return path
+
+
+def time_axis(clock_start: datetime.datetime | None, span_hours: float):
+    """(axis label, tick formatter or None) for an axis in hours from the recording's first
+    sample: clock time (HH:MM, or HH:MM:SS under two hours) where the start time is known."""
+    if clock_start is None:
+        return "Time (hours)", None
+    from matplotlib.ticker import FuncFormatter
+
+    form = "%H:%M" if span_hours >= 2.0 else "%H:%M:%S"
+
+    def tick(hours, _position=None):
+        return (clock_start + datetime.timedelta(hours=float(hours))).strftime(form)
+
+    return f"Clock time (recording started {clock_start:%Y-%m-%d %H:%M:%S})", FuncFormatter(tick)
 
 
 def plot_confusion_matrix(

@@ -1,5 +1,6 @@
 """The `eegkd` command: dispatch, config lookup, the train command's flags, and a package that
 holds the library and the command (and neither configs/ nor tests/)."""
+import hashlib
 import json
 import os
 import pathlib
@@ -61,6 +62,16 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         announce("resumed from step 2 of 4: checkpoint runs/x/checkpoints/2")
         return {"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.123456}
 
+    def fake_train_with_card(config, workdir):
+        # The run's card records the best checkpoint, step 2, as the training loop writes it.
+        from eegkd_jax import model_card
+        from test_model_card import SPLITS, fake_cohort
+
+        card = model_card.build(config, fake_cohort(), SPLITS,
+                                {"kappa": 0.3, "teacher_kappa": 0.45, "accuracy": 0.5}, step=2)
+        model_card.save(workdir, card)
+        return fake_train(config, workdir)
+
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     from eegkd_jax import baseline, compilation_cache, errors
 
@@ -84,10 +95,29 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
     out = capsys.readouterr().out.splitlines()
     # The run's one line of its own: where it resumed from (or that it starts fresh).
     assert out[-3] == "resumed from step 2 of 4: checkpoint runs/x/checkpoints/2"
-    assert out[-2] == (f"final validation ({tmp_path / 'run'}): "
+    assert out[-2] == (f"validation at the last step ({tmp_path / 'run'}): "
                        '{"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.1235}')
     assert out[-1] == ("validation kappa: student (ear) 0.250 (floor 0.100), teacher (scalp) 0.500 "
-                       "(floor 0.200); floor = band powers + logistic regression on the same split")
+                       "(floor 0.200) at the last step, 4; floor = band powers + logistic "
+                       "regression on the same split")
+
+    # With the run's card (every real run has one): the final line is the best checkpoint's.
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train_with_card)
+    before = set(flags.FLAGS)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
+                      f"--workdir={tmp_path / 'run2'}"])
+        assert done.value.code in (0, None)
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        cli._TRAIN_FLAGS = None
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ("validation kappa: student (ear) 0.300 (floor 0.100), teacher (scalp) 0.450 "
+                       "(floor 0.200) at step 2, the best checkpoint (eval, predict and export use "
+                       "it); floor = band powers + logistic regression on the same split")
 
 
 def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
@@ -110,6 +140,63 @@ def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert done.value.code == 1 and err.count("\n") == 1
     assert err.startswith("error: --config.optimiser") and "optimizer" in err
+
+
+def test_a_setting_that_cannot_be_meant_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from absl import flags
+
+    from eegkd_jax import errors
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(errors, "_in_cli", False)
+    before = set(flags.FLAGS)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", f"--config={ROOT / 'configs' / 'supervised.py'}:tiny",
+                      "--config.optimizer.learning_rate=-0.004", f"--workdir={tmp_path / 'run'}"])
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        cli._TRAIN_FLAGS = None
+    captured = capsys.readouterr()
+    assert done.value.code == 1 and captured.out == ""
+    assert captured.err == ("error: config.optimizer.learning_rate=-0.004 cannot be meant: it must "
+                            "be > 0\n")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_setup_installs_the_eegkd_command_once(tmp_path):
+    """.ci/setup installs the package (editable) into .venv beside the requirements, says so in
+    one line, and does nothing the second time. The copy's .venv sees this interpreter's packages
+    and carries their stamp, so only the package is installed here."""
+    import site
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copyfile(ROOT / name, repo / name)
+    shutil.copytree(ROOT / ".ci", repo / ".ci")
+    shutil.copytree(ROOT / "eegkd_jax", repo / "eegkd_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "venv", str(repo / ".venv")], check=True)
+    packages = next(pathlib.Path(p) for p in site.getsitepackages() if "site-packages" in p)
+    venv_packages = next((repo / ".venv" / "lib").glob("python*/site-packages"))
+    (venv_packages / "these_packages.pth").write_text(f"{packages}\n")
+    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()
+    (repo / ".venv" / ".requirements.sha256").write_text(digest + "\n")
+    first = subprocess.run(["bash", ".ci/setup"], cwd=repo, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == ".ci/setup: installing eegkd-jax into .venv (editable)\n"
+    done = subprocess.run([str(repo / ".venv" / "bin" / "eegkd"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: eegkd <command>")
+    where = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-c",
+                            "import eegkd_jax; print(eegkd_jax.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert where.stdout.strip() == str(repo / "eegkd_jax" / "__init__.py")  # editable
+    again = subprocess.run(["bash", ".ci/setup"], cwd=repo, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == ""
 
 
 def test_the_command_works_from_any_directory(tmp_path):

@@ -172,6 +172,10 @@ def test_eval_cli(run, tmp_path, capsys):
         cli.eval_main(["eval.py"])
     printed = capsys.readouterr().out
     assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
+    # The summary line's abbreviations are explained on the next line (G above all).
+    assert printed.splitlines()[1] == (
+        "(acc = accuracy, kappa = Cohen's kappa, MF1 = macro-averaged F1, "
+        "G = sqrt(macro sensitivity x macro specificity), n = scored epochs)")
     assert (out / "report.md").is_file()
 
 

@@ -1,6 +1,7 @@
 """Export to LiteRT and ONNX: the files run in the LiteRT interpreter and onnxruntime and give
 JAX's probabilities on a simulated night; the card travels inside and beside them."""
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -125,3 +126,21 @@ def test_command_line(runs, tmp_path, capsys):
     assert code == 1 and captured.out == ""
     assert captured.err.startswith("error: ") and "holds no teacher" in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_the_command_prints_no_runtime_notices(runs, tmp_path):
+    """In a fresh process, as a user runs it: TensorFlow's and LiteRT's C++ notices (oneDNN, the
+    XNNPACK delegate, the converter's ignored options) stay off the screen, for ONNX too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "eegkd_jax.cli", "export", "--checkpoint", str(runs["usleep"]),
+         "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--check_hours", "0.1"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == model_card.SIMULATED_WARNING + "\n"
+    assert done.stdout.startswith(f"wrote {tmp_path / 'm.onnx'}")

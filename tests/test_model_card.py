@@ -48,9 +48,10 @@ def test_card_of_a_simulated_online_kd_run_round_trips(tmp_path):
                                     "4 subjects, 0.2 h each, seed 0")
     assert "usleep depth 3, online_kd model, reads ear L-R L_E R_E at 200 Hz" in text
     assert "subjects: train 2 (sim-01, sim-02); validation 1 (sim-03); test 1 (sim-04)" in text
-    assert ("validation at step 4: kappa 0.432, accuracy 0.612, macro-F1 0.500; test: not scored"
-            in text)
-    assert "validation at step 4: kappa 0.650" in model_card.summary(card, "teacher")
+    assert ("validation at step 4 (the checkpoint used): kappa 0.432, accuracy 0.612, macro-F1 "
+            "0.500; test: not scored" in text)
+    assert ("validation at step 4 (the checkpoint used): kappa 0.650"
+            in model_card.summary(card, "teacher"))
 
     overall = {"accuracy": 0.5, "kappa": 0.25, "macro_f1": 0.4, "g_mean": 0.3, "num_epochs": 5,
                "confusion": [[1]]}

@@ -270,3 +270,22 @@ def test_channel_maps_from_the_command_line_and_files(tmp_path):
         montage.parse_channel_map("nowhere.map")
     with pytest.raises(DataError, match="derivation A1-A2 is mapped twice"):
         montage.parse_channel_map("A1-A2=M1-M2,A1-A2=C3")
+
+
+def test_suggested_maps_use_distinct_signals_and_say_when_they_repeat_one():
+    specs = ("A1-A2", "C3-O1", "C4-O2")
+    # Sleep-EDF: two bipolar channels for three inputs. The central-occipital inputs get them,
+    # A1-A2 repeats one, and every entry can be formed.
+    sleep_edf = referenced(["EEG Fpz-Cz", "EEG Pz-Oz"])
+    suggested = montage.suggest_map(sleep_edf, specs, montage.unformable(sleep_edf, specs))
+    assert suggested.entries == {"A1-A2": "EEG Fpz-Cz", "C3-O1": "EEG Fpz-Cz",
+                                 "C4-O2": "EEG Pz-Oz"}
+    assert suggested.repeated == {"A1-A2": "C3-O1"}
+    assert not montage.unformable(sleep_edf, list(suggested.entries.values()))
+    # A one-channel derivation is that channel, not "EEG Fpz-Cz - mean()".
+    assert montage.explain(sleep_edf, "EEG Fpz-Cz") == "EEG Fpz-Cz"
+    # DREAMS: against A1, no A2 or C4; C4-O2 takes the electrodes of the same rows (Cz-O1).
+    dreams = referenced(["FP1-A1", "CZ-A1", "O1-A1", "C3-A1"])
+    suggested = montage.suggest_map(dreams, specs, montage.unformable(dreams, specs))
+    assert suggested.entries == {"A1-A2": "FP1-A1", "C4-O2": "Cz-O1"}
+    assert suggested.repeated == {}

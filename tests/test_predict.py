@@ -251,7 +251,9 @@ def test_wrong_channels_and_rate_name_the_file(runs, tmp_path):
                               "that the model reads (L-R: the recording has none of ELA, ELB, ELE, "
                               "ELG, ELI, ELK; L_E: the recording has none of ELA, ELB")
     assert "The recording's EEG channels are ['EEG Fpz-Cz', 'EEG Pz-Oz']" in message
-    assert ("--channel_map='L-R=EEG Fpz-Cz,L_E=EEG Fpz-Cz,R_E=EEG Fpz-Cz'" in message
+    # Two signals for three inputs: each channel once, then one repeated, and said so.
+    assert ("--channel_map='L-R=EEG Fpz-Cz,L_E=EEG Pz-Oz,R_E=EEG Fpz-Cz'" in message
+            and "R_E repeats the signal of L-R" in message
             and "ELA ELB ELE ELG ELI ELK (left)" in message and "--network=teacher" in message)
     with pytest.raises(DataError, match=r"sc-PSG\.edf: cannot form the scalp derivations.*"
                                         r"A1-A2: no channel has A1 and A2"):
@@ -388,3 +390,131 @@ def test_labels_without_type_prefix_are_read(runs, tmp_path):
     write_edf(tmp_path / "excerpt3.edf", labels, 120.0, fs=EDF_RATE)
     result = predict.predict_recording(runs["scalp"][0], tmp_path / "excerpt3.edf", tmp_path / "o")
     assert result["inputs"]["C3-O1"] == "C3-A1 - O1-A1" and result["epochs"] == 4
+
+
+# The real Sleep-EDF PSG crop (tests/data/README.md): here, or in the shared data beside the
+# project.
+CROP_NAME = "SC4001E0-PSG-first300s.edf"
+REAL_CROP = next((p for p in [pathlib.Path(__file__).parent / "data" / "sleep-edf" / CROP_NAME,
+                              pathlib.Path(__file__).parents[2] / "shared" / "data" / "sleep-edf"
+                              / CROP_NAME] if p.is_file()), None)
+# The channel sets of the three real recordings a newcomer tried: the Sleep-EDF crop (two bipolar
+# channels and an EOG) and DREAMS excerpts (everything against A1, no A2, with EOG and EMG).
+REAL_CHANNEL_SETS = {
+    "sleep-edf": ("EEG Fpz-Cz", "EEG Pz-Oz", "EOG horizontal"),
+    "dreams": ("FP1-A1", "CZ-A1", "O1-A1", "C3-A1", "EOG1-A1", "EMG1"),
+    "dreams-reordered": ("O1-A1", "C3-A1", "FP1-A1", "EOG1-A1"),
+}
+
+
+def suggested_map(error: DataError) -> str:
+    import re
+
+    found = re.search(r"--channel_map='([^']*)'", str(error))
+    assert found, str(error)
+    return found.group(1)
+
+
+@pytest.mark.parametrize("channels", sorted(REAL_CHANNEL_SETS))
+def test_the_suggested_channel_map_runs_as_printed(runs, tmp_path, channels):
+    """Every suggestion stages the night when pasted back, for the scalp and the ear model; a
+    channel fills two inputs only where the recording has too few, and both the refusal and the
+    result say so. Inputs read as the channels they are, without "- mean()"."""
+    path = tmp_path / "night.edf"
+    write_edf(path, REAL_CHANNEL_SETS[channels], 150.0, fs=EDF_RATE)
+    for name in ("scalp", "ear"):
+        with pytest.raises(DataError) as refused:
+            predict.predict_recording(runs[name][0], path, tmp_path / "x")
+        pasted = suggested_map(refused.value)
+        result = predict.predict_recording(runs[name][0], path, tmp_path / name,
+                                           channel_map=pasted)
+        assert result["epochs"] == 5
+        assert not any("mean()" in formed for formed in result["inputs"].values())
+        if channels == "sleep-edf":
+            assert "fewer distinct EEG signals" in str(refused.value)
+            assert len(result["repeated_inputs"]) == 1
+            assert "repeats" in predict.repeat_warning(result["repeated_inputs"])
+        else:
+            assert result["repeated_inputs"] == {} and "repeats" not in str(refused.value)
+    assert pasted.count("=") == 3  # the ear model: all three inputs mapped
+
+
+def test_the_figure_reads_clock_time_and_carries_the_simulated_only_caveat(runs, edf_dir,
+                                                                           tmp_path, monkeypatch):
+    from eegkd_jax import model_card
+
+    drawn = {}
+    plot = report.plot_hypnogram
+
+    def spy(path, stages, **kwargs):
+        drawn.update(kwargs)
+        return plot(path, stages, **kwargs)
+
+    monkeypatch.setattr(report, "plot_hypnogram", spy)
+    result = predict.predict_recording(runs["ear"][0], edf_dir / "night1-PSG.edf", tmp_path)
+    assert drawn["clock_start"] == START.replace(tzinfo=None)
+    assert drawn["note"] == model_card.SIMULATED_CAVEAT  # the fixture's runs saw simulated nights
+    info = json.loads(result["json"].read_text())
+    assert info["start_time"] == "2017-03-01T22:00:00" and info["caveat"] == drawn["note"]
+    label, ticks = report.time_axis(drawn["clock_start"], 0.1)
+    assert label == "Clock time (recording started 2017-03-01 22:00:00)"
+    assert ticks(0.5) == "22:30:00" and report.time_axis(None, 1.0) == ("Time (hours)", None)
+
+
+@pytest.mark.skipif(REAL_CROP is None, reason="the Sleep-EDF PSG crop is not here")
+def test_stage_raw_from_python_matches_the_command(runs, tmp_path):
+    """``stage_raw`` on the real Sleep-EDF crop read by MNE gives, through the same code, the
+    stages and probabilities that ``predict_recording`` writes for the file."""
+    import mne
+
+    workdir = runs["scalp"][0]
+    channel_map = {"A1-A2": "EEG Fpz-Cz - EEG Pz-Oz", "C3-O1": "EEG Fpz-Cz", "C4-O2": "EEG Pz-Oz"}
+    raw = mne.io.read_raw_edf(REAL_CROP, verbose="error")
+    staging = predict.stage_raw(raw, workdir, channel_map)
+    assert staging.stages.shape == (10,) and staging.probabilities.shape == (10, 5)
+    assert staging.step == 1 and staging.repeated_inputs == {}
+    assert staging.trained_on_real_recordings is False
+    np.testing.assert_allclose(staging.onsets, 30.0 * np.arange(10))
+    assert staging.hypnogram == [report.STAGES[s] for s in staging.stages]
+    assert staging.records()[0]["onset"] == 0.0 and set(staging.records()[0]) == {
+        "onset", "stage", "p_W", "p_N1", "p_N2", "p_N3", "p_REM"}
+    result = predict.predict_recording(workdir, REAL_CROP, tmp_path, channel_map=channel_map)
+    _, stages, probabilities = report.read_hypnogram_tsv(result["tsv"])
+    np.testing.assert_array_equal(staging.stages, stages)
+    np.testing.assert_allclose(staging.probabilities, probabilities, atol=1e-4)
+    # A recording the model cannot read is refused as the command refuses it.
+    with pytest.raises(DataError, match="cannot form the scalp derivations"):
+        predict.stage_raw(raw, workdir)
+
+
+def run_command(*args, cwd=None):
+    """``python -m eegkd_jax.cli ARGS`` in a fresh process, as a user runs it (no test settings
+    that quiet TensorFlow)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).parents[1])
+    return subprocess.run([sys.executable, "-m", "eegkd_jax.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_predict_is_quiet_and_has_its_own_help(runs, edf_dir, tmp_path):
+    """No library chatter before the answer or the error: a good file prints the answer (and the
+    simulated-only warning), a bad one a single line; --help is the command's own, exit 0."""
+    workdir = runs["ear"][0]
+    done = run_command("predict", f"--checkpoint={workdir}", f"--out={tmp_path / 'o'}",
+                       str(edf_dir / "night1-PSG.edf"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("night1: 9 epochs staged (step 1)")
+    from eegkd_jax import model_card
+    assert done.stderr == model_card.SIMULATED_WARNING + "\n"
+    write_psg(tmp_path / "sc-PSG.edf", 60.0, fs=EDF_RATE, channels=("EEG Fpz-Cz",))
+    done = run_command("predict", f"--checkpoint={workdir}", str(tmp_path / "sc-PSG.edf"))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    done = run_command("predict", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: eegkd predict --checkpoint=RUN [flags] RECORDING")
+    assert "--channel_map:" in done.stdout and "one entry point" not in done.stdout

@@ -370,3 +370,29 @@ def test_loss_guard_running_level():
     assert guard.problem({"loss": float("inf")})[0] is loop.NonFiniteLossError
     low = loop.LossGuard(100.0, [{"loss": 1e-6}])  # trained to ~0: the level is at least 1
     assert low.problem({"loss": 0.5}) is None
+
+
+def test_the_model_card_names_the_checkpoint_the_other_commands_use(fake_pipeline, tmp_path,
+                                                                    monkeypatch):
+    """Validation at step 2 scores better than at the last step: the card records step 2 and its
+    scores (what eval, predict and export restore as "best"), the result the last step's."""
+    import itertools
+
+    from eegkd_jax import checkpoint, model_card
+    from eegkd_jax.train import loop
+
+    real = loop.evaluate
+    kappas = itertools.chain([0.5], itertools.repeat(0.1))
+
+    def scored(*args):
+        return {**real(*args), "kappa": next(kappas)}
+
+    monkeypatch.setattr(loop, "evaluate", scored)
+    result = loop.train_and_evaluate(tiny("supervised", max_steps=4), tmp_path)
+    assert result["step"] > 2 and result["kappa"] == 0.1
+    card = model_card.load(tmp_path)
+    assert card["metrics"]["step"] == 2 and card["metrics"]["validation"]["kappa"] == 0.5
+    assert isinstance(card["metrics"]["validation"]["num_epochs"], int)
+    checkpointer = checkpoint.Checkpointer(tmp_path, read_only=True)
+    assert checkpointer.best_step() == 2
+    checkpointer.close()

@@ -474,6 +474,8 @@ def _path_text(path: Path) -> str:
 
 
 def _side_text(side: tuple[Path, ...]) -> str:
+    if not side:  # a derivation that is one channel has no minus side
+        return ""
     texts = [_path_text(p) for p in side if p]
     if len(side) == 1:
         return texts[0] if texts else ""
@@ -626,24 +628,111 @@ def parse_channel_map(text: str, *, source: str = "--channel_map") -> dict[str, 
     return mapping
 
 
-def example_map(recording: Recording, specs: Sequence[str], problems: Mapping[str, str]) -> str:
-    """A channel map for the derivations in ``problems``, in command-line form: an electrode
-    under another name at the same place (A1 -> M1, T3 -> T7) where the recording has it, else
-    the recording's first EEG channel, to show the form."""
+def _family(electrode: str) -> str:
+    """The row of the 10-20 system an electrode lies on: C3, Cz, C4 -> "C"; Fp1, Fpz -> "Fp";
+    the ear lobes and the mastoids (A1, M2) -> "A"."""
+    row = electrode.rstrip("0123456789").removesuffix("z").upper()
+    return "A" if row == "M" else row
+
+
+def _signal_key(recording: Recording, spec: str) -> str | None:
+    """What ``spec`` is computed from, as text, so that two specs giving the same signal (up to
+    its sign) compare equal; None if it cannot be formed."""
+    try:
+        return explain(recording, spec).removeprefix("-")
+    except DataError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SuggestedMap:
+    """A channel map that the recording can give, for the derivations it lacks.
+
+    Attributes:
+      entries: {derivation: recording channels}, in the model's order.
+      repeated: {derivation: the input it repeats}: where the recording has fewer distinct EEG
+        signals than the model has inputs, these derivations get a signal another input has too.
+    """
+
+    entries: dict[str, str]
+    repeated: dict[str, str]
+
+    def text(self) -> str:
+        """Command-line form: "A1-A2=M1-M2,C4-O2=EEG Pz-Oz"."""
+        return ",".join(f"{k}={v}" for k, v in self.entries.items())
+
+
+def suggest_map(recording: Recording, specs: Sequence[str], problems: Mapping[str, str]
+                ) -> SuggestedMap:
+    """A channel map for the derivations in ``problems`` that forms every input from the
+    recording, each from a signal no other input uses where the recording has enough.
+
+    First, for a derivation X-Y, the same electrodes under another name (A1 -> M1, T3 -> T7), then
+    electrodes of the same rows of the 10-20 system (C4-O2 -> Cz-O1). Then the recording's EEG
+    channels as they are, each to the derivation it shares most electrode rows with (C3-O1 takes
+    "Pz-Oz" before A1-A2 does). When every EEG signal is taken, a derivation reuses the best
+    formable candidate and is listed in ``repeated``.
+    """
     labels = _eeg_labels(recording)
-    entries = []
+    channels = {c.label: c for c in _channels(recording)}
+    present = sorted({e for c in channels.values() for e in (c.plus, c.minus)
+                      if e is not None and e != COMMON}, key=str.casefold)
+    used: dict[str, str] = {}  # signal -> the input it feeds
     for spec in specs:
-        if spec not in problems:
-            continue
+        key = None if spec in problems else _signal_key(recording, spec)
+        if key is not None:
+            used.setdefault(key, spec)
+
+    def rows(spec: str) -> set[str]:
         parsed = parse_label(spec)
-        candidate = None
-        if parsed.electrode is not None and spec not in EAR_DERIVATIONS:
-            ends = [parsed.electrode, parsed.reference]
-            swapped = [STAND_INS.get(e, e) if e else e for e in ends]
-            trial = swapped[0] + (f"-{swapped[1]}" if swapped[1] else "")
-            if trial != spec and not unformable(recording, [trial]):
-                candidate = trial
-        if candidate is None:
-            candidate = labels[0] if labels else "CHANNEL"
-        entries.append(f"{spec}={candidate}")
-    return ",".join(entries)
+        return {_family(e) for e in (parsed.electrode, parsed.reference) if e}
+
+    def near(spec: str) -> list[str]:  # same electrodes renamed, or the same rows
+        parsed = parse_label(spec)
+        if parsed.electrode is None or spec in EAR_DERIVATIONS:
+            return []
+        ends = [parsed.electrode, parsed.reference]
+        swapped = [STAND_INS.get(e, e) if e else e for e in ends]
+        found = [swapped[0] + (f"-{swapped[1]}" if swapped[1] else "")]
+        pools = [[e for e in present if _family(e) == _family(end)] if end else [None]
+                 for end in ends]
+        return found + [a + (f"-{b}" if b else "") for a in pools[0] for b in pools[1] if a != b]
+
+    def formable(candidates: Sequence[str], spec: str) -> list[tuple[str, str]]:
+        return [(c, k) for c in dict.fromkeys(candidates)
+                if c != spec and (k := _signal_key(recording, c)) is not None]
+
+    wanted = [spec for spec in specs if spec in problems]
+    entries: dict[str, str] = {}
+    for spec in wanted:
+        fresh = [(c, k) for c, k in formable(near(spec), spec) if k not in used]
+        if fresh:
+            entries[spec], key = fresh[0]
+            used[key] = spec
+
+    def shared(spec: str, label: str) -> int:
+        channel = channels[label]
+        return len(rows(spec) & {_family(e) for e in (channel.plus, channel.minus)
+                                 if e and e != COMMON})
+
+    left = [spec for spec in wanted if spec not in entries]
+    by_fit = sorted(left, key=lambda spec: -max((shared(spec, x) for x in labels), default=0))
+    repeated = {}
+    for spec in by_fit:
+        ranked = sorted(labels, key=lambda x: -shared(spec, x))  # stable: recording order on ties
+        candidates = formable(near(spec) + ranked, spec)
+        fresh = [(c, k) for c, k in candidates if k not in used]
+        if fresh:
+            entries[spec], key = fresh[0]
+            used[key] = spec
+        elif candidates:
+            entries[spec], key = candidates[0]
+            repeated[spec] = used[key]
+        else:
+            entries[spec] = "CHANNEL"
+    return SuggestedMap({spec: entries[spec] for spec in wanted}, repeated)
+
+
+def example_map(recording: Recording, specs: Sequence[str], problems: Mapping[str, str]) -> str:
+    """``suggest_map`` in command-line form."""
+    return suggest_map(recording, specs, problems).text()

@@ -43,6 +43,7 @@ from eegkd_jax import errors
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card
 from eegkd_jax import parallel
+from eegkd_jax.train import settings
 from eegkd_jax.train import state as state_lib
 from eegkd_jax.train import steps as steps_lib
 
@@ -279,6 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       DivergedError / NonFiniteLossError: training went wrong; the message names the last good
         checkpoint.
     """
+    settings.check_config(config)  # nonsense values are refused before anything starts
     parallel.maybe_initialize_distributed(config.distributed)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -552,6 +554,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         raise
     _close_all(closers, failing=False)
     final_step = int(jax.device_get(state.step))
-    # What the networks were trained on, for predict and export to show (eegkd_jax.model_card).
-    model_card.save(workdir, model_card.build(config, cohort, splits, validation, step=final_step))
+    # What the networks were trained on, for predict and export to show (eegkd_jax.model_card),
+    # with the scores of the checkpoint they restore: the best, not necessarily the last.
+    best_step, best_validation = checkpointer.best_validation()
+    model_card.save(workdir, model_card.build(config, cohort, splits, best_validation,
+                                              step=best_step))
     return {"step": final_step, **validation}
