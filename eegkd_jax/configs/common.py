@@ -70,6 +70,9 @@ def usleep_config() -> ml_collections.ConfigDict:
     m.complexity_factor = 1.67
     m.num_classes = 5
     m.dtype = "float32"  # compute dtype; parameters stay float32
+    # "torch": PyTorch's layer defaults, as the original project; "glorot": Glorot-uniform kernels
+    # and zero biases, as the U-Sleep authors' own implementation (models/layers.py).
+    m.initializer = "torch"
     return m
 
 
@@ -133,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.kd.response_weight = 0.0  # T^2-scaled KL between softened teacher and student outputs
     c.kd.temperature = 4.0
     c.kd.variant = "original"  # online KD: "original" | "mutual"
+    # Offline KD control: each ear window learns from another window's teacher targets (rolled by
+    # one along the batch), so the pairing of scalp and ear is broken while the targets stay real.
+    c.kd.unpaired = False
     c.kd.teacher_workdir = ""  # offline KD / transfer: workdir of the trained scalp model
     c.kd.teacher_checkpoint = "best"  # which of its checkpoints: "best" (val kappa), "latest" or a step
 
@@ -145,17 +151,24 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def cpu_sized(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Settings that learn on a 2-core CPU within minutes: 2-h simulated nights at 50 Hz (the
+    """Settings that learn on a 2-core CPU within minutes: whole 7.5-h simulated nights (real
+    stage dynamics; shorter nights would be time-compressed, see data/simulate.py) at 50 Hz (the
     0.3-35 Hz band is filtered at the recording's rate before resampling, and the sleep rhythms
     lie below 25 Hz), U-Sleep over 7-epoch sequences as the U-Sleep paper trains it (context from
-    the neighbouring epochs), depth 8, and a higher rate decayed to 0 so the final weights settle."""
-    c.data.simulated.hours = 2.0
+    the neighbouring epochs), depth 8, initialised as the U-Sleep authors' implementation does
+    (Glorot; with PyTorch's defaults the ear-only network does not learn, docs/ear_only.md), and
+    1,200 steps at a higher rate decayed to 0 so the final weights settle."""
+    c.data.simulated.hours = 7.5
     c.data.sampling_rate = 50.0
     c.data.sequence_length = 7
     for m in (c.model, c.teacher):
         m.depth = 8
+        m.initializer = "glorot"
     c.batch_size = 8  # sequences of 7 epochs: 56 epochs per step
-    c.num_epochs = 6  # passes over the training windows (every start epoch)
+    c.num_epochs = 10  # an upper bound: max_steps ends the run within the second pass
+    c.max_steps = 1200
+    c.eval_every_steps = 200
+    c.checkpoint_every_steps = 200
     c.log_every_steps = 50
     c.optimizer.learning_rate = 4e-3
     c.optimizer.schedule = "cosine"
@@ -211,6 +224,8 @@ def apply_size_variant(c: ml_collections.ConfigDict, words: set[str]) -> ml_coll
         c.batch_size = 32
         c.num_epochs = 10
         c.max_steps = -1
+        c.eval_every_steps = -1
+        c.checkpoint_every_steps = -1
         c.log_every_steps = 100
         c.optimizer.learning_rate = 1e-3
         c.optimizer.schedule = "constant"
