@@ -7,9 +7,10 @@ For every fold (one test subject):
 1. validation subjects are taken from the fold's training side (the subjects that follow the test
    subject in sorted order, wrapping around), never the test subject;
 2. each method is trained with ``train.loop.train_and_evaluate`` on the fold's split, in its own
-   sub-workdir ``<workdir>/fold-XX-<subject>/<method>``: the scalp teacher (supervised :scalp),
-   the ear baseline (supervised :ear), transfer learning and offline KD (both from that fold's
-   teacher), online KD and mutual learning;
+   sub-workdir ``<workdir>/fold-XX-<subject>/seed-N/<method>``: the scalp teacher (supervised
+   :scalp), the ear baseline, the ear baseline at the compute of teacher and student together,
+   transfer learning and offline KD (both from that fold's teacher; offline KD also from an
+   unpaired teacher, the control), online KD (configs/loso.py lists them);
 3. each run is scored on the test subject with ``evaluate.evaluate_checkpoint`` using its best
    checkpoint by *validation* kappa (``study.checkpoint``); nothing is ever chosen on the test
    subject.
@@ -18,9 +19,12 @@ Every fold is run for each of ``study.seeds``, so the methods are compared paire
 seed; the classical floors (``eegkd_jax.baseline``) are scored on every fold beside them.
 
 Results: ``<workdir>/results.md``, ``results.csv`` and ``results.png`` (kappa, macro-F1 and accuracy
-per method, mean and sample SD over runs, the paired kappa difference to ear-only with a 95%
-bootstrap CI and a Wilcoxon p), ``per_run.csv`` (one row per fold, seed and method, with its
-train / validation / test subjects), ``folds/<fold>-seed-<seed>.json``.
+per method, mean and sample SD over runs; the primary endpoint of configs/loso.py: the paired
+kappa difference to the compute-matched ear-only run with a 95% bootstrap CI, an exact Wilcoxon
+p and Holm's correction over the KD methods, and the difference to the unpaired control; against
+the true stages on simulated nights; per-stage F1), ``confusion.md`` (pooled confusion matrices),
+``per_run.csv`` (one row per fold, seed and method, with its train / validation / test subjects),
+``folds/<fold>-seed-<seed>.json``.
 
 Parts: studies whose configs differ only in which folds and seeds they run (one machine each, say)
 are tabulated as one with ``--combine=DIR,DIR,... --workdir=OUT`` (:func:`combine_studies`).

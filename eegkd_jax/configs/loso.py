@@ -14,15 +14,14 @@ schedule): all methods are compared on the same data with the same networks. Wha
 transfer.py, offline_kd.py, online_kd.py), so the study trains exactly what ``train.py`` would.
 
 Without a variant every fold (each of the 9 simulated subjects held out once) runs for each of
-``study.seeds`` (0, 1, 2) and every method: 8 methods x 27 runs, each a CPU-sized default run
-(minutes each on a 2-core CPU, so many hours in all). ``:reduced`` holds out three subjects
-(sim-01, sim-05, sim-09) and trains depth-6 U-Sleeps over 5-epoch sequences for 300 steps, so
-that it fits the 90 minutes a 2-core CPU may take: all nine folds at that size would not, and
-shorter nights or sequences learned less (what each cost and scored:
-benchmarks/results/2026-12-04-loso-reduced/timing.md). The other six folds at the same size run
-as a second study (``--config.study.test_subjects`` naming them) and the two tabulate as one with
-``--combine`` (benchmarks/results/2026-12-04-loso-nine-folds/). ``:paper`` is the original's
-full-size setting, for accelerators; ``:tiny`` is what the tests run.
+``study.seeds`` (0, 1, 2) and the methods of ``DEFAULT_METHODS``: the scalp teacher, ear-only,
+the two controls (ear-only at the compute of teacher and student; offline KD from an unpaired
+teacher), transfer, offline KD (sample and epoch targets) and online KD, each a CPU-sized default
+run (a few minutes on a 2-core CPU, so hours in all: run it in parts, one set of folds each,
+``--config.study.test_subjects``, and join them with ``--combine``). ``REFERENCE`` and ``PRIMARY``
+below fix the primary endpoint before anything runs. ``:reduced`` trains depth-6 U-Sleeps over
+5-epoch sequences for 300 steps on three folds (sim-01, sim-05, sim-09); ``:paper`` is the
+original's full-size setting, for accelerators; ``:tiny`` is what the tests run.
 """
 
 import ml_collections
