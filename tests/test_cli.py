@@ -62,7 +62,7 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         announce("resumed from step 2 of 4: checkpoint runs/x/checkpoints/2")
         return {"step": 4, "kappa": 0.25, "teacher_kappa": 0.5, "accuracy": 0.123456}
 
-    def fake_train_with_card(config, workdir):
+    def fake_train_with_card(config, workdir, *, announce):
         # The run's card records the best checkpoint, step 2, as the training loop writes it.
         from eegkd_jax import model_card
         from test_model_card import SPLITS, fake_cohort
@@ -70,7 +70,7 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         card = model_card.build(config, fake_cohort(), SPLITS,
                                 {"kappa": 0.3, "teacher_kappa": 0.45, "accuracy": 0.5}, step=2)
         model_card.save(workdir, card)
-        return fake_train(config, workdir)
+        return fake_train(config, workdir, announce=announce)
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     from eegkd_jax import baseline, compilation_cache, errors
