@@ -176,6 +176,12 @@ def test_referenced_labels_and_a_hypnogram_named_on_the_command_line(tmp_path, c
     assert summary["epochs_past_end_of_signal"] == {"scored": 1, "unscored": 0}
     # Without the option the file is unscored; a hypnogram for a directory is refused.
     assert json.loads(run_main(capsys, tmp_path / "excerpt3.edf")[1])["scored"] is False
+    # DREAMS keeps its scoring as a signal channel: inspect says it is there.
+    write_edf(tmp_path / "excerpt4.edf", (*labels, "hypnogram"), 190.0, fs=50.0, start=start,
+              rates={"hypnogram": 1.0})
+    summary = json.loads(run_main(capsys, tmp_path / "excerpt4.edf")[1])
+    assert summary["scored"] is False and summary["scoring_channel"] == "hypnogram"
+    assert "--hypnogram" in summary["note"]
     code, _, err = run_main_with(capsys, tmp_path, "--hypnogram", str(tmp_path / "scoring.edf"))
     assert code == 1 and "--hypnogram goes with an EDF file" in err
 

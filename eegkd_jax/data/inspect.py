@@ -166,6 +166,12 @@ def inspect_edf(path: pathlib.Path, hypnogram: str | pathlib.Path | None = "auto
     if hypnogram is None:
         summary.update({"scored": False, "hypnogram": None,
                         "epochs": int(duration // EPOCH_SECONDS), "epochs_per_stage": None})
+        # DREAMS-style files carry their scoring as a signal; say so rather than look unscored.
+        scoring = [c["name"] for c in channels if "hypnogram" in c["name"].lower()]
+        if scoring:
+            summary["scoring_channel"] = scoring[0]
+            summary["note"] = (f"the file holds a scoring signal {scoring[0]!r}, which eegkd does "
+                               "not read: give the scoring as an EDF+ hypnogram (--hypnogram)")
     else:
         summary.update(_scoring(path, pathlib.Path(hypnogram), header))
     return summary
