@@ -1,5 +1,6 @@
 """The `eegkd` command: dispatch, config lookup, the train command's flags, and a package that
 holds the library and the command (and neither configs/ nor tests/)."""
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,23 @@ from eegkd_jax import cli
 from test_edf import REAL_HYPNOGRAM
 
 ROOT = pathlib.Path(__file__).parent.parent
+
+
+@contextlib.contextmanager
+def absl_command(holder: str = "_TRAIN_FLAGS"):
+    """Runs an absl command of ``cli`` inside (train by default); afterwards the flags it defined
+    are gone again and ``cli.<holder>`` forgets it held them, so the next test defines them
+    afresh (train and eval define some of the same names)."""
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    try:
+        yield
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        setattr(cli, holder, None)
 
 
 def test_usage_and_unknown_commands(capsys):
@@ -51,8 +69,6 @@ def test_config_names_resolve_to_packaged_configs(tmp_path, monkeypatch):
 
 
 def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch, capsys):
-    from absl import flags
-
     from eegkd_jax.train import loop
 
     seen = {}
@@ -79,17 +95,11 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
     monkeypatch.setattr(baseline, "validation_floors", lambda data: {"ear": 0.1, "scalp": 0.2})
     monkeypatch.setattr(errors, "_in_cli", False)  # parse_flags sets it for the process
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    before = set(flags.FLAGS)
-    try:
+    with absl_command():
         with pytest.raises(SystemExit) as done:
             cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
                       "--config.seed=3", f"--workdir={tmp_path / 'run'}"])
         assert done.value.code in (0, None)
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._TRAIN_FLAGS = None  # the flags it held are gone
     assert seen["config"].mode == "online_kd" and seen["config"].seed == 3
     assert seen["config"].max_steps == 4 and seen["workdir"] == str(tmp_path / "run")
     out = capsys.readouterr().out.splitlines()
@@ -103,17 +113,11 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
 
     # With the run's card (every real run has one): the final line is the best checkpoint's.
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train_with_card)
-    before = set(flags.FLAGS)
-    try:
+    with absl_command():
         with pytest.raises(SystemExit) as done:
             cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
                       f"--workdir={tmp_path / 'run2'}"])
         assert done.value.code in (0, None)
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._TRAIN_FLAGS = None
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == ("validation kappa: student (ear) 0.300 (floor 0.100), teacher (scalp) 0.450 "
                        "(floor 0.200) at step 2, the best checkpoint (eval, predict and export use "
@@ -121,44 +125,28 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
 
 
 def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
-    from absl import flags
-
     from eegkd_jax import errors
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(errors, "_in_cli", False)
-    before = set(flags.FLAGS)
-    try:
+    with absl_command():
         with pytest.raises(SystemExit) as done:
             cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
                       "--config.optimiser.learning_rate=1"])
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._TRAIN_FLAGS = None  # the flags it held are gone
     err = capsys.readouterr().err
     assert done.value.code == 1 and err.count("\n") == 1
     assert err.startswith("error: --config.optimiser") and "optimizer" in err
 
 
 def test_a_setting_that_cannot_be_meant_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    from absl import flags
-
     from eegkd_jax import errors
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(errors, "_in_cli", False)
-    before = set(flags.FLAGS)
-    try:
+    with absl_command():
         with pytest.raises(SystemExit) as done:
             cli.main(["train", f"--config={ROOT / 'configs' / 'supervised.py'}:tiny",
                       "--config.optimizer.learning_rate=-0.004", f"--workdir={tmp_path / 'run'}"])
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._TRAIN_FLAGS = None
     captured = capsys.readouterr()
     assert done.value.code == 1 and captured.out == ""
     assert captured.err == ("error: config.optimizer.learning_rate=-0.004 cannot be meant: it must "

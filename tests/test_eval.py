@@ -132,20 +132,16 @@ def _eval_flags():
     the root logger, a filter on absl's handler)."""
     import logging
 
-    from absl import flags
     from absl import logging as absl_logging
 
     from eegkd_jax import cli
+    from test_cli import absl_command
 
-    before = set(flags.FLAGS)
-    cli.define_eval_flags()
     try:
-        yield
+        with absl_command("_EVAL_FLAGS"):
+            cli.define_eval_flags()
+            yield
     finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        cli._EVAL_FLAGS = None
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
