@@ -42,7 +42,7 @@ def data_config() -> ml_collections.ConfigDict:
     d.simulated.hours = 7.5
     d.simulated.seed = 0
     # Labels are a simulated scorer's reading of the true stages, at the per-stage agreement of
-    # Rosenberg & Van Hout 2013 (see simulate.py); False: labels are the true stages.
+    # Rosenberg & Van Hout 2013 (docs/simulator.md); False: labels are the true stages.
     d.simulated.scorer_disagreement = True
 
     # Subject-level splits; subjects are ids such as "sub-001". Empty validation / test lists mean
