@@ -1,36 +1,33 @@
-"""Sleep-staging metrics computed from a confusion matrix, in plain numpy.
+"""Sleep-staging metrics (scikit-learn's) over whole nights, and the nights rebuilt from batches.
 
-Every number here comes from one confusion matrix accumulated over *all* scored epochs of whatever
-is being summarised (a subject, or every subject pooled), never from averaging batch-level scores:
-batch means weight a nearly empty last batch like a full one and make kappa meaningless.
+Every number comes from all scored epochs of what is summarised (a subject, or every subject
+pooled), never from averaging batch-level scores: batch means weight a nearly empty last batch
+like a full one and make kappa meaningless.
 
 Conventions:
   * Labels are 0=W 1=N1 2=N2 3=N3 4=REM (``STAGES``); -1 marks an epoch that was not scored. Such
     epochs are left out of every count, whatever was predicted for them.
-  * The confusion matrix has true stages on the rows and predicted stages on the columns.
-  * A ratio whose denominator is zero is reported as 0.0, never NaN. This is scikit-learn's
-    ``zero_division=0`` convention and what the original PyTorch evaluation did, so numbers are
-    comparable with both. In particular a stage that occurs neither in the truth nor in the
-    predictions gets precision = sensitivity = F1 = 0, and still counts as one of the five classes
-    in every macro average (``macro_f1`` equals ``f1_score(average="macro", labels=range(5),
-    zero_division=0)``). Look at ``support`` to see which stages were present.
-  * G-mean: ``sqrt(macro_sensitivity * macro_specificity)``, the definition used by the cross-modal
-    KD paper's evaluation code (and common in class-imbalanced sleep staging, where it rewards a
-    model only if it is both sensitive and specific across stages). Per-class G-means
-    ``sqrt(sensitivity_c * specificity_c)`` are reported alongside.
-  * Cohen's kappa ``(p_o - p_e) / (1 - p_e)`` is undefined when the expected agreement ``p_e`` is 1,
-    which happens only when truth and predictions are all one and the same stage; the agreement is
-    then perfect and we report 1.0 (scikit-learn's ``replace_undefined_by=1.0``). With no scored
-    epochs at all every metric is 0.0 and ``num_epochs`` is 0.
+  * Confusion matrices have true stages on the rows and predicted stages on the columns.
+  * A ratio whose denominator is zero is 0.0 (scikit-learn's ``zero_division=0``, and what the
+    original PyTorch evaluation did); a stage absent from truth and predictions still counts as
+    one of the five classes in every macro average. Look at ``support`` to see which were present.
+  * Kappa is 1.0 where it is undefined (truth and predictions all one and the same stage:
+    ``replace_undefined_by=1.0``); with no scored epochs every metric is 0.0.
+  * G-mean: ``sqrt(macro_sensitivity * macro_specificity)``, as the cross-modal KD paper's
+    evaluation code defines it; per-class ``sqrt(sensitivity_c * specificity_c)`` beside it.
+    Specificity is the one ratio computed here: scikit-learn has no specificity score.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
 
 from eegkd_jax.data.recording import NUM_CLASSES, STAGES, UNSCORED, DataError
 
@@ -41,10 +38,9 @@ SUBJECT_LEVEL_METRICS = ("accuracy", "kappa", "macro_f1", "g_mean")
 
 
 def _as_labels(values: Any, what: str, source: str) -> np.ndarray:
-    """Integer numpy view of label-like input (numpy, jax or nested lists), any shape."""
+    """Integer numpy view of label-like input (numpy, jax or nested lists), flattened."""
     arr = np.asarray(values)
-    if arr.size == 0:
-        # np.asarray([]) is float64; an empty input is valid whatever its dtype.
+    if arr.size == 0:  # np.asarray([]) is float64; an empty input is valid whatever its dtype
         return arr.astype(np.int64).reshape(-1)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise DataError(source, f"{what} must be integer stage indices, got dtype {arr.dtype}")
@@ -72,62 +68,35 @@ def confusion_matrix(
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    true_shape, pred_shape = np.shape(y_true), np.shape(y_pred)
-    if true_shape != pred_shape:
-        raise DataError(source, f"labels have shape {true_shape} but predictions {pred_shape}")
+    if np.shape(y_true) != np.shape(y_pred):
+        raise DataError(source, f"labels have shape {np.shape(y_true)} but predictions "
+                                f"{np.shape(y_pred)}")
     truth = _as_labels(y_true, "labels", source)
     pred = _as_labels(y_pred, "predictions", source)
-
-    bad_truth = (truth < UNSCORED) | (truth >= num_classes)
-    if bad_truth.any():
-        i = int(np.flatnonzero(bad_truth)[0])
-        raise DataError(
-            source,
-            f"label {truth[i]} at flat index {i} is outside {UNSCORED}..{num_classes - 1} "
-            f"({int(bad_truth.sum())} such labels)",
-        )
+    _refuse(truth, (truth < UNSCORED) | (truth >= num_classes), "label",
+            f"{UNSCORED}..{num_classes - 1}", "labels", source)
     scored = truth != UNSCORED
-    bad_pred = scored & ((pred < 0) | (pred >= num_classes))
-    if bad_pred.any():
-        i = int(np.flatnonzero(bad_pred)[0])
-        raise DataError(
-            source,
-            f"prediction {pred[i]} at flat index {i} is outside 0..{num_classes - 1} "
-            f"({int(bad_pred.sum())} such predictions on scored epochs)",
-        )
-    flat = truth[scored] * num_classes + pred[scored]
-    counts = np.bincount(flat, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(np.int64)
+    _refuse(pred, scored & ((pred < 0) | (pred >= num_classes)), "prediction",
+            f"0..{num_classes - 1}", "predictions on scored epochs", source)
+    if not scored.any():
+        return np.zeros((num_classes, num_classes), np.int64)
+    return skm.confusion_matrix(truth[scored], pred[scored],
+                                labels=np.arange(num_classes)).astype(np.int64)
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Elementwise numerator / denominator with 0.0 where the denominator is 0 (no warning)."""
-    numerator = np.asarray(numerator, dtype=np.float64)
-    denominator = np.asarray(denominator, dtype=np.float64)
-    out = np.zeros(np.broadcast(numerator, denominator).shape, dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator != 0)
-    return out
-
-
-def _kappa(confusion: np.ndarray) -> float:
-    n = int(confusion.sum())
-    if n == 0:
-        return 0.0
-    true_totals = confusion.sum(axis=1)
-    pred_totals = confusion.sum(axis=0)
-    # Integer arithmetic decides the degenerate case exactly: p_e == 1 iff sum(r_i c_i) == n^2.
-    chance_pairs = int(np.dot(true_totals, pred_totals))
-    if chance_pairs == n * n:
-        return 1.0
-    observed = np.trace(confusion) / n
-    expected = chance_pairs / (n * n)
-    return float((observed - expected) / (1.0 - expected))
+def _refuse(values: np.ndarray, bad: np.ndarray, what: str, allowed: str, plural: str,
+            source: str) -> None:
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(source, f"{what} {values[i]} at flat index {i} is outside {allowed} "
+                                f"({int(bad.sum())} such {plural})")
 
 
 def summarize(
     confusion: Any, class_names: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """Every reported metric from one confusion matrix (rows true, columns predicted).
+    """Every reported metric of the epochs one confusion matrix counts (rows true, columns
+    predicted), by scikit-learn.
 
     Args:
       confusion: (K, K) non-negative integer counts, e.g. from ``confusion_matrix``.
@@ -163,50 +132,48 @@ def summarize(
     if len(class_names) != k:
         raise ValueError(f"{len(class_names)} class names for a {k}x{k} confusion matrix")
 
-    n = int(counts.sum())
-    tp = np.diag(counts)
-    support = counts.sum(axis=1)  # true epochs per class
-    predicted = counts.sum(axis=0)  # epochs predicted as each class
-    fp = predicted - tp
-    fn = support - tp
-    tn = n - tp - fp - fn
-
-    precision = _ratio(tp, tp + fp)
-    sensitivity = _ratio(tp, tp + fn)
-    specificity = _ratio(tn, tn + fp)
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    # The epochs the matrix counts, as the (true, predicted) pairs scikit-learn takes.
+    pairs = np.repeat(np.arange(k * k), counts.reshape(-1))
+    y_true, y_pred = pairs // max(k, 1), pairs % max(k, 1)
+    n, labels = int(pairs.size), np.arange(k)
+    support, predicted = counts.sum(axis=1), counts.sum(axis=0)
+    zeros = np.zeros(k)
+    precision, sensitivity, f1, accuracy, kappa = zeros, zeros, zeros, 0.0, 0.0
+    if n:
+        with warnings.catch_warnings():  # zero_division and replace_undefined_by say the value
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            precision, sensitivity, f1, _ = skm.precision_recall_fscore_support(
+                y_true, y_pred, labels=labels, zero_division=0)
+            kappa = skm.cohen_kappa_score(y_true, y_pred, labels=labels, replace_undefined_by=1.0)
+        accuracy = skm.accuracy_score(y_true, y_pred)
+    negatives = n - support  # epochs of the other stages
+    false_positives = predicted - np.diag(counts)
+    specificity = np.divide(negatives - false_positives, negatives, out=np.zeros(k),
+                            where=negatives > 0)
     class_g_mean = np.sqrt(sensitivity * specificity)
-
-    macro_sensitivity = float(sensitivity.mean()) if k else 0.0
-    macro_specificity = float(specificity.mean()) if k else 0.0
+    macro = {name: float(values.mean()) if k else 0.0 for name, values in
+             (("f1", f1), ("precision", precision), ("sensitivity", sensitivity),
+              ("specificity", specificity))}
     per_class = {
-        name: {
-            "precision": float(precision[c]),
-            "sensitivity": float(sensitivity[c]),
-            "specificity": float(specificity[c]),
-            "f1": float(f1[c]),
-            "g_mean": float(class_g_mean[c]),
-            "support": int(support[c]),
-            "predicted": int(predicted[c]),
-        }
+        name: {"precision": float(precision[c]), "sensitivity": float(sensitivity[c]),
+               "specificity": float(specificity[c]), "f1": float(f1[c]),
+               "g_mean": float(class_g_mean[c]), "support": int(support[c]),
+               "predicted": int(predicted[c])}
         for c, name in enumerate(class_names)
     }
     return {
         "num_epochs": n,
-        "accuracy": float(_ratio(np.trace(counts), n)),
-        "kappa": _kappa(counts),
-        "macro_f1": float(f1.mean()) if k else 0.0,
-        "macro_precision": float(precision.mean()) if k else 0.0,
-        "macro_sensitivity": macro_sensitivity,
-        "macro_specificity": macro_specificity,
-        "g_mean": math.sqrt(macro_sensitivity * macro_specificity),
+        "accuracy": float(accuracy),
+        "kappa": float(kappa),
+        "macro_f1": macro["f1"],
+        "macro_precision": macro["precision"],
+        "macro_sensitivity": macro["sensitivity"],
+        "macro_specificity": macro["specificity"],
+        "g_mean": math.sqrt(macro["sensitivity"] * macro["specificity"]),
         "per_class": per_class,
         "support": {name: int(support[c]) for c, name in enumerate(class_names)},
-        "confusion_matrix": {
-            "note": CONFUSION_NOTE,
-            "labels": list(class_names),
-            "counts": counts.tolist(),
-        },
+        "confusion_matrix": {"note": CONFUSION_NOTE, "labels": list(class_names),
+                             "counts": counts.tolist()},
     }
 
 
