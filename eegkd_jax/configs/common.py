@@ -9,9 +9,15 @@ Field groups:
   optimizer  Adam as the original's (betas, eps, L2 weight decay), with a CPU-sized rate and schedule.
   kd         distillation weights and temperature.
 
-The defaults are sized for a 2-core CPU (:func:`cpu_sized`): every mode finishes in minutes on
-the simulated cohort and learns past the classical floor. ``:paper`` restores the original's
-full-size networks, rate and schedule (:func:`apply_size_variant`); ``:tiny`` is the tests' smoke run.
+The defaults are sized for a 2-core CPU: every mode finishes in minutes on the simulated cohort
+and learns past the classical floor. Whole 7.5-h nights (shorter ones would be time-compressed,
+see docs/simulator.md) at 50 Hz (the 0.3-35 Hz band is filtered at the recording's rate before
+resampling, and the sleep rhythms lie below 25 Hz); U-Sleep over 7-epoch sequences as the U-Sleep
+paper trains it, depth 8, initialised as the U-Sleep authors' implementation does (Glorot; with
+PyTorch's defaults the ear-only network does not learn, docs/ear_only.md); 1,200 steps at a
+higher rate decayed to 0 so the final weights settle. ``:paper`` restores the original's
+full-size networks, rate and schedule (:func:`apply_size_variant`); ``:tiny`` is the tests' smoke
+run.
 """
 
 import ml_collections
@@ -23,9 +29,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.source = "simulated"
     d.path = ""  # directory of the cohort for "eesm17" / "edf"
     d.cache_dir = "data/tfds"  # where built TFDS shards live, reused across runs
-    d.sampling_rate = 200.0  # the model rate; recordings are resampled to it
+    d.sampling_rate = 50.0  # the model rate; recordings are resampled to it
     d.epoch_seconds = 30.0
-    d.sequence_length = 1  # L consecutive epochs per example (1 = single 30-s windows)
+    d.sequence_length = 7  # L consecutive epochs per example (1 = single 30-s windows)
     d.scalp_derivations = ("A1-A2", "C3-O1", "C4-O2")
     d.ear_derivations = ("L-R", "L_E", "R_E")
     # Per-subject electrodes to leave out of the ear averages, e.g. {"sub-003": ("ELK", "ERA")}.
@@ -101,13 +107,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = data_config()
     c.model = usleep_config()  # the ear model (student / baseline)
     c.teacher = usleep_config()  # the scalp model
+    for m in (c.model, c.teacher):
+        m.depth = 8
+        m.initializer = "glorot"
 
-    c.batch_size = 32  # global, across all devices and hosts
-    c.num_epochs = 10  # passes over the training subjects
-    c.max_steps = -1  # >0 caps the run (tiny configs)
+    c.batch_size = 8  # global, across all devices and hosts: sequences of 7 epochs, 56 epochs
+    c.num_epochs = 10  # passes over the training subjects; an upper bound when max_steps > 0
+    c.max_steps = 1200  # >0 ends the run there (within the second pass here)
     c.log_every_steps = 50
-    c.eval_every_steps = -1  # -1: once per epoch
-    c.checkpoint_every_steps = -1  # -1: once per epoch
+    c.eval_every_steps = 200  # -1: once per epoch
+    c.checkpoint_every_steps = 200  # -1: once per epoch
     c.keep_checkpoints = 2
     # Train steps run per compiled call (parallel.jit_train_steps, written out one after another);
     # calls end at every log, eval and checkpoint step, so those see the same states as with 1.
@@ -118,12 +127,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 4e-3
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-9
     c.optimizer.weight_decay = 1e-4  # L2 added to the gradient, as torch.optim.Adam does
-    c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.schedule = "cosine"  # constant | cosine
     c.optimizer.warmup_steps = 0
     c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
@@ -147,32 +156,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
-    return cpu_sized(c)
-
-
-def cpu_sized(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Settings that learn on a 2-core CPU within minutes: whole 7.5-h simulated nights (real
-    stage dynamics; shorter nights would be time-compressed, see data/simulate.py) at 50 Hz (the
-    0.3-35 Hz band is filtered at the recording's rate before resampling, and the sleep rhythms
-    lie below 25 Hz), U-Sleep over 7-epoch sequences as the U-Sleep paper trains it (context from
-    the neighbouring epochs), depth 8, initialised as the U-Sleep authors' implementation does
-    (Glorot; with PyTorch's defaults the ear-only network does not learn, docs/ear_only.md), and
-    1,200 steps at a higher rate decayed to 0 so the final weights settle."""
-    c.data.simulated.hours = 7.5
-    c.data.sampling_rate = 50.0
-    c.data.sequence_length = 7
-    for m in (c.model, c.teacher):
-        m.depth = 8
-        m.initializer = "glorot"
-    c.batch_size = 8  # sequences of 7 epochs: 56 epochs per step
-    c.num_epochs = 10  # an upper bound: max_steps ends the run within the second pass
-    c.max_steps = 1200
-    c.eval_every_steps = 200
-    c.checkpoint_every_steps = 200
-    c.log_every_steps = 50
-    c.optimizer.learning_rate = 4e-3
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 0
     return c
 
 
