@@ -131,7 +131,8 @@ class NightsCohort:
 
 def run_resident(model, mode, batch, steps, steps_per_call, cohort) -> dict:
     from eegkd_jax import parallel
-    from eegkd_jax.data import resident
+    from eegkd_jax.data import pipeline, resident
+    from eegkd_jax.data.sampler import Sampler
 
     mesh = parallel.make_mesh()
     args = types.SimpleNamespace(batch=batch, steps=steps, warmup=0, dtype="float32",
@@ -139,8 +140,10 @@ def run_resident(model, mode, batch, steps, steps_per_call, cohort) -> dict:
     step, init_state, _ = train_step.MODES[mode](train_step.model_config(model, "float32"),
                                                  args, mesh)
     keys = ("ear",) if mode == "supervised" else ("scalp", "ear")
-    data = resident.ResidentData(cohort, cohort.subjects[:-1], cohort.data_cfg, keys=keys, mesh=mesh,
-                                 global_batch_size=batch, seed=0)
+    subjects = cohort.subjects[:-1]
+    windows = pipeline.training_windows(cohort, subjects, cohort.data_cfg)
+    data = resident.ResidentData(cohort, subjects, cohort.data_cfg, keys=keys, mesh=mesh,
+                                 sampler=Sampler(len(windows), batch, mesh.devices.size, seed=0))
     run = parallel.jit_train_steps(step, mesh, gather=data.gather)
     add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
     replicated = parallel.replicated_sharding(mesh)

@@ -280,7 +280,8 @@ def evaluate_checkpoint(
         )
         batches = pipeline.eval_batches(
             cohort, subjects, config.data, global_batch_size=batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            num_shards=mesh.devices.size, process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         predict_nights(
             make_predict_fn(module, signal, mesh), variables, batches, signal, collector, mesh

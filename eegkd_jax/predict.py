@@ -59,6 +59,7 @@ from eegkd_jax import model_card, parallel
 from eegkd_jax import report as report_lib
 from eegkd_jax.data import montage
 from eegkd_jax.data.recording import STAGES, DataError, PairedNight, Recording
+from eegkd_jax.data.sampler import Sampler
 
 # Networks scored epoch by epoch (they take L == 1); every other model gets the whole night.
 SINGLE_EPOCH_MODELS = frozenset({"cmt"})
@@ -468,21 +469,20 @@ def predict_probabilities(
         wanted = int(batch_size or model.config.batch_size)
         global_batch = n_dev * math.ceil(min(wanted, starts.size) / n_dev)
 
+    sampler = Sampler(starts.size, global_batch)  # in order, as evaluation reads nights
+
     def batches() -> Iterator[dict]:
-        for first in range(0, starts.size, global_batch):
-            rows = starts[first:first + global_batch]
-            b = global_batch
-            x = np.zeros((b, seq_len * s, signal.shape[1]), np.float32)
-            y = np.full((b, seq_len), -1, np.int32)
-            for i, e in enumerate(rows):
+        for k in range(sampler.num_batches):
+            at, valid = sampler.rows(k, 0)
+            x = np.zeros((global_batch, seq_len * s, signal.shape[1]), np.float32)
+            y = np.full((global_batch, seq_len), -1, np.int32)
+            for i in np.flatnonzero(valid):
+                e = starts[at[i]]
                 stop = min(e + seq_len, num_epochs)  # the last sequence is padded with zeros
                 x[i, : (stop - e) * s] = signal[e * s: stop * s]
                 y[i, : stop - e] = labels[e:stop]
-            epoch = np.zeros(b, np.int32)
-            epoch[: rows.size] = rows
-            valid = np.arange(b) < rows.size
-            yield {model.input_key: x, "labels": y, "subject": np.zeros(b, np.int32),
-                   "epoch": epoch, "valid": valid}
+            yield {model.input_key: x, "labels": y, "subject": np.zeros(global_batch, np.int32),
+                   "epoch": np.where(valid, starts[at], 0).astype(np.int32), "valid": valid}
 
     collector = metrics_lib.NightCollector({name: num_epochs}, (name,), source=name)
     predict_fn = evaluate.make_predict_fn(model.module, model.input_key, mesh)

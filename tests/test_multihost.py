@@ -80,13 +80,15 @@ def _resident(devices=None):
 
     from eegkd_jax import parallel
     from eegkd_jax.configs.common import data_config
-    from eegkd_jax.data import resident
+    from eegkd_jax.data import pipeline, resident
+    from eegkd_jax.data.sampler import Sampler
 
     cohort, cfg = CountingCohort(), data_config()
     cfg.sequence_length = 2
     mesh = parallel.make_mesh(devices)
+    windows = pipeline.training_windows(cohort, cohort.subjects, cfg)
     data = resident.ResidentData(cohort, cohort.subjects, cfg, keys=("scalp",), mesh=mesh,
-                                 global_batch_size=GLOBAL_BATCH, seed=1)
+                                 sampler=Sampler(len(windows), GLOBAL_BATCH, mesh.devices.size, 1))
     gather = jax.jit(data.gather)
     rows = []
     for step in range(4):

@@ -155,26 +155,16 @@ def test_training_order_is_deterministic_and_resumable(cohort, cfg):
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_host_shares_are_disjoint_and_cover_the_global_batch(cohort, cfg, process_count):
+    """Four devices on 2 or 4 hosts: each host's rows (its devices' shards) put together are the
+    global batch of one host feeding all four."""
     train = ("sim-01", "sim-02")
-    whole = take(
-        pipeline.train_batches(cohort, train, cfg, global_batch_size=8, seed=1, start_step=2), 2
-    )
-    shares = [
-        take(
-            pipeline.train_batches(
-                cohort,
-                train,
-                cfg,
-                global_batch_size=8,
-                seed=1,
-                start_step=2,
-                process_index=p,
-                process_count=process_count,
-            ),
-            2,
-        )
-        for p in range(process_count)
-    ]
+
+    def batches(**share):
+        return take(pipeline.train_batches(cohort, train, cfg, global_batch_size=8, seed=1,
+                                           start_step=2, num_shards=4, **share), 2)
+
+    whole = batches()
+    shares = [batches(process_index=p, process_count=process_count) for p in range(process_count)]
     for step in range(2):
         for key in ("scalp", "ear", "labels"):
             parts = [shares[p][step][key] for p in range(process_count)]
@@ -186,10 +176,13 @@ def test_host_shares_are_disjoint_and_cover_the_global_batch(cohort, cfg, proces
 
 def test_bad_arguments_raise_when_called(cohort, cfg):
     """Errors come at the call, not at the first next(), so a trainer fails before it starts."""
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="multiple of the number of devices"):
         pipeline.train_batches(cohort, SUBJECTS, cfg, global_batch_size=10, seed=0, process_count=4)
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="multiple of the number of devices"):
         pipeline.eval_batches(cohort, SUBJECTS, cfg, global_batch_size=6, process_count=4)
+    with pytest.raises(ValueError, match="do not divide across 3 processes"):
+        pipeline.train_batches(cohort, SUBJECTS, cfg, global_batch_size=8, seed=0, num_shards=4,
+                               process_count=3)
     with pytest.raises(ValueError, match="process_index"):
         pipeline.eval_batches(
             cohort, SUBJECTS, cfg, global_batch_size=8, process_index=2, process_count=2

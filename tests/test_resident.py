@@ -1,5 +1,5 @@
-"""Device-resident training data: the same batches as the streamed path on one device, the
-documented per-device order on 8, sharded storage, float16 precision."""
+"""Device-resident training data: the same batches as the streamed path (one rule, the sampler's)
+on one device and on 8, the documented per-device order, sharded storage, float16 precision."""
 
 import itertools
 
@@ -10,6 +10,7 @@ import pytest
 from eegkd_jax import parallel
 from eegkd_jax.data import pipeline, resident
 from eegkd_jax.data.recording import UNSCORED
+from eegkd_jax.data.sampler import Sampler
 
 TRAIN = ("sim-01", "sim-02", "sim-03")
 
@@ -20,6 +21,12 @@ def cfg3(cfg):
     c = cfg.copy_and_resolve_references()
     c.sequence_length = 3
     return c
+
+
+def on_devices(cohort, cfg, keys, mesh, global_batch_size, seed) -> resident.ResidentData:
+    windows = pipeline.training_windows(cohort, TRAIN, cfg)
+    sampler = Sampler(len(windows), global_batch_size, mesh.devices.size, seed)
+    return resident.ResidentData(cohort, TRAIN, cfg, keys=keys, mesh=mesh, sampler=sampler)
 
 
 def gathered(data: resident.ResidentData, first: int, count: int) -> list[dict]:
@@ -34,8 +41,7 @@ def test_one_device_gives_the_streamed_batches(cohort, cfg3, dtype):
     c = cfg3.copy_and_resolve_references()
     c.resident_dtype = dtype
     mesh = parallel.make_mesh(jax.devices()[:1])
-    data = resident.ResidentData(cohort, TRAIN, c, keys=("scalp", "ear"), mesh=mesh,
-                                 global_batch_size=4, seed=3)
+    data = on_devices(cohort, c, ("scalp", "ear"), mesh, 4, 3)
     per_pass = pipeline.steps_per_epoch(cohort, TRAIN, c, 4)
     assert data.per_pass == per_pass
     count = per_pass + 2  # across a pass boundary
@@ -57,8 +63,7 @@ def test_one_device_gives_the_streamed_batches(cohort, cfg3, dtype):
 def test_eight_devices_each_draw_from_their_own_block(cohort, cfg3):
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 8
-    data = resident.ResidentData(cohort, TRAIN, cfg3, keys=("ear",), mesh=mesh,
-                                 global_batch_size=16, seed=0)
+    data = on_devices(cohort, cfg3, ("ear",), mesh, 16, 0)
     windows = pipeline.training_windows(cohort, TRAIN, cfg3)
     blocks = np.array_split(windows, 8)
     # storage is sharded: each device holds one block (D, E, S, C) -> (1, E, S, C)
@@ -88,12 +93,18 @@ def test_eight_devices_each_draw_from_their_own_block(cohort, cfg3):
                 np.testing.assert_array_equal(batch["labels"][d * 2 + j], want)
     for d in range(8):
         assert len(set(seen[d])) == len(seen[d]) == data.per_pass * 2
+    # and the streamed path, told of the 8 devices, yields the same batches (float16 aside)
+    streamed = pipeline.train_batches(cohort, TRAIN, cfg3, global_batch_size=16, seed=0,
+                                      num_shards=8)
+    for got, want in zip(gathered(data, 0, data.per_pass + 1),
+                         itertools.islice(streamed, data.per_pass + 1), strict=True):
+        np.testing.assert_array_equal(got["labels"], want["labels"])
+        np.testing.assert_allclose(got["ear"], want["ear"], rtol=2**-11, atol=1e-6)
 
 
 def test_the_gather_needs_no_communication(cohort, cfg3):
     mesh = parallel.make_mesh()
-    data = resident.ResidentData(cohort, TRAIN, cfg3, keys=("scalp", "ear"), mesh=mesh,
-                                 global_batch_size=8, seed=0)
+    data = on_devices(cohort, cfg3, ("scalp", "ear"), mesh, 8, 0)
     hlo = jax.jit(data.gather).lower(data.device_data(0), np.int32(0)).compile().as_text()
     for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
         assert collective not in hlo

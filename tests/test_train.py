@@ -107,7 +107,7 @@ class FakePipeline:
 
     @classmethod
     def train_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, seed, start_step=0,
-                      stop_step=None, process_index=0, process_count=1):
+                      stop_step=None, num_shards=None, process_index=0, process_count=1):
         seq_len = data_cfg.sequence_length
         items = cls._sequences(cohort, subjects, seq_len)
         per_pass = max(1, len(items) // global_batch_size)
@@ -123,8 +123,8 @@ class FakePipeline:
             step += 1
 
     @classmethod
-    def eval_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, process_index=0,
-                     process_count=1):
+    def eval_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, num_shards=None,
+                     process_index=0, process_count=1):
         seq_len = data_cfg.sequence_length
         items = [(i, s, e) for i, s in enumerate(subjects)
                  for e in range(0, cohort.num_epochs[s], seq_len)]

@@ -1,35 +1,28 @@
-"""Input pipeline: subject splits, resumable shuffled training batches, and exhaustive eval batches.
+"""Input pipeline: subject splits, and training and evaluation batches streamed through tf.data.
 
 Shards come from ``builder`` (one array_record split per subject, epoch i of a night at index i), so
-any epoch can be read by index. That is what makes the training order a pure function of
-``(seed, step)``:
+any epoch can be read by index, and which windows form a batch is the ``sampler``'s rule, a pure
+function of (seed, step, shard): a run started at ``start_step=k`` replays exactly what an
+uninterrupted run sees from step k, with no iterator state to checkpoint
+(``tf.data.Dataset.shuffle`` is not used for this reason: its buffer would have to be checkpointed).
 
 * A training *window* is L consecutive epochs of one night (L = ``data_cfg.sequence_length``);
   every start offset is used (stride 1), except windows whose epochs are all unscored, which teach
   nothing (every label in them is masked). One pass = all windows of the training subjects.
-* Pass p is ordered by ``numpy.random.default_rng([seed, p]).permutation``; step k of the run takes
-  the global batch ``k % steps_per_epoch`` of pass ``k // steps_per_epoch`` (the last partial batch
-  of a pass is dropped; the next pass reshuffles, so nothing is dropped for good). Hence starting at
-  ``start_step=k`` replays exactly what an uninterrupted run sees from step k, with no iterator
-  state to checkpoint. (``tf.data.Dataset.shuffle`` is not used for this reason: its buffer would
-  have to be checkpointed to resume.)
-* Host p of P takes rows ``[p * b, (p + 1) * b)`` of each global batch, b = B / P: disjoint shares
-  that together are the global batch.
+* Evaluation walks every listed subject in order in non-overlapping L-epoch sequences starting at
+  epoch 0, L, 2L, ...; a night's last partial sequence is padded with zeros and label -1, and the
+  last global batch is filled with padding rows (``valid`` False, ``subject`` 0, ``epoch`` 0).
+* A host feeds the shards of its own devices: its rows of each global batch, which together with
+  the other hosts' are the global batch.
 
 tf.data runs the loading: a dataset of step numbers is mapped (in parallel, order kept) through a
 function that reads the batch's epochs from the shards, then prefetched; the iterators yield numpy.
-
-Evaluation walks every listed subject in order in non-overlapping L-epoch sequences starting at
-epoch 0, L, 2L, ...; a night's last partial sequence is padded with zeros and label -1, and the last
-global batch is filled with padding rows (``valid`` False, ``subject`` 0, ``epoch`` 0, labels -1).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -37,6 +30,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from eegkd_jax.data.recording import UNSCORED, DataError
+from eegkd_jax.data.sampler import Sampler
 
 Splits = collections.namedtuple("Splits", ["train", "validation", "test"])
 
@@ -197,19 +191,6 @@ def _sequence_length(data_cfg) -> int:
     return seq_len
 
 
-def _host_share(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if global_batch_size < 1:
-        raise ValueError(f"global batch size must be positive, got {global_batch_size}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} does not divide across "
-            f"{process_count} processes"
-        )
-    return global_batch_size // process_count
-
-
 def training_windows(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.ndarray:
     """Every training window, in a fixed order (subject order, then start).
 
@@ -242,11 +223,6 @@ def steps_per_epoch(
     """Global batches per pass over the training windows (at least 1; see the module docstring)."""
     n = training_windows(cohort, subjects, data_cfg).shape[0]
     return max(1, n // int(global_batch_size))
-
-
-@functools.lru_cache(maxsize=8)
-def _permutation(seed: int, pass_index: int, n: int) -> np.ndarray:
-    return np.random.default_rng([int(seed), int(pass_index)]).permutation(n)
 
 
 def _assemble(cohort: Cohort, subjects, rows: np.ndarray, seq_len: int):
@@ -312,14 +288,17 @@ def train_batches(
     seed: int,
     start_step: int = 0,
     stop_step: int | None = None,
+    num_shards: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict]:
-    """Training batches: this host's share of global batch ``start_step``, then the next...
+    """Training batches: this host's rows of global batch ``start_step``, then the next...
 
     Endless unless ``stop_step`` is given (then batches ``start_step .. stop_step - 1``). A run that
     knows its length should pass it: closing an endless tf.data iterator waits for the batches
     still in flight, which cost 10-17 s at the end of every run on a loaded 2-core host.
+    ``num_shards``: the devices along the ``data`` axis (default one per host), the sampler's
+    shards (``sampler``); the same rule as the device-resident path.
 
     Yields:
       {"scalp": (b, L*S, n_scalp) float32, "ear": (b, L*S, n_ear) float32, "labels": (b, L) int32}
@@ -327,24 +306,18 @@ def train_batches(
       (seed, k, the subjects and the cohort).
     """
     subjects = _check_subjects(cohort, subjects)
-    b = _host_share(global_batch_size, process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     if stop_step is not None and stop_step < start_step:
         raise ValueError(f"stop_step {stop_step} is before start_step {start_step}")
     seq_len = _sequence_length(data_cfg)
     windows = training_windows(cohort, subjects, data_cfg)
-    n = windows.shape[0]
-    per_pass = max(1, n // global_batch_size)
+    sampler = Sampler(windows.shape[0], global_batch_size, num_shards or process_count, seed)
+    sampler.host_rows(0, process_index, process_count)  # bad shares raise here, not in tf.data
 
     def make_batch(step):
-        step = int(step)
-        order = _permutation(int(seed), step // per_pass, n)
-        # positions of this host's rows in the pass; modulo only matters when a pass is shorter
-        # than one global batch (then windows repeat within the batch)
-        first = (step % per_pass) * global_batch_size + process_index * b
-        chosen = order[np.arange(first, first + b) % n]
-        return _assemble(cohort, subjects, windows[chosen], seq_len)
+        rows, _ = sampler.host_rows(int(step), process_index, process_count)
+        return _assemble(cohort, subjects, windows[rows], seq_len)
 
     # Not a generator itself, so that bad arguments raise here rather than at the first next().
     return _stream(
@@ -375,6 +348,7 @@ def eval_batches(
     data_cfg,
     *,
     global_batch_size: int,
+    num_shards: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict]:
@@ -386,34 +360,23 @@ def eval_batches(
       number of batches, ceil(M / global_batch_size) for M sequences.
     """
     subjects = _check_subjects(cohort, subjects)
-    b = _host_share(global_batch_size, process_index, process_count)
     seq_len = _sequence_length(data_cfg)
     sequences = eval_sequences(cohort, subjects, data_cfg)
-    m = sequences.shape[0]
-    num_batches = math.ceil(m / global_batch_size)
+    sampler = Sampler(sequences.shape[0], global_batch_size, num_shards or process_count)
+    sampler.host_rows(0, process_index, process_count)  # bad shares raise here
 
     def make_batch(k):
-        positions = int(k) * global_batch_size + process_index * b + np.arange(b)
-        valid = positions < m
-        rows = sequences[np.minimum(positions, m - 1)]
-        scalp, ear, labels = (
-            _assemble(cohort, subjects, rows[valid], seq_len) if valid.any() else (None,) * 3
-        )
-        out_scalp = np.zeros(
-            (b, seq_len * cohort.epoch_samples, len(cohort.scalp_names)), np.float32
-        )
-        out_ear = np.zeros((b, seq_len * cohort.epoch_samples, len(cohort.ear_names)), np.float32)
-        out_labels = np.full((b, seq_len), UNSCORED, np.int32)
-        if valid.any():
-            out_scalp[valid], out_ear[valid], out_labels[valid] = scalp, ear, labels
-        subject = np.where(valid, rows[:, 0], 0).astype(np.int32)
-        epoch = np.where(valid, rows[:, 1], 0).astype(np.int32)
-        return out_scalp, out_ear, out_labels, subject, epoch, valid
+        at, valid = sampler.host_rows(int(k), process_index, process_count)
+        scalp, ear, labels = _assemble(cohort, subjects, sequences[at], seq_len)
+        scalp[~valid], ear[~valid], labels[~valid] = 0.0, 0.0, UNSCORED
+        subject = np.where(valid, sequences[at, 0], 0).astype(np.int32)
+        epoch = np.where(valid, sequences[at, 1], 0).astype(np.int32)
+        return scalp, ear, labels, subject, epoch, valid
 
     return _stream(
         make_batch,
         0,
-        num_batches,
+        sampler.num_batches,
         ("scalp", "ear", "labels", "subject", "epoch", "valid"),
         ("float32", "float32", "int32", "int32", "int32", "bool"),
         data_cfg,

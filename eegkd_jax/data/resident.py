@@ -5,7 +5,7 @@ with 6 channels), so when the training subjects fit ``data.device_budget_gb`` pe
 loads their epochs once and every step only sends a few integers (where each window starts).
 
 Layout. The training windows (``pipeline.training_windows``: subject order, then start epoch) are
-cut into D contiguous blocks, one per device along the ``data`` mesh axis (D = 1 on one device).
+cut into the ``sampler``'s D contiguous blocks, one per device along the ``data`` mesh axis.
 Device d stores only the epochs its windows cover: for each subject in its block the run of epochs
 from its first window's start to its last window's end, followed by ``L - 1`` zero epochs labelled
 -1, so a window that runs past the end of a night reads padding exactly as the streamed path pads
@@ -13,16 +13,11 @@ it. The blocks are padded to the same number of epochs and stacked: signals ``(D
 ``data.resident_dtype``, labels ``(D, E)`` int32, sharded on ``data``. With several hosts each host
 reads only the blocks of its own devices.
 
-Batches. Device d draws its ``B / D`` rows of every global batch from its own block: pass p is
-``numpy.random.default_rng([seed, p, d]).permutation(n_d)`` and step k takes positions
-``(k % per_pass) * B / D ...`` of pass ``k // per_pass`` (``per_pass`` = the smallest block's
-``n_d // (B / D)``). So the batch at step k depends only on (seed, k) and resume stays exact. The
-pass's order is sent to the devices once per pass; each step computes its rows from its own step
-number inside the compiled step and gathers them there, so a step sends nothing to the devices. With
-one device this is the streamed path's order exactly (``rng([seed, p])`` over all windows, the same
-positions): the batches are identical. With D > 1 they differ from the streamed path's (whose
-device d takes rows d*B/D... of one global permutation): each pass still uses every window of
-every block once, but a device's rows come from its own block.
+Batches. Device d draws its ``B / D`` rows of every global batch from its own block, by the
+``sampler``'s rule: the same batches as the streamed path on any number of devices, and resume
+stays exact. The pass's order is sent to the devices once per pass; each step computes its rows
+from its own step number inside the compiled step and gathers them there, so a step sends nothing
+to the devices.
 
 Precision. Signals are robust-scaled and clipped (``preprocess``: IQR units, +-``clip_iqr``), so
 float16 keeps every value to 2^-11 relative (``quantization_error``, checked on every load); a
@@ -43,6 +38,7 @@ from absl import logging
 
 from eegkd_jax import parallel
 from eegkd_jax.data.recording import UNSCORED
+from eegkd_jax.data.sampler import Sampler
 
 if TYPE_CHECKING:
     from eegkd_jax.data.pipeline import Cohort
@@ -76,19 +72,15 @@ class Plan:
         return sum(s.shape[0] for s in self.starts)
 
 
-def make_plan(cohort: Cohort, subjects: Sequence[str], data_cfg, num_shards: int) -> Plan:
-    """Splits the training windows into ``num_shards`` contiguous blocks (see the module doc)."""
+def make_plan(cohort: Cohort, subjects: Sequence[str], data_cfg, sampler: Sampler) -> Plan:
+    """Which epochs each of the sampler's blocks needs on its device (see the module doc)."""
     from eegkd_jax.data import pipeline  # looked up when called: the loop's tests replace it
 
     subjects = tuple(subjects)
     seq_len = int(data_cfg.sequence_length)
     windows = pipeline.training_windows(cohort, subjects, data_cfg)
-    if windows.shape[0] < num_shards:
-        raise ValueError(f"{windows.shape[0]} training windows cannot be shared by {num_shards} "
-                         "devices; train on more subjects or use the streamed data path "
-                         "(--config.data.device_resident=no)")
     segments, starts = [], []
-    for block in np.array_split(windows, num_shards):
+    for block in (windows[rows] for rows in sampler.blocks):
         runs, local, offset = [], [], 0
         for subj in np.unique(block[:, 0]):
             first_starts = block[block[:, 0] == subj, 1]
@@ -100,7 +92,7 @@ def make_plan(cohort: Cohort, subjects: Sequence[str], data_cfg, num_shards: int
         segments.append(tuple(runs))
         starts.append(np.concatenate(local).astype(np.int32))
     epochs = max(r[-1][3] + r[-1][2] - r[-1][1] + seq_len - 1 for r in segments)
-    return Plan(subjects, seq_len, num_shards, tuple(segments), tuple(starts), epochs)
+    return Plan(subjects, seq_len, sampler.num_shards, tuple(segments), tuple(starts), epochs)
 
 
 def nbytes_per_device(plan: Plan, cohort: Cohort, keys: Sequence[str], dtype: str) -> int:
@@ -132,19 +124,16 @@ class ResidentData:
       cohort, subjects, data_cfg: as for ``pipeline.train_batches``.
       keys: the signals the mode trains on ("scalp", "ear" or both).
       mesh: the ``data`` mesh; one block per device along it.
-      global_batch_size: B, a multiple of the number of devices.
-      seed: the run's seed.
-      plan: ``make_plan(cohort, subjects, data_cfg, number of devices)`` if already made.
+      sampler: ``Sampler`` of the training windows, one shard per device along ``data``.
+      plan: ``make_plan(cohort, subjects, data_cfg, sampler)`` if already made.
     """
 
     def __init__(self, cohort: Cohort, subjects: Sequence[str], data_cfg, *,
-                 keys: Sequence[str], mesh, global_batch_size: int, seed: int,
-                 plan: Plan | None = None):
-        self.plan = plan or make_plan(cohort, subjects, data_cfg, mesh.devices.size)
+                 keys: Sequence[str], mesh, sampler: Sampler, plan: Plan | None = None):
+        self.sampler = sampler
+        self.plan = plan or make_plan(cohort, subjects, data_cfg, sampler)
         self.keys = tuple(keys)
-        self.seed = int(seed)
-        self.per_device = global_batch_size // self.plan.num_shards
-        self.per_pass = max(1, min(s.shape[0] for s in self.plan.starts) // self.per_device)
+        self.per_pass = sampler.per_pass
         self.arrays, self.dtype, self.error = _place(cohort, self.plan, self.keys, data_cfg, mesh)
         self._sharding = parallel.batch_sharding(mesh)  # one block per device along ``data``
         self._order_pass, self._order = None, None
@@ -154,11 +143,8 @@ class ResidentData:
         (zero-padded past n_d)."""
         width = max(s.shape[0] for s in self.plan.starts)
         order = np.zeros((self.plan.num_shards, width), np.int32)
-        for d, starts in enumerate(self.plan.starts):
-            # one device: the streamed path's key, so both give the same batches
-            key = [self.seed, pass_index] + ([d] if self.plan.num_shards > 1 else [])
-            order[d, :starts.shape[0]] = starts[np.random.default_rng(key).permutation(
-                starts.shape[0])]
+        for d, (starts, block) in enumerate(zip(self.plan.starts, self.sampler.blocks)):
+            order[d, :starts.shape[0]] = starts[self.sampler.order(pass_index, d) - block[0]]
         return order
 
     def device_data(self, step: int) -> dict:
@@ -176,7 +162,7 @@ class ResidentData:
         """The training batch of ``step`` (as ``pipeline.train_batches`` yields it, float32) from
         ``device_data(step)``; traced inside the train step, so a step sends nothing."""
         seq_len = self.plan.sequence_length
-        position = (step % self.per_pass) * self.per_device + jnp.arange(self.per_device)
+        position = self.sampler.positions(step, jnp)
         counts = np.array([s.shape[0] for s in self.plan.starts], np.int32)[:, None]
         # modulo: a pass shorter than one batch repeats windows, as the streamed path does
         starts = jnp.take_along_axis(data["order"], position[None, :] % counts, axis=1)

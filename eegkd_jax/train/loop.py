@@ -43,6 +43,7 @@ from eegkd_jax import errors
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card
 from eegkd_jax import parallel
+from eegkd_jax.data.sampler import Sampler
 from eegkd_jax.train import settings
 from eegkd_jax.train import state as state_lib
 from eegkd_jax.train import steps as steps_lib
@@ -298,7 +299,7 @@ def _finite_fields(state: state_lib.TrainState) -> dict[str, jax.Array]:
     return {name: finite(tree) for name, tree in state.to_dict().items()}
 
 
-def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, mesh):
+def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, mesh, sampler):
     """The training subjects' epochs on the devices (data/resident.py) when
     ``data.device_resident`` says so ("auto": when they fit ``data.device_budget_gb`` per
     device), else None (the loop streams them through tf.data)."""
@@ -309,7 +310,7 @@ def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, me
         raise ValueError(f"config.data.device_resident must be auto, yes or no, got {choice!r}")
     if choice == "no":
         return None
-    plan = resident.make_plan(cohort, subjects, config.data, mesh.devices.size)
+    plan = resident.make_plan(cohort, subjects, config.data, sampler)
     need = resident.nbytes_per_device(plan, cohort, keys, config.data.resident_dtype) / 2**30
     budget = float(config.data.get("device_budget_gb", 0.0))
     if choice == "auto" and need > budget:
@@ -317,7 +318,7 @@ def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, me
                      "streaming it", need, budget)
         return None
     data = resident.ResidentData(cohort, subjects, config.data, keys=keys, mesh=mesh,
-                                 global_batch_size=config.batch_size, seed=config.seed, plan=plan)
+                                 sampler=sampler, plan=plan)
     logging.info("training data on the devices: %d windows, %d epochs x %s per device (%.3f GB), "
                  "%s (largest relative rounding error %.2g)", plan.windows, plan.epochs, keys,
                  need, data.dtype, data.error)
@@ -441,7 +442,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             return {}
         batches = pipeline.eval_batches(
             cohort, splits.validation, config.data, global_batch_size=config.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            num_shards=mesh.devices.size, process_index=jax.process_index(),
+            process_count=jax.process_count())
         return evaluate(eval_fn, state, batches, splits.validation, mesh)
 
     # ---- loop
@@ -450,12 +452,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     guard = LossGuard(config.get("divergence_factor", DEFAULT_DIVERGENCE_FACTOR),
                       logger.train_history[-RUNNING_WINDOWS:])
     finite_fields = jax.jit(_finite_fields)
-    resident_data = _resident_data(config, cohort, splits.train, steps_lib.batch_keys(config), mesh)
+    # One shard per device: which windows each device trains on, whichever path brings them.
+    sampler = Sampler(pipeline.training_windows(cohort, splits.train, config.data).shape[0],
+                      config.batch_size, mesh.devices.size, config.seed)
+    resident_data = _resident_data(config, cohort, splits.train, steps_lib.batch_keys(config), mesh,
+                                   sampler)
     if resident_data is None:
         batches = pipeline.train_batches(
             cohort, splits.train, config.data, global_batch_size=config.batch_size,
             seed=config.seed, start_step=start, stop_step=total_steps,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            num_shards=mesh.devices.size, process_index=jax.process_index(),
+            process_count=jax.process_count())
 
         def call_data(first: int, count: int):  # (data, inputs) of steps first .. first+count-1
             del first  # the stream is read in order
