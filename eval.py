@@ -13,7 +13,7 @@ traceback.
 
 import sys
 
-from eegkd_jax import cli
+from eegkd_jax.cli import eval as command
 
 if __name__ == "__main__":
-    cli.evaluate(sys.argv[1:], prog="eval.py")  # the same command as `eegkd eval`
+    command.run(sys.argv[1:], prog="eval.py")  # the same command as `eegkd eval`

@@ -11,7 +11,7 @@ traceback.
 
 import sys
 
-from eegkd_jax import cli
+from eegkd_jax.cli import train as command
 
 if __name__ == "__main__":
-    cli.train(sys.argv[1:], prog="train.py")  # the same command as `eegkd train`
+    command.run(sys.argv[1:], prog="train.py")  # the same command as `eegkd train`

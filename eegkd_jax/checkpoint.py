@@ -3,7 +3,7 @@ restoring a trained teacher from another run's workdir.
 
 One step lives in ``<workdir>/checkpoints/<step>/``::
 
-    state/          the TrainState (orbax, StandardCheckpointHandler)
+    state/          the train state as a dict of arrays (orbax, StandardCheckpointHandler)
     config.json     the run's config when the step was saved
     metrics.json    its validation metrics (null when the step had none)
     manifest.json   the size and SHA-256 of every other file of the step
@@ -20,9 +20,6 @@ steps are left where they are for the user to look at.
 orbax's CheckpointManager is not used: it reads every step's metrics when it opens (one truncated
 file made the whole workdir unreadable), deletes a concurrent run's temporary directories, and
 commits a step before a manifest of it could be written.
-
-Steps written by an eegkd-jax from before the manifests (orbax's own layout, the config in
-``checkpoints/config.json``) are still restored, unverified, with a warning.
 """
 
 from __future__ import annotations
@@ -46,8 +43,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from eegkd_jax import files
 from eegkd_jax.errors import UserError
-from eegkd_jax.train.state import TrainState
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -58,7 +55,6 @@ BEST_METRIC = "kappa"
 _TMP = ".tmp"  # a step being written
 _TRASH = ".deleting"  # a step being pruned
 _DAMAGED = ".damaged"  # a damaged step moved aside so that its step can be saved again
-_LEGACY_MARK = "_CHECKPOINT_METADATA"  # what orbax's CheckpointManager wrote at a step's top level
 
 # A resumed run must train the same networks on the same data in the same mode; these config
 # fields say so. Everything else (learning rate, schedule length, logging) may change on resume.
@@ -82,10 +78,6 @@ class WorkdirBusyError(UserError):
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).absolute() / "checkpoints"
-
-
-def _is_main() -> bool:
-    return jax.process_index() == 0
 
 
 def _sync(name: str) -> None:
@@ -131,13 +123,13 @@ def _fsync_dir(path: pathlib.Path) -> None:
 def write_manifest(directory: pathlib.Path, step: int) -> None:
     """Writes ``manifest.json`` (size and SHA-256 of every file) and syncs the step to disk, so
     that a power loss after the commit cannot leave a committed step with data still in memory."""
-    files = {}
+    listed = {}
     for rel in _files(directory):
         path = directory / rel
-        files[rel] = {"size": path.stat().st_size, "sha256": _digest(path, sync=True)}
+        listed[rel] = {"size": path.stat().st_size, "sha256": _digest(path, sync=True)}
     manifest = directory / MANIFEST_FILE
     with open(manifest, "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=1, sort_keys=True)
+        json.dump({"step": step, "files": listed}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     for sub in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
@@ -190,7 +182,8 @@ class Restored:
 
 
 class Checkpointer:
-    """Saves, verifies and restores the ``TrainState``s of one workdir.
+    """Saves, verifies and restores the train states (dicts of arrays with a "step") of one
+    workdir.
 
     Args:
       workdir: the run's directory; checkpoints go to ``<workdir>/checkpoints``.
@@ -220,19 +213,10 @@ class Checkpointer:
         return sorted(int(p.name) for p in self.directory.iterdir()
                       if p.name.isdigit() and p.is_dir())
 
-    def _legacy(self, step: int) -> bool:
-        path = self.directory / str(step)
-        return not (path / MANIFEST_FILE).exists() and (path / _LEGACY_MARK).is_file()
-
     def problem(self, step: int) -> str | None:
         """None if the step passes its checks, else what is wrong with it (reported once)."""
         if step not in self._problems:
-            if self._legacy(step):
-                logging.warning("%s/%d was written without checksums (by an earlier eegkd-jax); it "
-                                "is restored unverified", self.directory, step)
-                problem = None
-            else:
-                problem = check_manifest(self.directory / str(step), step)
+            problem = check_manifest(self.directory / str(step), step)
             if problem:
                 logging.warning("checkpoint step %d in %s fails its check: %s; it is skipped",
                                 step, self.directory, problem)
@@ -250,8 +234,7 @@ class Checkpointer:
         return None
 
     def metrics(self, step: int) -> dict | None:
-        path = self.directory / str(step)
-        path = path / "metrics" / "metrics" if self._legacy(step) else path / METRICS_FILE
+        path = self.directory / str(step) / METRICS_FILE
         try:
             return json.loads(path.read_text()) or None
         except (OSError, ValueError):
@@ -277,8 +260,6 @@ class Checkpointer:
     def config(self, step: int) -> ml_collections.ConfigDict:
         """The config the step was trained with."""
         path = self.directory / str(step) / CONFIG_FILE
-        if self._legacy(step):
-            return load_config(self.workdir)
         try:
             return ml_collections.ConfigDict(json.loads(path.read_text()))
         except (OSError, ValueError) as error:
@@ -307,7 +288,7 @@ class Checkpointer:
         if self._cleaned:
             return
         self._cleaned = True
-        if _is_main() and self.directory.is_dir():
+        if files.is_main() and self.directory.is_dir():
             for path in self.directory.iterdir():
                 if path.name.endswith((_TMP, _TRASH)) or ".orbax-checkpoint-tmp" in path.name:
                     logging.info("removing %s, left by an interrupted run", path)
@@ -322,32 +303,32 @@ class Checkpointer:
         logging.warning("moving damaged %s to %s to save step %d again", path, target.name, step)
         path.rename(target)
 
-    def save(self, state: TrainState, *, config: ml_collections.ConfigDict | None = None,
+    def save(self, state: dict, *, config: ml_collections.ConfigDict | None = None,
              metrics: dict | None = None) -> bool:
-        """Saves ``state`` under its step with the run's ``config`` (default: the workdir's
+        """Saves ``state`` (a dict of arrays, ``state["step"]`` its step) under its step with the run's ``config`` (default: the workdir's
         ``save_config`` copy); ``metrics`` (JSON-able, with "kappa") rank it for "best". Returns
         False if that step is saved already (e.g. the final step right after a periodic save)."""
         if self.read_only:
             raise PermissionError(f"{self.directory}: opened read-only")
         config = load_config(self.workdir) if config is None else config
         self.remove_leftovers()
-        step = int(jax.device_get(state.step))
+        step = int(jax.device_get(state["step"]))
         final = self.directory / str(step)
         if final.exists():
             if not self.problem(step):
                 return False
-            if _is_main():
+            if files.is_main():
                 self._move_aside(step)
             self._problems.pop(step, None)
         tmp = self.directory / f"{step}{_TMP}"
-        if _is_main():
+        if files.is_main():
             self.directory.mkdir(parents=True, exist_ok=True)
             if jax.process_count() == 1:  # on several hosts a refusal on one would hang the rest
                 self._check_space(state, step)
             tmp.mkdir()
         _sync("eegkd_checkpoint_tmp")
-        self._orbax.save(tmp / STATE_DIR, args=ocp.args.StandardSave(state.to_dict()))
-        if _is_main():
+        self._orbax.save(tmp / STATE_DIR, args=ocp.args.StandardSave(state))
+        if files.is_main():
             metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
             (tmp / CONFIG_FILE).write_text(config_json(config))
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, sort_keys=True))
@@ -359,15 +340,15 @@ class Checkpointer:
         self._prune()
         return True
 
-    def _check_space(self, state: TrainState, step: int) -> None:
+    def _check_space(self, state: dict, step: int) -> None:
         """Refuses a save that cannot fit, before a byte of it is written: on a full disk orbax
         leaves a half-written step and pages of tracebacks from its writer threads. The need is
         the larger of the state's size and the last step's size on disk, plus a half: orbax holds
         about a fifth more while it merges its files."""
-        state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state.to_dict()))
+        state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state))
         last = self.latest_step()
-        files = [] if last is None else (self.directory / str(last)).rglob("*")
-        on_disk = sum(p.stat().st_blocks * 512 for p in files if p.is_file())
+        stored = [] if last is None else (self.directory / str(last)).rglob("*")
+        on_disk = sum(p.stat().st_blocks * 512 for p in stored if p.is_file())
         need = max(state_bytes, on_disk) * 3 // 2
         free = shutil.disk_usage(self.directory).free
         if free < need:
@@ -380,7 +361,7 @@ class Checkpointer:
         for step in intact:
             if step in keep:
                 continue
-            if _is_main():
+            if files.is_main():
                 # Renamed first, so that a run killed mid-deletion leaves no half step behind.
                 trash = self.directory / f"{step}{_TRASH}"
                 (self.directory / str(step)).rename(trash)
@@ -410,10 +391,8 @@ class Checkpointer:
                 if isinstance(error, ValueError) and "structures do not match" in str(error):
                     raise ValueError(
                         f"{self.directory}: the state saved at step {step} does not fit this "
-                        "run's: it was written for another model, mode or optimiser, or by an "
-                        "eegkd-jax from before 2026-12-04, whose Adam kept its moments as one flat "
-                        "vector; train in a new --workdir (eval.py still reads the old "
-                        "checkpoint's model)") from error
+                        "run's: it was written for another model, mode or optimiser; train in a "
+                        "new --workdir") from error
                 problem = (f"fails to restore ({type(error).__name__}: "
                            f"{' '.join(str(error).split())[:300]})")
             self._problems[step] = problem
@@ -427,8 +406,8 @@ class Checkpointer:
                             if self.problem(s))
         raise CheckpointError(f"{self.directory}: no intact checkpoint ({damaged})")
 
-    def restore(self, abstract_state: TrainState, which: str | int = "latest") -> TrainState:
-        """Restores into the structure, dtypes and shardings of ``abstract_state`` (a TrainState of
+    def restore(self, abstract_state: dict, which: str | int = "latest") -> dict:
+        """Restores into the structure, dtypes and shardings of ``abstract_state`` (a dict of
         ``jax.ShapeDtypeStruct`` with ``.sharding``, e.g. from ``jax.eval_shape`` + shardings).
         "latest" and "best" fall back to the next intact step when one fails.
 
@@ -436,12 +415,11 @@ class Checkpointer:
           FileNotFoundError: nothing saved (or not that step).
           CheckpointError: no step passes its checks (each is named with its problem).
           ValueError: the saved state is laid out differently from ``abstract_state`` (another
-            model, mode or optimiser, or an earlier eegkd-jax: see the message).
+            model, mode or optimiser).
         """
-        target = abstract_state.to_dict()
         _, restored = self._restore(which, lambda path: self._orbax.restore(
-            path, args=ocp.args.StandardRestore(target)))
-        return abstract_state.replace(**restored)
+            path, args=ocp.args.StandardRestore(abstract_state)))
+        return restored
 
     def restore_raw(self, which: str | int = "best") -> Restored:
         """Restores a saved state as a plain dict of arrays without knowing its structure (for
@@ -461,7 +439,7 @@ def _warn_if_edited(workdir: pathlib.Path, step: int, config: ml_collections.Con
     each one's values: the step's own config is the one used."""
     path = checkpoint_dir(workdir) / CONFIG_FILE
     try:
-        top = _flatten(json.loads(path.read_text()))
+        top = files.flatten(json.loads(path.read_text()))
     except (OSError, ValueError):
         return
     own = flat_config(config)
@@ -478,13 +456,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
     """Writes the run's config to ``<workdir>/checkpoints/config.json`` (process 0 only): a copy
     for people and tools; eval, predict and resume read the config saved with the step they
     restore."""
-    path = checkpoint_dir(workdir) / CONFIG_FILE
-    if _is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(config_json(config))
-        tmp.replace(path)  # atomic, like the checkpoints
-    return path
+    return files.write_atomic(checkpoint_dir(workdir) / CONFIG_FILE, config_json(config),
+                              main_only=True)
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -499,18 +472,9 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: not a readable config ({error})") from None
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: tree}
-
-
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """{dotted field: value} of a config, as its JSON holds it (tuples as lists)."""
-    return _flatten(json.loads(config_json(config)))
+    return files.flatten(json.loads(config_json(config)))
 
 
 def config_differences(saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict
@@ -518,8 +482,8 @@ def config_differences(saved: ml_collections.ConfigDict, wanted: ml_collections.
     """{dotted field: (saved value, wanted value)} over the fields that define a run
     (``IDENTITY_FIELDS`` less ``FREE_FIELDS``). A field only one side has is skipped: it was added
     or removed by a newer eegkd-jax, and the run could not have set it."""
-    old = _flatten(json.loads(config_json(saved)))
-    new = _flatten(json.loads(config_json(wanted)))
+    old = files.flatten(json.loads(config_json(saved)))
+    new = files.flatten(json.loads(config_json(wanted)))
 
     def counts(key: str) -> bool:
         return (key.split(".")[0] in IDENTITY_FIELDS
@@ -560,7 +524,7 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "WorkdirLock":
-        if not _is_main():
+        if not files.is_main():
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

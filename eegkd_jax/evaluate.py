@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import configs
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card
 from eegkd_jax import parallel
@@ -251,9 +252,9 @@ def evaluate_checkpoint(
     out_dir = pathlib.Path(out_dir or workdir / "eval" / f"{label}-step{step}")
     logging.info("evaluating %s step %d (%s) on %s", workdir, step, checkpoint, list(subjects))
 
-    input_key = steps_lib.student_input(config)
+    input_key = configs.student_input(config)
     n_channels = {"scalp": len(cohort.scalp_names), "ear": len(cohort.ear_names)}
-    trained = steps_lib.trained_model_config(config)
+    trained = configs.trained_model_config(config)
     scored = [("", input_key, "teacher" if trained is config.teacher else "model", "params",
                "batch_stats")]
     if teacher:

@@ -1,8 +1,8 @@
 """Export a trained network as one file for on-device scoring: LiteRT (.tflite) or ONNX (.onnx).
 
-    eegkd export --checkpoint runs/online_kd --format litert            # the ear student
-    eegkd export --checkpoint runs/online_kd --format onnx --network teacher
-    eegkd export --checkpoint runs/online_kd --format litert --quantize int8
+    eegkd export --checkpoint=runs/online_kd --format=litert            # the ear student
+    eegkd export --checkpoint=runs/online_kd --format=onnx --network=teacher
+    eegkd export --checkpoint=runs/online_kd --format=litert --quantize=int8
 
 The file takes one input window, (1, L * S, C) float32 derivations (L epochs of S samples, C
 derivations, prepared as the run prepared its training data: see the card), and gives (1, L, 5)
@@ -30,7 +30,6 @@ float32 network is measured, not assumed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -43,9 +42,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+
 import numpy as np
 
-from eegkd_jax.data.recording import STAGES, DataError
+from eegkd_jax import files
+from eegkd_jax.data.recording import STAGES
 
 FORMATS = {"litert": ".tflite", "onnx": ".onnx"}
 QUANTIZATIONS = ("none", "float16", "int8")
@@ -509,74 +510,5 @@ def export_model(
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    card_path = path.with_name(path.name + ".json")
-    card_path.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+    card_path = files.write_json(path.with_name(path.name + ".json"), card)
     return Exported(path, card_path, path.stat().st_size, card, check)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: list[str] | None = None, prog: str = "eegkd export") -> int:
-    """``eegkd export``: one line per fact on stdout; a problem with the inputs is one line
-    ``error: ...`` on stderr and exit status 1."""
-    from eegkd_jax import model_card, predict
-
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="the training run: its workdir or checkpoints directory")
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS), dest="fmt")
-    parser.add_argument("--out", help="the file to write (default <workdir>/export/...)")
-    parser.add_argument("--which", default="best", help='"best", "latest" or a step')
-    parser.add_argument("--network", default="model", choices=list(predict.NETWORKS),
-                        help="model: the run's trained network (the ear student of a KD run); "
-                             "teacher: its scalp teacher")
-    parser.add_argument("--epochs_per_input", type=int, default=None,
-                        help="U-Sleep: epochs per input window (default: the run's sequence "
-                             "length)")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
-                        help="LiteRT only: float16 weights, or int8 weights (dynamic range)")
-    parser.add_argument("--check_hours", type=float, default=0.25,
-                        help="length of the simulated night the file is checked on")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of the check's runtime (the latency it reports)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the converters' and runtimes' own log lines")
-    args = parser.parse_args(argv)
-    global QUIET_NATIVE
-    QUIET_NATIVE = not args.verbose
-    which: str | int = args.which
-    if which not in ("best", "latest"):
-        try:
-            which = int(which)
-        except ValueError:
-            parser.error(f'--which must be "best", "latest" or a step number, got {which!r}')
-    try:
-        result = export_model(args.checkpoint, args.fmt, args.out, which=which,
-                              network=args.network, epochs=args.epochs_per_input,
-                              quantize=args.quantize, check_hours=args.check_hours,
-                              threads=args.threads)
-    except (ExportError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}".replace("\n", " "), file=sys.stderr)
-        return 1
-    check = result.check
-    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB) and its card {result.card_path}")
-    print(f"input {result.card['input']['shape']} float32 "
-          f"({' '.join(result.card['input']['derivations'])} at "
-          f"{result.card['input']['sampling_rate_hz']:g} Hz), output "
-          f"{result.card['output']['shape']} probabilities of {' '.join(STAGES)}")
-    print(f"check on {check['input']}: largest difference to JAX "
-          f"{check['max_abs_difference']:.2g}, "
-          f"stages agree on {100 * check['stage_agreement']:.1f}% (kappa "
-          f"{check['kappa_agreement']:.3f}), {check['latency_ms_per_epoch']:.2f} ms per epoch")
-    if result.card["model_card"] is None:
-        print(f"no model card in {result.card['checkpoint']['workdir']} (a run from before model "
-              "cards were saved)")
-    if result.card["checkpoint"]["data_source"] == "simulated":
-        print(model_card.SIMULATED_WARNING, file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m eegkd_jax.export"))

@@ -22,6 +22,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from eegkd_jax import files
+
 CARD_FILE = "model_card.json"
 CARD_VERSION = 1
 SOURCES = {"simulated": "simulated nights (eegkd_jax.data.simulate)",
@@ -35,18 +37,7 @@ SIMULATED_CAVEAT = ("Model trained on simulated nights only: these stages show h
 
 
 def _plain(value: Any) -> Any:
-    """JSON-able copy: config groups, tuples and numpy scalars as dicts, lists and numbers."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / jax scalars
-        value = value.item()
-    if isinstance(value, float):
-        return round(value, 4)
-    return value
+    return files.plain(value, digits=4)
 
 
 def _network(model_cfg, input_key: str, derivations: Sequence[str]) -> dict:
@@ -72,7 +63,7 @@ def build(config, cohort, splits, validation_metrics: Mapping[str, Any] | None,
       A JSON-able dict (see the module docstring).
     """
     from eegkd_jax import __version__
-    from eegkd_jax.train import steps as steps_lib
+    from eegkd_jax import configs
 
     data = config.data
     source = str(data.source)
@@ -86,8 +77,8 @@ def build(config, cohort, splits, validation_metrics: Mapping[str, Any] | None,
     def scored(subjects):
         return int(sum(int((cohort.labels[s] >= 0).sum()) for s in subjects))
 
-    input_key = steps_lib.student_input(config)
-    networks = {"model": _network(steps_lib.trained_model_config(config), input_key,
+    input_key = configs.student_input(config)
+    networks = {"model": _network(configs.trained_model_config(config), input_key,
                                   cohort.ear_names if input_key == "ear" else cohort.scalp_names)}
     if config.mode in ("offline_kd", "online_kd"):
         networks["teacher"] = _network(config.teacher, "scalp", cohort.scalp_names)
@@ -133,15 +124,7 @@ def path(workdir: str | pathlib.Path) -> pathlib.Path:
 
 def save(workdir: str | pathlib.Path, card: Mapping[str, Any]) -> pathlib.Path:
     """Writes ``<workdir>/model_card.json`` atomically (process 0 only; others return the path)."""
-    import jax
-
-    target = path(workdir)
-    if jax.process_index() == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
-        tmp.replace(target)
-    return target
+    return files.write_json(path(workdir), card, main_only=True)
 
 
 def load(workdir: str | pathlib.Path) -> dict | None:

@@ -1,6 +1,6 @@
 """Stage a new night with a trained run: a hypnogram (TSV + PNG) for one recording.
 
-    eegkd predict --checkpoint runs/offline_kd night-PSG.edf
+    eegkd predict --checkpoint=runs/offline_kd night-PSG.edf
     eegkd predict --checkpoint runs/teacher --which latest --out out/ \\
         data/eesm17/sub-003                       # a BIDS subject directory (or its *_eeg.set)
     eegkd predict --checkpoint runs/teacher --channel_map='A1-A2=M1-M2' psg.edf
@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import pathlib
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -53,7 +51,9 @@ import numpy as np
 from absl import logging
 
 from eegkd_jax import checkpoint as ckpt_lib
-from eegkd_jax import errors, evaluate
+from eegkd_jax import configs
+from eegkd_jax import evaluate
+from eegkd_jax import files
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card, parallel
 from eegkd_jax import report as report_lib
@@ -155,8 +155,8 @@ def load_trained_model(
         input_key, model_cfg = "scalp", config.teacher
         params, stats = state["teacher_params"], state.get("teacher_batch_stats")
     else:
-        input_key = steps_lib.student_input(config)
-        model_cfg = steps_lib.trained_model_config(config)
+        input_key = configs.student_input(config)
+        model_cfg = configs.trained_model_config(config)
         params, stats = state["params"], state.get("batch_stats")
     derivations = tuple(config.data[f"{input_key}_derivations"] or ())
     if not derivations:
@@ -235,19 +235,19 @@ def read_new_recording(
     if path.is_dir():
         if not path.name.startswith("sub-"):
             raise DataError(path, "a directory must be a BIDS subject directory (sub-<label>)")
-        files = bids.subject_files(path.parent, path.name)
+        bids_files = bids.subject_files(path.parent, path.name)
     elif path.suffix.lower() == ".set":
-        files = bids.BidsFiles.for_set(path)
+        bids_files = bids.BidsFiles.for_set(path)
     elif path.suffix.lower() == ".edf":
-        files = None
+        bids_files = None
     else:
         raise DataError(path, "not an EDF/EDF+ file, an EEGLAB .set or a BIDS subject directory")
 
-    if files is not None:
-        scored = files.scoring_tsv.is_file()
-        recording = bids.read_recording(files, epoch_seconds=epoch_seconds, require_scoring=False)
-        start = bids.scoring_start(files, scored=scored)
-        return NewRecording(recording, files.eeg_set, scored, start)
+    if bids_files is not None:
+        scored = bids_files.scoring_tsv.is_file()
+        recording = bids.read_recording(bids_files, epoch_seconds=epoch_seconds, require_scoring=False)
+        start = bids.scoring_start(bids_files, scored=scored)
+        return NewRecording(recording, bids_files.eeg_set, scored, start)
 
     if isinstance(hypnogram, str) and hypnogram == "auto":
         hypnogram = edf.find_hypnogram(path)
@@ -632,10 +632,7 @@ def predict_recording(
         "files": {"tsv": tsv.name, "png": png.name},
         "model_card": card,
     }
-    json_path = out_dir / f"{name}_prediction.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n")
-    tmp.replace(json_path)
+    json_path = files.write_json(out_dir / f"{name}_prediction.json", info)
     return {"name": name, "epochs": int(predicted.size), "scored": scored, "step": model.step,
             "tsv": tsv, "png": png, "json": json_path, "metrics": summary, "inputs": inputs,
             "repeated_inputs": staged.repeated_inputs,
@@ -781,93 +778,3 @@ def card_lines(result: Mapping[str, Any]) -> list[str]:
         return [f"no model card in {result['workdir']} (a run from before model cards were saved)"]
     lines = model_card.summary(card, result["network"]).splitlines()
     return [f"model card ({model_card.path(result['workdir'])}):"] + [f"  {t}" for t in lines]
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-_FLAGS = None
-
-
-def define_flags():
-    """Defines the command-line flags (once) and returns absl's FLAGS. Not at import time, so that
-    importing the library never touches the global flag registry."""
-    global _FLAGS
-    if _FLAGS is None:
-        from absl import flags
-
-        flags.DEFINE_string("checkpoint", None,
-                            "Training run: its workdir or checkpoints directory.", required=True)
-        flags.DEFINE_string("which", "best", 'Which checkpoint: "best", "latest" or a step.')
-        flags.DEFINE_string("out", None, "Output directory (default <workdir>/predictions/<name>).")
-        flags.DEFINE_enum("network", "model", list(NETWORKS),
-                          "model: the run's trained network; teacher: the scalp teacher of a KD "
-                          "run.")
-        flags.DEFINE_string("hypnogram", "auto",
-                            'EDF only: "auto" (the paired *-Hypnogram.edf if any), "none", or a '
-                            "path.")
-        flags.DEFINE_integer("batch_size", None, "Sequences per batch when a night is split.")
-        flags.DEFINE_integer("max_sequence_epochs", 0,
-                             "U-Sleep: 0 stages the whole night at once; n > 0 in n-epoch pieces.")
-        flags.DEFINE_string("channel_map", None,
-                            "Which recording channels stand for which model input: "
-                            "'A1-A2=M1-M2,C3-O1=EEG C3-A2' (a channel label, 'A - B' of two "
-                            "labels, or electrodes X-Y), or a file with one DERIVATION=CHANNELS "
-                            "per line.")
-        _FLAGS = flags.FLAGS
-    return _FLAGS
-
-
-@errors.report_errors
-def main(argv) -> None:
-    """absl main: ``argv[1]`` is the recording; the flags are ``define_flags``'. A user error (a
-    missing run, a damaged checkpoint, a full disk) ends it in one line (``--verbose``: with the
-    traceback)."""
-    from absl import app
-
-    flag_values = define_flags()
-    if len(argv) != 2:
-        raise app.UsageError("give exactly one recording (EDF, .set or BIDS subject directory)")
-    which: str | int = flag_values.which
-    if which not in ("best", "latest"):
-        try:
-            which = int(which)
-        except ValueError:
-            raise app.UsageError(
-                f'--which must be "best", "latest" or a step number, got {which!r}') from None
-    hypnogram = flag_values.hypnogram
-    hypnogram = {"auto": "auto", "none": None}.get(hypnogram.lower(), hypnogram)
-    # Quiet unless --verbose: orbax's and JAX's INFO lines (backends, read throughput) would bury
-    # the answer.
-    logging.set_verbosity(logging.INFO if errors.verbose() else logging.WARNING)
-    from eegkd_jax import compilation_cache
-
-    compilation_cache.enable()
-    try:
-        result = predict_recording(
-            flag_values.checkpoint, argv[1], flag_values.out, which=which,
-            network=flag_values.network, hypnogram=hypnogram, batch_size=flag_values.batch_size,
-            max_sequence_epochs=flag_values.max_sequence_epochs,
-            channel_map=flag_values.channel_map)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        # One clear line, not a traceback: these are problems with the inputs, not with the code.
-        raise SystemExit(f"error: {err}") from None
-    line = f"{result['name']}: {result['epochs']} epochs staged (step {result['step']})"
-    if result["metrics"] is not None:
-        line += f"; against the scoring: {metrics_lib.summary_line(result['metrics'])}"
-    print(line)
-    print(f"hypnogram: {result['tsv']}\nfigure: {result['png']}")
-    print("\n".join(card_lines(result)))
-    warning = repeat_warning(result["repeated_inputs"])
-    if warning:
-        print(warning, file=sys.stderr)
-    if result["trained_on_real_recordings"] is False:
-        print(model_card.SIMULATED_WARNING, file=sys.stderr)
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    define_flags()
-    app.run(main, flags_parser=errors.parse_flags)

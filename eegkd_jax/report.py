@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import eegkd_jax
-from eegkd_jax import metrics
+from eegkd_jax import files, metrics
 from eegkd_jax.data.recording import NUM_CLASSES, STAGES, UNSCORED, DataError
 
 # Top-to-bottom order of a hypnogram's y axis.
@@ -104,10 +104,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)  # a reader never sees a half-written image
+    files.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -376,11 +373,7 @@ def write_hypnogram_tsv(
         if probs is not None:
             row += [f"{p:.4f}" for p in probs[i]]
         lines.append("\t".join(row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return files.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_hypnogram_tsv(
@@ -427,19 +420,6 @@ def read_hypnogram_tsv(
 # The report.
 
 
-def _json_default(value: Any) -> Any:
-    """Turns numpy scalars/arrays and paths in metadata into JSON; anything else is an error."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, pathlib.PurePath):
-        return str(value)
-    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
-        return value.to_dict()
-    raise TypeError(f"report metadata value {value!r} of type {type(value).__name__} is not JSON")
-
-
 def _figure_name(subject: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", subject) + ".png"
 
@@ -455,7 +435,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
     described = {k: v for k, v in meta.items() if k not in ("definitions",)}
     for key, value in described.items():
         if isinstance(value, (dict, list)):
-            value = json.dumps(value, default=_json_default)
+            value = json.dumps(value, default=files.json_default)
         out.append(f"- **{key}**: {value}")
     out += [
         "",
@@ -621,7 +601,7 @@ def write_report(
             raise ValueError(f"subjects {seen_files[name]!r} and {subject!r} share figure {name}")
         seen_files[name] = str(subject)
         nights[str(subject)] = (night, f"hypnograms/{name}")
-    user_metadata = json.loads(json.dumps(dict(metadata or {}), default=_json_default))
+    user_metadata = json.loads(json.dumps(dict(metadata or {}), default=files.json_default))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written["confusion_matrix"] = plot_confusion_matrix(
@@ -649,17 +629,8 @@ def write_report(
         "definitions": DEFINITIONS,
     }
     report["figures"] = figures
-    text = json.dumps(report, indent=2, allow_nan=False, default=_json_default)
-    json_path = out_dir / "report.json"
-    tmp = json_path.with_name("report.json.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
-    written["json"] = json_path
-
-    md_path = out_dir / "report.md"
-    tmp = md_path.with_name("report.md.tmp")
-    tmp.write_text(_markdown(json.loads(text)), encoding="utf-8")
-    os.replace(tmp, md_path)
-    written["markdown"] = md_path
+    written["json"] = files.write_json(out_dir / "report.json", report)
+    written["markdown"] = files.write_atomic(
+        out_dir / "report.md", _markdown(json.loads(written["json"].read_text())))
     return written
 

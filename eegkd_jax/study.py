@@ -1,6 +1,6 @@
 """The leave-one-subject-out (LOSO) study of the paper as one resumable command.
 
-    python -m eegkd_jax.study --workdir=runs/loso [--reduced] [--data_path=DIR] [--config.*=...]
+    eegkd study --workdir=runs/loso [--reduced] [--data_path=DIR] [--config.*=...]
 
 For every fold (one test subject):
 
@@ -46,7 +46,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
 import time
 from collections.abc import Sequence
@@ -56,7 +55,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from eegkd_jax import errors
+from eegkd_jax import files
+
 
 SCORES = ("accuracy", "kappa", "macro_f1")
 STAGE_NAMES = ("W", "N1", "N2", "N3", "REM")
@@ -181,29 +181,10 @@ def method_config(config: ml_collections.ConfigDict, method: str, fold: Fold,
 # Resumable steps
 
 
-def _is_main() -> bool:
-    """Process 0 writes the study's files (every process trains; see train.loop)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
 def _write_json(path: pathlib.Path, value: Any) -> None:
-    if not _is_main():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)  # a marker is either whole or absent
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
+    """Process 0 writes the study's files (every process trains; see train.loop); a marker is
+    either whole or absent."""
+    files.write_json(path, value, main_only=True, sort_keys=True)
 
 
 def check_study_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -212,7 +193,7 @@ def check_study_config(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     path = workdir / STUDY_CONFIG
     if path.is_file():
         stored = json.loads(path.read_text())
-        old, new = _flat(stored), _flat(wanted)
+        old, new = files.flatten(stored), files.flatten(wanted)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise StudyConfigError(
@@ -375,9 +356,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
             _write_json(workdir / "folds" / f"{fold.name}-seed-{seed}.json", record)
             records.append(record)
             # partial tables as we go
-            files = write_tables(workdir, records, FLOORS + methods, endpoint(config.study))
+            tables = write_tables(workdir, records, FLOORS + methods, endpoint(config.study))
     summary = summarize(records, FLOORS + methods, endpoint(config.study))
-    return {"folds": records, "summary": summary, "files": files}
+    return {"folds": records, "summary": summary, "files": tables}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +396,7 @@ def combine_studies(workdirs: Sequence[str | pathlib.Path],
         path = part / STUDY_CONFIG
         if not path.is_file():
             raise StudyConfigError(f"{part}: no {STUDY_CONFIG}, so not a study workdir")
-        configs[part] = {k: v for k, v in _flat(json.loads(path.read_text())).items()
+        configs[part] = {k: v for k, v in files.flatten(json.loads(path.read_text())).items()
                          if k not in PART_FIELDS}
     not_everywhere = {}
     for key in sorted(set().union(*configs.values())):
@@ -454,10 +435,10 @@ def combine_studies(workdirs: Sequence[str | pathlib.Path],
     methods = FLOORS + tuple(_mode_configs())
     end = endpoint(ml_collections.ConfigDict(
         json.loads((parts[0] / STUDY_CONFIG).read_text())).get("study", {}))
-    files = write_tables(out, records, methods, end,
-                         note=f"Combined from {len(parts)} study workdirs ({COMBINED}).")
+    tables = write_tables(out, records, methods, end,
+                          note=f"Combined from {len(parts)} study workdirs ({COMBINED}).")
     return {"folds": records, "summary": summarize(records, [m for m in methods if any(
-        m in r["methods"] for r in records)], end), "files": files}
+        m in r["methods"] for r in records)], end), "files": tables}
 
 
 # The classical floors (eegkd_jax.baseline) on each fold: trained on the fold's training subjects
@@ -583,7 +564,8 @@ def paired_difference(records: Sequence[dict], method: str, reference: str,
 
     Returns {"mean", "ci_low", "ci_high", "p_wilcoxon", "subjects", "pairs"} or None without
     pairs. The 95% CI is a two-level bootstrap (subjects with replacement, then seeds within each
-    drawn subject), since runs of one subject are not independent. The Wilcoxon signed-rank test
+    drawn subject), since runs of one subject are not independent (written here: scipy's
+    ``stats.bootstrap`` resamples one level only). The Wilcoxon signed-rank test
     is exact, on the per-subject mean differences (n = subjects, two-sided; subjects whose mean
     difference is 0 are dropped; None under 2 subjects or when every difference is 0).
     """
@@ -632,15 +614,6 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
-    if not _is_main():
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequence[str],
                  end: Endpoint | None = None, note: str = "") -> dict[str, pathlib.Path]:
     """Writes results.md (with ``note`` under its description), results.csv, per_run.csv,
@@ -662,9 +635,10 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
                 *(f"{test[m]:.6f}" for m in SCORES),
                 *(f"{test['f1'][st]:.6f}" if "f1" in test else "" for st in stages),
                 f"{true['kappa']:.6f}" if true else ""])
-    per_run = _write_text(workdir / "per_run.csv", _csv_text(
+    per_run = files.write_atomic(workdir / "per_run.csv", _csv_text(
         ["fold", "test_subject", "seed", "method", "validation_subjects", "train_subjects", "step",
-         "test_epochs", *SCORES, *(f"f1_{st}" for st in stages), "true_kappa"], per_run_rows))
+         "test_epochs", *SCORES, *(f"f1_{st}" for st in stages), "true_kappa"], per_run_rows),
+        main_only=True)
 
     def cell(value):
         return "" if value is None else f"{value:.6f}"
@@ -683,13 +657,13 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
         row += paired_cells(m["paired"], ("mean", "ci_low", "ci_high", "p_wilcoxon", "p_holm"))
         row += paired_cells(m["paired_true"]) + paired_cells(m["vs_unpaired"])
         result_rows.append(row)
-    results_csv = _write_text(workdir / "results.csv", _csv_text(
+    results_csv = files.write_atomic(workdir / "results.csv", _csv_text(
         ["method", "runs", *(f"{m}_{k}" for m in SCORES for k in ("mean", "sd")),
          "true_kappa_mean", "true_kappa_sd", *(f"f1_{st}" for st in stages),
          "kappa_minus_reference", "ci_low", "ci_high", "p_wilcoxon", "p_holm",
          "true_kappa_minus_reference", "true_ci_low", "true_ci_high", "true_p_wilcoxon",
          "kappa_minus_unpaired", "unpaired_ci_low", "unpaired_ci_high", "unpaired_p_wilcoxon"],
-        result_rows))
+        result_rows), main_only=True)
 
     def mean_sd(m):
         return _fmt(m["mean"]) + ("" if m["sd"] is None else f" ± {_fmt(m['sd'])}")
@@ -744,7 +718,8 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
         for method in methods:
             f1 = summary[method]["f1"]
             lines.append(f"| {method} | " + " | ".join(_fmt(f1.get(st)) for st in stages) + " |")
-    results_md = _write_text(workdir / "results.md", "\n".join(lines) + "\n")
+    results_md = files.write_atomic(workdir / "results.md", "\n".join(lines) + "\n",
+                                    main_only=True)
 
     confusion_lines = ["# Confusion matrices, pooled over each method's runs",
                        "", "Rows: scored stage; columns: predicted stage.", ""]
@@ -757,13 +732,14 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
         confusion_lines += [f"| {st} | " + " | ".join(str(c) for c in row) + " |"
                             for st, row in zip(stages, counts)]
         confusion_lines.append("")
-    confusion_md = _write_text(workdir / "confusion.md", "\n".join(confusion_lines))
-    files = {"results.md": results_md, "results.csv": results_csv, "per_run.csv": per_run,
-             "confusion.md": confusion_md}
-    if _is_main():
-        files["results.png"] = plot_results(workdir / "results.png", summary, methods,
-                                            end.reference)
-    return files
+    confusion_md = files.write_atomic(workdir / "confusion.md", "\n".join(confusion_lines),
+                                      main_only=True)
+    written = {"results.md": results_md, "results.csv": results_csv, "per_run.csv": per_run,
+               "confusion.md": confusion_md}
+    if files.is_main():
+        written["results.png"] = plot_results(workdir / "results.png", summary, methods,
+                                              end.reference)
+    return written
 
 
 def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str],
@@ -795,102 +771,3 @@ def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str],
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-LOSO_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "loso.py"
-
-
-_CONFIG = None
-
-
-def define_flags():
-    """Defines the flags once (not at import, so importing the library leaves absl's registry
-    alone); returns the ``--config`` holder."""
-    global _CONFIG
-    if _CONFIG is None:
-        from absl import flags
-        from ml_collections import config_flags
-
-        _CONFIG = config_flags.DEFINE_config_file(
-            "config", str(LOSO_CONFIG), "Study config (configs/loso.py[:variant]).",
-            lock_config=True)
-        flags.DEFINE_string("workdir", "runs/loso", "The study's directory (resumable).")
-        flags.DEFINE_list("combine", None,
-                          "Study workdirs to tabulate as one study in --workdir, each with its own "
-                          "config (e.g. the folds run on different machines); trains nothing.")
-        flags.DEFINE_string("data_path", None,
-                            "An EESM17 BIDS root: sets data.path (and data.source=eesm17 unless "
-                            "the config names another on-disk source).")
-    return _CONFIG
-
-
-def expand_reduced(argv: Sequence[str]) -> list[str]:
-    """``--reduced`` -> ``--config=<repo>/configs/loso.py:reduced`` (the shorthand of the command
-    line). Done on ``sys.argv`` before the flags are defined, because config_flags reads its
-    ``--config.*`` overrides from there."""
-    from absl import app
-
-    argv = list(argv)
-    if "--reduced" not in argv:
-        return argv
-    argv.remove("--reduced")
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        raise app.UsageError("--reduced selects configs/loso.py:reduced; with --config, add "
-                             "':reduced' to it instead")
-    return [argv[0], f"--config={LOSO_CONFIG}:reduced", *argv[1:]]
-
-
-@errors.report_errors
-def main(argv) -> None:
-    """absl main: the config comes from ``--config`` (see ``define_flags``). A user error (a
-    workdir of another study, a busy or damaged run, a full disk) ends it in one line
-    (``--verbose``: with the traceback)."""
-    from absl import app, flags
-
-    from eegkd_jax import compilation_cache
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    config = errors.config_value(define_flags())
-    data_path = flags.FLAGS.data_path
-    if data_path:
-        config.data.path = data_path
-        if config.data.source == "simulated":
-            config.data.source = "eesm17"
-    if flags.FLAGS.combine:
-        if flags.FLAGS["config"].present or data_path:
-            raise app.UsageError("--combine tabulates finished studies with their own configs; "
-                                 "drop --config, --reduced and --data_path")
-        try:
-            result = combine_studies(flags.FLAGS.combine, flags.FLAGS.workdir)
-        except StudyConfigError as err:
-            raise SystemExit(f"error: {err}") from None
-        print(result["files"]["results.md"].read_text())
-        return
-    # Every fold compiles the same programs (same shapes, same networks): with the persistent
-    # cache only the first fold pays for compiling, which dominates short runs.
-    compilation_cache.enable()
-    started = time.time()
-    try:
-        result = run_study(config, flags.FLAGS.workdir)
-    except StudyConfigError as err:
-        raise SystemExit(f"error: {err}") from None  # a usage problem, not a bug: one line
-    print(result["files"]["results.md"].read_text())
-    print(f"study finished in {time.time() - started:.0f} s: {result['files']['results.md']}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from absl import app
-
-    try:
-        sys.argv = expand_reduced(sys.argv)
-        define_flags()  # parses the default config and its --config.* overrides already
-    except Exception as error:
-        errors.exit_on_flag_error(error, sys.argv)
-    app.run(main, flags_parser=errors.parse_flags)

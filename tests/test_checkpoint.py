@@ -1,7 +1,6 @@
 """Checkpoints: latest + best-by-kappa retention, restore of latest / best / a step into sharded
 targets, the config saved with each step, the checksum manifest and the fall-back past a damaged
-step, half-written saves ignored, the config check of a resumed run, the workdir lock, steps of an
-earlier eegkd-jax, and restoring a teacher from another run (with the clear errors when there is
+step, half-written saves ignored, the config check of a resumed run, the workdir lock, and restoring a teacher from another run (with the clear errors when there is
 none). The fault-injection trials are in test_faults.py."""
 
 import json
@@ -21,7 +20,7 @@ def _state(config, step, teacher=False, online=False):
     state, _ = make_state(config, TinyNet(), TinyNet() if teacher else None, teacher_trained=online)
     # Make each saved step distinguishable.
     return state.replace(step=jnp.asarray(step, jnp.int32),
-                         params=jax.tree.map(lambda p: p + step, state.params))
+                         params=jax.tree.map(lambda p: p + step, state.params)).to_dict()
 
 
 def _abstract(state, mesh):
@@ -30,8 +29,7 @@ def _abstract(state, mesh):
 
 
 def _first_param(state):
-    return np.asarray(jax.tree.leaves(state["params"] if isinstance(state, dict)
-                                      else state.params)[0])
+    return np.asarray(jax.tree.leaves(state["params"])[0])
 
 
 def _biggest_state_file(workdir, step):
@@ -59,8 +57,8 @@ def test_keeps_latest_and_best_and_restores_each(tmp_path):
     abstract = _abstract(_state(config, 0), mesh)
     for which, want in [("latest", 4), ("best", 2), (2, 2), ("4", 4)]:
         restored = ckpt.restore(abstract, which)
-        assert int(restored.step) == want
-        leaf = jax.tree.leaves(restored.params)[0]
+        assert int(restored["step"]) == want
+        leaf = jax.tree.leaves(restored["params"])[0]
         assert leaf.sharding == parallel.replicated_sharding(mesh)
         np.testing.assert_allclose(np.asarray(leaf), _first_param(_state(config, want)))
         assert jax.tree.structure(restored) == jax.tree.structure(_state(config, 0))
@@ -129,7 +127,7 @@ def test_a_step_that_fails_to_restore_falls_back_and_none_intact_is_an_error(tmp
     fresh = checkpoint.Checkpointer(tmp_path)
     with caplog.at_level(logging.WARNING):
         restored = fresh.restore(_abstract(_state(config, 0), parallel.make_mesh()))
-    assert int(restored.step) == 1
+    assert int(restored["step"]) == 1
     assert "step 2" in caplog.text and "fails to restore" in caplog.text
     assert fresh.latest_step() == 1  # remembered as failed
 
@@ -150,18 +148,18 @@ def test_a_state_saved_in_another_layout_is_refused_with_a_clear_error(tmp_path)
     state = _state(config, 3)
     earlier = optax.chain(optax.add_decayed_weights(1e-4), optax.flatten(
         optax.chain(optax.scale_by_adam(eps=1e-9), optax.scale_by_learning_rate(1e-3))))
-    old = state.replace(opt_state=earlier.init(state.params))
+    old = {**state, "opt_state": earlier.init(state["params"])}
     ckpt = checkpoint.Checkpointer(tmp_path)
     ckpt.save(old, config=config)
     abstract = _abstract(state, parallel.make_mesh())
     with pytest.raises(ValueError, match=r"step 3 does not fit this run's.*new --workdir") as info:
         ckpt.restore(abstract)
     assert str(checkpoint.checkpoint_dir(tmp_path)) in str(info.value)
-    assert "\n" not in str(info.value) and "flat vector" in str(info.value)
+    assert "\n" not in str(info.value)
     assert ckpt.all_steps() == [3]
     restored = ckpt.restore_raw("latest")  # its model still reads (as eval.py does)
     assert restored.step == 3 and jax.tree.structure(restored.state["params"]) == \
-        jax.tree.structure(jax.tree.map(np.asarray, state.params))
+        jax.tree.structure(jax.tree.map(np.asarray, state["params"]))
     ckpt.close()
 
 
@@ -177,7 +175,7 @@ def test_half_written_and_half_deleted_steps_are_ignored_then_removed(tmp_path):
         (directory / junk / "state" / "garbage").write_bytes(b"\0" * 10)
     reopened = checkpoint.Checkpointer(tmp_path)
     assert reopened.all_steps() == [5] and reopened.latest_step() == 5
-    assert int(reopened.restore(_abstract(_state(config, 0), parallel.make_mesh())).step) == 5
+    assert int(reopened.restore(_abstract(_state(config, 0), parallel.make_mesh()))["step"]) == 5
     reopened.save(_state(config, 6), config=config)  # the first save clears the leftovers
     assert sorted(p.name for p in directory.iterdir()) == ["5", "6"]
     reopened.close()
@@ -252,29 +250,6 @@ def test_a_refused_run_waits_for_the_holder_to_write_its_name(tmp_path):
         os.close(fd)
 
 
-def test_a_step_of_an_earlier_eegkd_jax_still_restores(tmp_path, caplog):
-    """Steps written by orbax's CheckpointManager (before the manifests) restore unverified, with
-    the workdir's config.json."""
-    import orbax.checkpoint as ocp
-
-    config = tiny_config("supervised")
-    checkpoint.save_config(config, tmp_path)
-    manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(tmp_path),
-                                    options=ocp.CheckpointManagerOptions(
-                                        best_fn=lambda m: m["kappa"], best_mode="max",
-                                        enable_async_checkpointing=False))
-    manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(
-        _state(config, 4).to_dict())), metrics={"kappa": 0.3})
-    manager.close()
-    ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
-    with caplog.at_level(logging.WARNING):
-        restored = ckpt.restore_raw("best")
-    assert restored.step == 4 and restored.config.mode == "supervised"
-    assert ckpt.metrics(4) == {"kappa": 0.3}
-    np.testing.assert_array_equal(_first_param(restored.state), _first_param(_state(config, 4)))
-    assert "without checksums" in caplog.text
-
-
 @pytest.mark.parametrize("mode", ["supervised", "online_kd"])
 def test_restore_teacher_from_a_scalp_run(tmp_path, mode):
     config = tiny_config(mode)
@@ -286,8 +261,8 @@ def test_restore_teacher_from_a_scalp_run(tmp_path, mode):
     ckpt.close()
     model_cfg, params, batch_stats, step = checkpoint.restore_teacher(tmp_path)
     assert step == 7 and model_cfg.name == config.teacher.name
-    want = saved.teacher_params if online else saved.params
-    want_stats = saved.teacher_batch_stats if online else saved.batch_stats
+    want = saved["teacher_params"] if online else saved["params"]
+    want_stats = saved.get("teacher_batch_stats" if online else "batch_stats")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.structure(batch_stats) == jax.tree.structure(jax.device_get(want_stats))

@@ -13,26 +13,27 @@ import zipfile
 import pytest
 
 from eegkd_jax import cli
+from eegkd_jax.cli import common
 from test_edf import REAL_HYPNOGRAM
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 @contextlib.contextmanager
-def absl_command(holder: str = "_TRAIN_FLAGS"):
-    """Runs an absl command of ``cli`` inside (train by default); afterwards the flags it defined
-    are gone again and ``cli.<holder>`` forgets it held them, so the next test defines them
-    afresh (train and eval define some of the same names)."""
-    from absl import flags
+def absl_command(name: str = "train"):
+    """Runs the absl command ``name`` inside; afterwards the flags it defined are gone again and
+    its module forgets it defined them, so the next test defines them afresh (the commands define
+    some of the same names)."""
+    from absl import app, flags  # noqa: F401 - absl.app defines its own flags when imported
 
     before = set(flags.FLAGS)
     try:
         yield
     finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
+        for flag in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, flag)
         flags.FLAGS.unparse_flags()
-        setattr(cli, holder, None)
+        cli.command(name).define_flags.cache_clear()
 
 
 def test_usage_and_unknown_commands(capsys):
@@ -42,15 +43,36 @@ def test_usage_and_unknown_commands(capsys):
     assert [line.split()[0] for line in out.splitlines()[3:]] == list(cli.COMMANDS)
     assert cli.main(["frobnicate"]) == 2
     assert capsys.readouterr().err == ("error: unknown command 'frobnicate'; choose one of train, "
-                                       "eval, predict, study, inspect, export\n")
+                                       "eval, predict, study, inspect, export, hypnogram-stats\n")
 
 
-def test_inspect_and_export_through_eegkd(tmp_path, capsys):
-    assert cli.main(["inspect", str(REAL_HYPNOGRAM)]) == 0
+def test_every_command_is_a_module_with_its_own_help(monkeypatch, capsys):
+    """Each command lives in eegkd_jax/cli/<name>.py; --help lists that command's flags only."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    for name in cli.COMMANDS:
+        with absl_command(name):
+            with pytest.raises(SystemExit) as done:
+                cli.main([name, "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and out.startswith(f"usage: eegkd {name} ")
+        flags = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  --")]
+        assert "--verbose" in flags and len(flags) >= 2, out
+    assert "--sleep_edf" in out and "--workdir" not in out  # hypnogram-stats, the last one
+
+
+def test_inspect_and_export_through_eegkd(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with absl_command("inspect"):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["inspect", str(REAL_HYPNOGRAM)])
+    assert done.value.code in (0, None)
     assert json.loads(capsys.readouterr().out)["epochs"] == 852
     missing = str(tmp_path / "nothing")
-    assert cli.main(["export", "--checkpoint", missing, "--format", "litert"]) == 1
+    with absl_command("export"):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["export", "--checkpoint", missing, "--format", "litert"])
     err = capsys.readouterr().err
+    assert done.value.code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and "nothing" in err
 
 
@@ -58,14 +80,14 @@ def test_config_names_resolve_to_packaged_configs(tmp_path, monkeypatch):
     packaged = tmp_path / "configs"
     packaged.mkdir()
     (packaged / "online_kd.py").write_text("")
-    monkeypatch.setattr(cli, "PACKAGED_CONFIGS", packaged)
+    monkeypatch.setattr(common, "PACKAGED_CONFIGS", packaged)
     monkeypatch.chdir(tmp_path / "configs")  # no ./online_kd here: "online_kd.py" is the file
-    assert cli.resolve_config(["--config=online_kd:tiny", "--config.seed=1", "--workdir=x"]) == [
+    assert common.resolve_config(["--config=online_kd:tiny", "--config.seed=1", "--workdir=x"]) == [
         f"--config={packaged / 'online_kd.py'}:tiny", "--config.seed=1", "--workdir=x"]
     monkeypatch.chdir(tmp_path)
     as_file = ["--config=configs/online_kd.py"]
-    assert cli.resolve_config(as_file) == as_file
-    assert cli.resolve_config(["--config=supervised:scalp"]) == ["--config=supervised:scalp"]
+    assert common.resolve_config(as_file) == as_file
+    assert common.resolve_config(["--config=supervised:scalp"]) == ["--config=supervised:scalp"]
 
 
 def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch, capsys):
@@ -89,11 +111,11 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
         return fake_train(config, workdir, announce=announce)
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
-    from eegkd_jax import baseline, compilation_cache, errors
+    from eegkd_jax import baseline, compilation_cache
 
     monkeypatch.setattr(compilation_cache, "enable", lambda: None)  # no cache for later tests
     monkeypatch.setattr(baseline, "validation_floors", lambda data: {"ear": 0.1, "scalp": 0.2})
-    monkeypatch.setattr(errors, "_in_cli", False)  # parse_flags sets it for the process
+    monkeypatch.setattr(common, "_in_cli", False)  # parse_flags sets it for the process
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     with absl_command():
         with pytest.raises(SystemExit) as done:
@@ -125,10 +147,8 @@ def test_train_command_reads_the_config_file_and_overrides(tmp_path, monkeypatch
 
 
 def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
-    from eegkd_jax import errors
-
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(errors, "_in_cli", False)
+    monkeypatch.setattr(common, "_in_cli", False)
     with absl_command():
         with pytest.raises(SystemExit) as done:
             cli.main(["train", f"--config={ROOT / 'configs' / 'online_kd.py'}:tiny",
@@ -139,10 +159,8 @@ def test_a_mistake_in_the_flags_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_setting_that_cannot_be_meant_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    from eegkd_jax import errors
-
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(errors, "_in_cli", False)
+    monkeypatch.setattr(common, "_in_cli", False)
     with absl_command():
         with pytest.raises(SystemExit) as done:
             cli.main(["train", f"--config={ROOT / 'configs' / 'supervised.py'}:tiny",
@@ -211,7 +229,7 @@ def test_the_package_holds_the_library_and_the_command(tmp_path):
     assert done.returncode == 0, done.stderr
     wheel, = (tmp_path / "dist").glob("eegkd_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("eegkd_jax/cli.py", "eegkd_jax/export.py", "eegkd_jax/model_card.py",
+    for module in ("eegkd_jax/cli/__init__.py", "eegkd_jax/cli/train.py", "eegkd_jax/export.py", "eegkd_jax/model_card.py",
                    "eegkd_jax/data/montage.py", "eegkd_jax/models/usleep.py",
                    "eegkd_jax/train/loop.py"):
         assert module in names
@@ -229,8 +247,6 @@ def test_train_is_quiet_unless_verbose(tmp_path):
 
     from absl import logging as absl_logging
 
-    from eegkd_jax import cli
-
     handler = absl_logging.get_absl_handler()
     filters = list(handler.filters)
     root = logging.getLogger()
@@ -238,7 +254,7 @@ def test_train_is_quiet_unless_verbose(tmp_path):
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.INFO)  # as under app.run
     try:
-        path = cli.log_to_file(tmp_path / "run", "train")
+        path = common.log_to_file(tmp_path / "run", "train")
         assert path == tmp_path / "run" / "train.log"
         absl_logging.info("the config dump")
         absl_logging.warning("Using custom data configuration: CohortConfig(...)")

@@ -55,7 +55,7 @@ def run(tmp_path_factory, fast_compiles):
         # Different weights per step, so the wrong checkpoint would give different predictions.
         params = jax.tree.map(lambda p, s=step: p * (1.0 + 0.5 * s), state.params)
         saved[step] = state.replace(step=state.step + step, params=params)
-        checkpointer.save(saved[step], metrics={"kappa": kappa})
+        checkpointer.save(saved[step].to_dict(), metrics={"kappa": kappa})
     checkpointer.close()
     return config, cohort, module, workdir, saved
 
@@ -128,18 +128,18 @@ def test_latest_checkpoint_explicit_subjects_and_errors(run, tmp_path):
 @contextlib.contextmanager
 def _eval_flags():
     """eegkd eval's flags defined for the block; afterwards absl's global flags are as they were
-    (train.py defines some of the same names) and cli.log_to_file is undone (a file handler on
+    (train.py defines some of the same names) and common.log_to_file is undone (a file handler on
     the root logger, a filter on absl's handler)."""
     import logging
 
     from absl import logging as absl_logging
 
-    from eegkd_jax import cli
+    from eegkd_jax.cli import eval as eval_command
     from test_cli import absl_command
 
     try:
-        with absl_command("_EVAL_FLAGS"):
-            cli.define_eval_flags()
+        with absl_command("eval"):
+            eval_command.define_flags()
             yield
     finally:
         root = logging.getLogger()
@@ -152,20 +152,20 @@ def _eval_flags():
 
 
 def test_eval_cli(run, tmp_path, capsys):
-    """eval.py's command (eegkd eval: eval.py is a wrapper of cli.evaluate)."""
+    """eval.py's command (eegkd eval: eval.py is a wrapper of eegkd_jax/cli/eval.py)."""
     _, _, _, workdir, _ = run
     from absl import flags
 
-    from eegkd_jax import cli
+    from eegkd_jax.cli import eval as eval_command
 
-    assert "cli.evaluate(" in (ROOT / "eval.py").read_text()
+    assert "from eegkd_jax.cli import eval as command" in (ROOT / "eval.py").read_text()
     out = tmp_path / "cli"
     with _eval_flags():
         flags.FLAGS([
             "eval.py", f"--workdir={workdir}", f"--out_dir={out}", "--split=validation",
             "--checkpoint=2",
         ])
-        cli.eval_main(["eval.py"])
+        eval_command.main(["eval.py"])
     printed = capsys.readouterr().out
     assert printed.startswith("step 2: acc ") and f"{out}/report.md" in printed
     # The summary line's abbreviations are explained on the next line (G above all).
@@ -216,13 +216,14 @@ def test_eval_never_starts_the_distributed_runtime_named_in_a_saved_config(run, 
     remote.distributed.num_processes = 2
     other = tmp_path / "remote"
     checkpointer = ckpt_lib.Checkpointer(other)
-    checkpointer.save(saved[1], config=remote, metrics={"kappa": 0.5})
+    checkpointer.save(saved[1].to_dict(), config=remote, metrics={"kappa": 0.5})
     checkpointer.close()
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    from eegkd_jax import cli, errors
+    from eegkd_jax.cli import common
+    from eegkd_jax.cli import eval as eval_command
 
-    main = errors.report_errors(cli.eval_main)  # as eval.py runs it
+    main = common.report_errors(eval_command.main)  # as eval.py runs it
     with _eval_flags():
         flags.FLAGS(["eval.py", f"--workdir={other}", f"--out_dir={tmp_path / 'out'}"])
         main(["eval.py"])
@@ -256,7 +257,7 @@ def test_kd_checkpoint_scores_student_and_teacher(run, tmp_path):
     workdir = tmp_path / "kd"
     ckpt_lib.save_config(kd, workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir)
-    checkpointer.save(state.replace(step=state.step + 3))
+    checkpointer.save(state.replace(step=state.step + 3).to_dict())
     checkpointer.close()
 
     results = evaluate.evaluate_checkpoint(workdir, tmp_path / "kd-out", teacher=True)

@@ -108,24 +108,38 @@ def test_quantized_litert_variants_report_their_agreement(runs, tmp_path):
         export.export_model(runs["cmt"], "litert", epochs=2)
 
 
+def run_export(capsys, *args):
+    """``eegkd export ARGS`` in this process: (exit status, stdout, stderr)."""
+    import sys
+
+    from eegkd_jax import cli
+    from test_cli import absl_command
+
+    argv = list(sys.argv)
+    try:
+        with absl_command("export"), pytest.raises(SystemExit) as done:
+            cli.main(["export", *args])
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return done.value.code or 0, captured.out, captured.err
+
+
 def test_command_line(runs, tmp_path, capsys):
     out = tmp_path / "student.tflite"
-    code = export.main(["--checkpoint", str(runs["usleep"]), "--format", "litert", "--out",
-                        str(out), "--check_hours", "0.1"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    lines = captured.out.splitlines()
+    code, printed, err = run_export(capsys, "--checkpoint", str(runs["usleep"]), "--format",
+                                    "litert", "--out", str(out), "--check_hours", "0.1")
+    assert code == 0, err
+    lines = printed.splitlines()
     assert lines[0].startswith(f"wrote {out} (") and lines[0].endswith(f"its card {out}.json")
     assert lines[1] == ("input [1, 300, 3] float32 (L-R L_E R_E at 10 Hz), output [1, 1, 5] "
                         "probabilities of W N1 N2 N3 REM")
     assert lines[2].startswith("check on 12 windows of a 0.1-h simulated night")
-    assert captured.err == model_card.SIMULATED_WARNING + "\n"
-    code = export.main(["--checkpoint", str(runs["usleep"]), "--format", "onnx", "--network",
-                        "teacher"])
-    captured = capsys.readouterr()
-    assert code == 1 and captured.out == ""
-    assert captured.err.startswith("error: ") and "holds no teacher" in captured.err
-    assert captured.err.count("\n") == 1
+    assert err == model_card.SIMULATED_WARNING + "\n"
+    code, printed, err = run_export(capsys, "--checkpoint", str(runs["usleep"]),
+                                    "--format=onnx", "--network=teacher")
+    assert code == 1 and printed == ""
+    assert err.startswith("error: ") and "holds no teacher" in err and err.count("\n") == 1
 
 
 def test_the_command_prints_no_runtime_notices(runs, tmp_path):

@@ -129,7 +129,7 @@ def install_fault(fault: str) -> None:
 def _worker_main(workdir: pathlib.Path) -> None:
     from absl import app
 
-    from eegkd_jax import errors
+    from eegkd_jax.cli import common
     from test_train import FakePipeline, install_fake_pipeline
 
     real_batches = FakePipeline.train_batches
@@ -163,7 +163,7 @@ def _worker_main(workdir: pathlib.Path) -> None:
                                          announce=lambda line: print(line, flush=True))
         (workdir / "result.json").write_text(json.dumps(result, sort_keys=True))
 
-    app.run(errors.report_errors(main), argv=["worker"], flags_parser=errors.parse_flags)
+    app.run(common.report_errors(main), argv=["worker"], flags_parser=common.parse_flags)
 
 
 def worker_env(compilation_cache, **extra):

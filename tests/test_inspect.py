@@ -1,4 +1,4 @@
-"""`python -m eegkd_jax.data.inspect PATH`: one JSON object, or one error line and a non-zero exit."""
+"""`eegkd inspect PATH`: one JSON object, or one error line and a non-zero exit."""
 import datetime
 import json
 import os
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from eegkd_jax.data import inspect as inspect_cli
+from eegkd_jax import cli
 from test_bids import make_night
 from test_edf import REAL_HYPNOGRAM, write_hypnogram, write_psg
 
@@ -37,9 +37,7 @@ def write_edf(path, labels, seconds, *, fs=100.0, start=None, seed=0, rates=None
 
 
 def run_main(capsys, path):
-    code = inspect_cli.main([str(path)])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main_with(capsys, path)
 
 
 def test_set_file(tmp_path, capsys):
@@ -198,9 +196,17 @@ def test_unscored_set_file(tmp_path, capsys):
 
 
 def run_main_with(capsys, path, *options):
-    code = inspect_cli.main([str(path), *options])
+    """``eegkd inspect PATH OPTIONS`` in this process: (exit status, stdout, stderr)."""
+    from test_cli import absl_command
+
+    argv = list(sys.argv)
+    try:
+        with absl_command("inspect"), pytest.raises(SystemExit) as done:
+            cli.main(["inspect", str(path), *options])
+    finally:
+        sys.argv = argv
     out, err = capsys.readouterr()
-    return code, out, err
+    return done.value.code or 0, out, err
 
 
 # ---- inspect FILE applies the reader's checks: what training or predict would refuse, it refuses.

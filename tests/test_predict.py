@@ -5,6 +5,7 @@ the checkpoint API (staging needs no training), checked against a plain forward 
 import datetime
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -46,7 +47,7 @@ def save_run(workdir, config, state, scale, steps=((1, 0.5),)):
     for step, kappa in steps:
         params = jax.tree.map(lambda p, s=step: p * scale * (1.0 + 0.3 * s), state.params)
         saved[step] = state.replace(step=state.step + step, params=params)
-        checkpointer.save(saved[step], metrics={"kappa": kappa})
+        checkpointer.save(saved[step].to_dict(), metrics={"kappa": kappa})
     checkpointer.close()
     return saved
 
@@ -54,10 +55,10 @@ def save_run(workdir, config, state, scale, steps=((1, 0.5),)):
 def fresh_state(config, seed):
     """(module, TrainState) of the config's trained model, freshly initialised."""
     from eegkd_jax.models import build_model, init_variables
-    from eegkd_jax.train import steps
+    from eegkd_jax.configs import trained_model_config
 
     n_in = len(config.data[f"{config.supervised_input}_derivations"])
-    module = build_model(steps.trained_model_config(config), in_channels=n_in,
+    module = build_model(trained_model_config(config), in_channels=n_in,
                          sampling_rate=MODEL_RATE)
     tx = state_lib.make_optimizer(config.optimizer, 10)
     state = jax.jit(lambda key: state_lib.create_state(
@@ -299,14 +300,18 @@ def test_wrong_channels_and_rate_name_the_file(runs, tmp_path):
 def test_checkpoints_directory_and_cli(runs, edf_dir, tmp_path, capsys):
     from absl import flags
 
+    from eegkd_jax.cli import common as cli_common
+    from eegkd_jax.cli import predict as command
+    from test_cli import absl_command
+
     workdir = runs["ear"][0]
     assert predict.run_workdir(workdir / "checkpoints") == workdir
-    before = set(flags.FLAGS)
-    try:
-        values = predict.define_flags()
-        values(["predict", f"--checkpoint={workdir / 'checkpoints'}", "--which=2",
-                f"--out={tmp_path / 'cli'}"])
-        predict.main(["predict", str(edf_dir / "night1-PSG.edf")])
+    main = cli_common.report_errors(command.main)  # as `eegkd predict` runs it
+    with absl_command("predict"):
+        command.define_flags()
+        flags.FLAGS(["predict", f"--checkpoint={workdir / 'checkpoints'}", "--which=2",
+                     f"--out={tmp_path / 'cli'}"])
+        main(["predict", str(edf_dir / "night1-PSG.edf")])
         captured = capsys.readouterr()
         printed = captured.out
         assert printed.startswith("night1: 9 epochs staged (step 2); against the scoring: acc ")
@@ -315,14 +320,12 @@ def test_checkpoints_directory_and_cli(runs, edf_dir, tmp_path, capsys):
         from eegkd_jax import model_card
         assert captured.err.count(model_card.SIMULATED_WARNING + "\n") == 1
         assert (tmp_path / "cli" / "night1_hypnogram.png").is_file()
-        with pytest.raises(SystemExit, match=r"error: .*sc-PSG\.edf: cannot form the ear"):
-            write_psg(tmp_path / "sc-PSG.edf", 60.0, fs=EDF_RATE, channels=("EEG Fpz-Cz",))
-            predict.main(["predict", str(tmp_path / "sc-PSG.edf")])
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        predict._FLAGS = None
+        write_psg(tmp_path / "sc-PSG.edf", 60.0, fs=EDF_RATE, channels=("EEG Fpz-Cz",))
+        with pytest.raises(SystemExit) as done:
+            main(["predict", str(tmp_path / "sc-PSG.edf")])
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and err.count("\n") == 1
+        assert re.match(r"error: .*sc-PSG\.edf: cannot form the ear", err)
 
 
 def test_referenced_labels_give_the_derivations_of_monopolar_ones(runs, tmp_path):

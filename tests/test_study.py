@@ -406,24 +406,21 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(finished, monk
 def test_cli_flags_reduced_and_overrides(monkeypatch):
     from absl import app, flags
 
-    argv = study.expand_reduced(["study", "--reduced", "--workdir=/tmp/x", "--config.max_steps=7",
-                                 "--data_path=/data/eesm17"])
-    assert argv[1] == f"--config={study.LOSO_CONFIG}:reduced"
+    from eegkd_jax.cli import study as command
+    from test_cli import absl_command
+
+    argv = command.expand_reduced(["study", "--reduced", "--workdir=/tmp/x",
+                                   "--config.max_steps=7", "--data_path=/data/eesm17"])
+    assert argv[1] == f"--config={command.LOSO_CONFIG}:reduced"
     monkeypatch.setattr("sys.argv", argv)  # config_flags finds the --config.* overrides there
-    before = set(flags.FLAGS)
-    try:
-        holder = study.define_flags()
+    with absl_command("study"):
+        holder = command.define_flags()
         flags.FLAGS(argv)
         config = holder.value
         assert config.study.folds == 0 and config.max_steps == 7 and flags.FLAGS.workdir == "/tmp/x"
         assert flags.FLAGS.data_path == "/data/eesm17"
-    finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        flags.FLAGS.unparse_flags()
-        study._CONFIG = None
     with pytest.raises(app.UsageError, match="add ':reduced'"):
-        study.expand_reduced(["study", "--reduced", "--config=configs/loso.py"])
+        command.expand_reduced(["study", "--reduced", "--config=configs/loso.py"])
 
 
 def test_config_variants():

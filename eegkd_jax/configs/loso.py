@@ -1,12 +1,12 @@
 """The leave-one-subject-out study of the paper: every method, fold by fold, one command.
 
-    python -m eegkd_jax.study --workdir=runs/loso_reduced --reduced      # the CPU-sized study
-    python -m eegkd_jax.study --workdir=runs/loso                        # the CPU-sized defaults
-    python -m eegkd_jax.study --workdir=runs/loso_paper --config=configs/loso.py:paper  # accelerators
-    python -m eegkd_jax.study --workdir=runs/loso_eesm --data_path=/data/eesm17
-    python -m eegkd_jax.study --workdir=runs/kd_only \
+    eegkd study --workdir=runs/loso_reduced --reduced      # the CPU-sized study
+    eegkd study --workdir=runs/loso                        # the CPU-sized defaults
+    eegkd study --workdir=runs/loso_paper --config=configs/loso.py:paper  # accelerators
+    eegkd study --workdir=runs/loso_eesm --data_path=/data/eesm17
+    eegkd study --workdir=runs/kd_only \
         --config.study.methods='("scalp_teacher","offline_kd")'
-    python -m eegkd_jax.study --workdir=runs/loso_all --combine=runs/loso_a,runs/loso_b  # one table
+    eegkd study --workdir=runs/loso_all --combine=runs/loso_a,runs/loso_b  # one table
 
 The fields outside ``study`` are the shared settings of every run (data, both networks, optimiser,
 schedule): all methods are compared on the same data with the same networks. What differs per method

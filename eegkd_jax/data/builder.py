@@ -32,12 +32,12 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from eegkd_jax import files
 from eegkd_jax.data.recording import DataError
 
 # Bump when the layout of the examples or the meaning of the stored values changes.
@@ -52,26 +52,13 @@ _HASHED_FIELDS = (
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][\w-]*$")
 
 
-def _plain(value: Any) -> Any:
-    """Config values as JSON-able plain Python (ConfigDicts, tuples, numpy scalars)."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def build_spec(data_cfg) -> dict:
     """The part of ``data_cfg`` that determines the shards, as plain JSON-able data."""
-    spec = {name: _plain(data_cfg[name]) for name in _HASHED_FIELDS}
+    spec = {name: files.plain(data_cfg[name]) for name in _HASHED_FIELDS}
     if spec["path"]:
         spec["path"] = os.path.abspath(os.path.expanduser(spec["path"]))
     if data_cfg.source == "simulated":
-        spec["simulated"] = _plain(data_cfg.simulated)
+        spec["simulated"] = files.plain(data_cfg.simulated)
     spec["format_version"] = FORMAT_VERSION
     return spec
 

@@ -19,19 +19,13 @@ Real recordings hold long wake before lights-out and after waking (Sleep-EDF cas
 about 24 h), so every night is first cut to its sleep period (``sleep_period``: first to last
 sleep epoch), the same rule for real and simulated nights.
 
-Command line (writes the JSON report)::
-
-    python -m eegkd_jax.data.hypnogram_stats --sleep-edf ../shared/data/sleep-edf/hypnograms \
-        --eesm17 ../shared/data/eesm17 --cohort online_kd \
-        --out benchmarks/results/2026-12-07-hypnogram-distance.json
+Command line: ``eegkd hypnogram-stats`` (``eegkd_jax/cli/hypnogram_stats.py``) writes the JSON
+report.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -242,36 +236,3 @@ def report(sleep_edf_dir, eesm17_root, subjects: int, seed: int, hours: float,
             if cand != ref:
                 out["distances"][f"{cand}_vs_{ref}"] = distance(sets[cand], sets[ref])
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sleep-edf", required=True, help="directory of *-Hypnogram.edf files")
-    parser.add_argument("--eesm17", required=True, help="EESM17 BIDS root")
-    parser.add_argument("--subjects", type=int, default=100, help="simulated nights")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hours", type=float, default=7.5)
-    parser.add_argument("--cohort", default="",
-                        help="also the cohort a mode's defaults build, e.g. online_kd")
-    parser.add_argument("--out", default="", help="JSON file to write (default: print)")
-    args = parser.parse_args(argv)
-    result = {
-        "command": "python -m eegkd_jax.data.hypnogram_stats "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "what": (
-            "Stage shares, mean bout lengths and transition matrices, each night cut to its sleep "
-            "period (first to last sleep epoch); distances of the simulator's nights (true stages "
-            "and scored labels) and of EESM17 from the real sets. Sleep-EDF: R&K scoring (S3+S4 "
-            "-> N3, movement -> unscored); EESM17: AASM."
-        ),
-        **report(args.sleep_edf, args.eesm17, args.subjects, args.seed, args.hours, args.cohort),
-    }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    else:
-        print(text)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,17 +30,9 @@ Unreadable input: one line ``error: <file>: <problem>`` on stderr and exit statu
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import math
-import os
 import pathlib
-import sys
-import traceback
 from collections.abc import Iterable, Iterator
-
-import numpy as np
 
 from eegkd_jax.data import bids, edf, montage
 from eegkd_jax.data.recording import STAGES, DataError, Recording
@@ -308,59 +300,3 @@ def inspect_path(path: str | pathlib.Path, *, hypnogram: str | pathlib.Path | No
     raise DataError(
         path, "neither a BIDS root, a BIDS subject directory, nor a directory of *-PSG.edf files"
     )
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def main(argv: list[str] | None = None, prog: str = "eegkd inspect") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="an EDF/EDF+ or EESM17 .set file, a BIDS subject or root, or "
-                                     "an EDF cohort directory")
-    parser.add_argument("--hypnogram", default="auto",
-                        help='EDF only: "auto" (the *-Hypnogram.edf paired with a *-PSG.edf), '
-                             '"none", or the hypnogram file')
-    parser.add_argument("--indent", type=int, default=None, help="pretty-print the JSON")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the traceback of an error before its one line")
-    args = parser.parse_args(argv)
-    hypnogram = {"auto": "auto", "none": None}.get(args.hypnogram.lower(), args.hypnogram)
-    import mne
-
-    mne.set_log_level("ERROR")  # MNE logs to stdout, which must hold only our JSON
-    # The readers' warnings (a cohort's nights) as inspect FILE prints its own: "warning: ...".
-    to_stderr = logging.StreamHandler(sys.stderr)
-    to_stderr.setFormatter(logging.Formatter("warning: %(message)s"))
-    to_stderr.setLevel(logging.WARNING)
-    absl_logger = logging.getLogger("absl")
-    propagate, absl_logger.propagate = absl_logger.propagate, False
-    absl_logger.addHandler(to_stderr)
-    try:
-        summary = inspect_path(args.path, hypnogram=hypnogram)
-    except DataError as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:  # anything a reader did not wrap still gets one line
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {args.path}: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
-        return 1
-    finally:  # main may run inside another program (eegkd, the tests): leave its logging be
-        absl_logger.removeHandler(to_stderr)
-        absl_logger.propagate = propagate
-    for warning in summary.get("warnings", ()):  # on the screen too, not only in the JSON
-        print(f"warning: {summary['path']}: {warning}", file=sys.stderr)
-    try:
-        print(json.dumps(summary, indent=args.indent, default=_json_default), flush=True)
-    except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
-        sys.stdout = open(os.devnull, "w")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m eegkd_jax.data.inspect"))

@@ -22,8 +22,8 @@ resumed from step k continues exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
-from absl import logging
 import math
 import pathlib
 import statistics
@@ -35,11 +35,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from clu import metric_writers
 from tqdm import tqdm
 
 from eegkd_jax import checkpoint as ckpt_lib
+from eegkd_jax import configs
 from eegkd_jax import errors
+from eegkd_jax import files
 from eegkd_jax import metrics as metrics_lib
 from eegkd_jax import model_card
 from eegkd_jax import parallel
@@ -195,9 +198,7 @@ class _Logger:
             kept = [(line, r) for line, r in read_log(path) if r["step"] <= resume_step]
             self.train_history = [r for _, r in kept if r.get("split") == "train"]
             if self.is_main:
-                tmp = path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(line for line, _ in kept))
-                tmp.replace(path)
+                files.write_atomic(path, "".join(line for line, _ in kept))
         if self.is_main:
             self.jsonl = path.open("a")
 
@@ -325,16 +326,10 @@ def _resident_data(config: ml_collections.ConfigDict, cohort, subjects, keys, me
     return data
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                        announce: Callable[[str], Any] | None) -> dict:
-    # Imported here so that importing the training library stays cheap (TensorFlow, models).
-    from eegkd_jax.data import pipeline
-    from eegkd_jax.models import build_model, init_variables
-
-    if config.mode not in ("supervised", "offline_kd", "online_kd", "transfer"):
-        raise ValueError(f"unknown config.mode {config.mode!r}")
-
-    # ---- checkpoints: checked before anything is prepared or written
+def _open_checkpoints(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                      ) -> tuple[ckpt_lib.Checkpointer, int | None]:
+    """The run's checkpoints and the step it resumes from, checked before anything is prepared or
+    written: a resumed run must be the same run, and damaged checkpoints are never overwritten."""
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
@@ -347,33 +342,41 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             f"{checkpointer.directory} holds checkpoints but none passes its checks ({problems}); "
             "not starting over: move them away to train from scratch, or use another --workdir")
     checkpointer.remove_leftovers()  # what a killed run left half-written or half-deleted
+    return checkpointer, resume_step
 
-    mesh = parallel.make_mesh()
-    parallel.check_global_batch_size(config.batch_size, mesh)
-    # ---- data
-    cohort = pipeline.prepare_cohort(config.data)
-    splits = pipeline.subject_splits(cohort.subjects, config.data)
-    steps_per_epoch = pipeline.steps_per_epoch(cohort, splits.train, config.data, config.batch_size)
-    total_steps = total_train_steps(config, steps_per_epoch)
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-    ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
-                  else steps_per_epoch)
+
+@dataclasses.dataclass
+class _Networks:
+    """The mode's networks and optimisers, and how to make their first state."""
+
+    student: Any
+    teacher: Any  # None outside the KD modes
+    tx: Any
+    teacher_tx: Any  # online KD only
+    input_key: str
+    init_state: Callable  # jitted: rng -> replicated TrainState
+    abstract: state_lib.TrainState  # its shapes, dtypes and shardings
+    restored: dict | None  # offline KD / transfer: the scalp model's variables
+
+
+def _networks(config: ml_collections.ConfigDict, cohort, total_steps: int, mesh) -> _Networks:
+    from eegkd_jax.models import build_model, init_variables
+
     window = config.data.sequence_length * cohort.epoch_samples
     n_in = {"scalp": len(cohort.scalp_names), "ear": len(cohort.ear_names)}
 
-    # ---- models
     def make(model_cfg, signal):
         return build_model(model_cfg, in_channels=n_in[signal], sampling_rate=cohort.sampling_rate,
                            epoch_seconds=config.data.epoch_seconds)
 
-    input_key = steps_lib.student_input(config)
-    student = make(steps_lib.trained_model_config(config), input_key)
-    teacher = teacher_params = None
+    input_key = configs.student_input(config)
+    student = make(configs.trained_model_config(config), input_key)
+    teacher = restored = None
     teacher_cfg = config.teacher
     if config.mode in ("offline_kd", "transfer"):
         teacher_cfg, t_params, t_stats, t_step = ckpt_lib.restore_teacher(
             config.kd.teacher_workdir, config.kd.teacher_checkpoint)
-        teacher_params = {"params": t_params, "batch_stats": t_stats}
+        restored = {"params": t_params, "batch_stats": t_stats}
         check_same_architecture(teacher_cfg, config.teacher if config.mode == "offline_kd"
                                 else config.model, config.kd.teacher_workdir,
                                 "teacher" if config.mode == "offline_kd" else "model")
@@ -397,36 +400,65 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             abstract)
+    return _Networks(student, teacher, tx, teacher_tx, input_key, init_state, abstract, restored)
 
-    ckpt_lib.save_config(config, workdir)
 
-    step_fn = steps_lib.build_train_step(config, student=student, tx=tx, teacher=teacher,
-                                         teacher_tx=teacher_tx)
-
-    # ---- state: resume or start
+def _first_state(config, nets: _Networks, checkpointer, resume_step, total_steps: int, mesh
+                 ) -> tuple[state_lib.TrainState, str]:
+    """The state to train from (the latest intact checkpoint, or a new one, holding the restored
+    scalp model in offline KD and transfer) and the line that says which."""
+    abstract = nets.abstract
     if resume_step is not None:
         # Falls back to an earlier intact step if the latest one fails to restore.
-        state = checkpointer.restore(abstract, "latest")
+        state = abstract.replace(**checkpointer.restore(abstract.to_dict(), "latest"))
         restored = int(jax.device_get(state.step))
         opening = (f"resumed from step {restored} of {total_steps}: checkpoint "
                    f"{checkpointer.directory / str(restored)}")
         if restored >= total_steps:
             opening += " (training is finished; validating it again)"
-    else:
-        opening = (f"starting fresh: no checkpoint in {checkpointer.directory}; {total_steps} "
-                   "steps to train")
-        state = init_state(jax.random.PRNGKey(config.seed))
-        if config.mode == "offline_kd":
-            placed = _place_replicated(
-                teacher_params, {"params": abstract.teacher_params,
-                                 "batch_stats": abstract.teacher_batch_stats}, mesh, "teacher")
-            state = state.replace(teacher_params=placed["params"],
-                                  teacher_batch_stats=placed["batch_stats"])
-        elif config.mode == "transfer":
-            placed = _place_replicated(
-                teacher_params, {"params": abstract.params, "batch_stats": abstract.batch_stats},
-                mesh, "transfer: scalp model -> ear model (config.model must equal the teacher's)")
-            state = state.replace(params=placed["params"], batch_stats=placed["batch_stats"])
+        return state, opening
+    opening = (f"starting fresh: no checkpoint in {checkpointer.directory}; {total_steps} steps "
+               "to train")
+    state = nets.init_state(jax.random.PRNGKey(config.seed))
+    if config.mode == "offline_kd":
+        placed = _place_replicated(
+            nets.restored, {"params": abstract.teacher_params,
+                            "batch_stats": abstract.teacher_batch_stats}, mesh, "teacher")
+        state = state.replace(teacher_params=placed["params"],
+                              teacher_batch_stats=placed["batch_stats"])
+    elif config.mode == "transfer":
+        placed = _place_replicated(
+            nets.restored, {"params": abstract.params, "batch_stats": abstract.batch_stats},
+            mesh, "transfer: scalp model -> ear model (config.model must equal the teacher's)")
+        state = state.replace(params=placed["params"], batch_stats=placed["batch_stats"])
+    return state, opening
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        announce: Callable[[str], Any] | None) -> dict:
+    # Imported here so that importing the training library stays cheap (TensorFlow, models).
+    from eegkd_jax.data import pipeline
+
+    if config.mode not in ("supervised", "offline_kd", "online_kd", "transfer"):
+        raise ValueError(f"unknown config.mode {config.mode!r}")
+    checkpointer, resume_step = _open_checkpoints(config, workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch_size(config.batch_size, mesh)
+    replicated = parallel.replicated_sharding(mesh)
+    # ---- data and networks
+    cohort = pipeline.prepare_cohort(config.data)
+    splits = pipeline.subject_splits(cohort.subjects, config.data)
+    steps_per_epoch = pipeline.steps_per_epoch(cohort, splits.train, config.data, config.batch_size)
+    total_steps = total_train_steps(config, steps_per_epoch)
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                  else steps_per_epoch)
+    nets = _networks(config, cohort, total_steps, mesh)
+    student, teacher, input_key = nets.student, nets.teacher, nets.input_key
+    ckpt_lib.save_config(config, workdir)
+    step_fn = steps_lib.build_train_step(config, student=student, tx=nets.tx, teacher=teacher,
+                                         teacher_tx=nets.teacher_tx)
+    state, opening = _first_state(config, nets, checkpointer, resume_step, total_steps, mesh)
     logging.info("%s", opening)
     if announce is not None and jax.process_index() == 0:
         announce(opening)
@@ -455,7 +487,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     # One shard per device: which windows each device trains on, whichever path brings them.
     sampler = Sampler(pipeline.training_windows(cohort, splits.train, config.data).shape[0],
                       config.batch_size, mesh.devices.size, config.seed)
-    resident_data = _resident_data(config, cohort, splits.train, steps_lib.batch_keys(config), mesh,
+    resident_data = _resident_data(config, cohort, splits.train, configs.batch_keys(config), mesh,
                                    sampler)
     if resident_data is None:
         batches = pipeline.train_batches(
@@ -552,7 +584,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
             if step % ckpt_every == 0 or last:
                 if not checked:
                     check_state(step, data, jax.tree.map(lambda x: x[-1:], xs))
-                checkpointer.save(state, config=config,
+                checkpointer.save(state.to_dict(), config=config,
                                   metrics=validation if step % eval_every == 0 or last else None)
         if start >= total_steps:  # already finished: re-evaluate the restored final state
             validation = run_validation()

@@ -22,6 +22,7 @@ import ml_collections
 import optax
 
 from eegkd_jax import losses
+from eegkd_jax.configs import student_input
 from eegkd_jax.train.state import EMPTY, TrainState, apply_gradients
 
 Batch = dict[str, jax.Array]
@@ -188,31 +189,6 @@ def eval_step(state: TrainState, batch: Batch, *, student, input_key: str,
         if key in batch:
             out[key] = batch[key]
     return out
-
-
-def student_input(config: ml_collections.ConfigDict) -> str:
-    """Which signal the trained (non-teacher) model sees: "scalp" only for supervised :scalp."""
-    if config.mode == "supervised":
-        if config.supervised_input not in ("scalp", "ear"):
-            raise ValueError(
-                f"config.supervised_input must be scalp or ear, got {config.supervised_input!r}")
-        return config.supervised_input
-    return "ear"
-
-
-def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The signals a mode's train step reads: the trained input alone, or both for KD."""
-    if config.mode in ("offline_kd", "online_kd"):
-        return ("scalp", "ear")
-    return (student_input(config),)
-
-
-def trained_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config of the model the optimiser trains in ``state.params``: the scalp network
-    (``config.teacher``) for supervised :scalp, else the ear network (``config.model``)."""
-    if config.mode == "supervised" and student_input(config) == "scalp":
-        return config.teacher
-    return config.model
 
 
 def build_train_step(config: ml_collections.ConfigDict, *, student, tx, teacher=None,

@@ -11,5 +11,5 @@ def patched(init, fan_in):
     gk, gb = orig("glorot", fan_in)
     return {"glorot_kernels_torch_bias": (gk, tb), "torch_kernels_zero_bias": (tk, gb)}[which]
 layers._inits = patched
-from eegkd_jax import cli
-cli.train(sys.argv[1:])
+from eegkd_jax.cli import train
+train.run(sys.argv[1:])
