@@ -305,9 +305,10 @@ class Checkpointer:
 
     def save(self, state: dict, *, config: ml_collections.ConfigDict | None = None,
              metrics: dict | None = None) -> bool:
-        """Saves ``state`` (a dict of arrays, ``state["step"]`` its step) under its step with the run's ``config`` (default: the workdir's
-        ``save_config`` copy); ``metrics`` (JSON-able, with "kappa") rank it for "best". Returns
-        False if that step is saved already (e.g. the final step right after a periodic save)."""
+        """Saves ``state`` (a dict of arrays, ``state["step"]`` its step) under its step with the
+        run's ``config`` (default: the workdir's ``save_config`` copy); ``metrics`` (JSON-able,
+        with "kappa") rank it for "best". Returns False if that step is saved already (e.g. the
+        final step right after a periodic save)."""
         if self.read_only:
             raise PermissionError(f"{self.directory}: opened read-only")
         config = load_config(self.workdir) if config is None else config

@@ -185,6 +185,42 @@ def _write(
     return results
 
 
+def _chosen_subjects(cohort, config, split: str, subjects: Sequence[str] | None, workdir
+                     ) -> tuple[tuple[str, ...], str]:
+    """(the subjects to score, what they are called in the report: the split or "subjects")."""
+    from eegkd_jax.data import pipeline
+
+    label = "subjects"
+    if subjects is None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        subjects = getattr(pipeline.subject_splits(cohort.subjects, config.data), split)
+        label = split
+    subjects = tuple(subjects)
+    if not subjects:
+        raise ValueError(f"no subjects to evaluate (split {split!r} of {workdir} is empty)")
+    unknown = sorted(set(subjects) - set(cohort.subjects))
+    if unknown:
+        raise ValueError(f"subjects {unknown} are not in the cohort {list(cohort.subjects)}")
+    return subjects, label
+
+
+def _predict_subjects(cohort, config, subjects, module, signal: str, variables, mesh,
+                      batch_size: int, source: str) -> metrics_lib.NightCollector:
+    """Every epoch of ``subjects`` through ``module``, collected into whole nights."""
+    from eegkd_jax.data import pipeline
+
+    collector = metrics_lib.NightCollector({s: cohort.num_epochs[s] for s in subjects}, subjects,
+                                           source=source)
+    batches = pipeline.eval_batches(
+        cohort, subjects, config.data, global_batch_size=batch_size,
+        num_shards=mesh.devices.size, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    predict_nights(make_predict_fn(module, signal, mesh), variables, batches, signal, collector,
+                   mesh)
+    return collector
+
+
 def evaluate_checkpoint(
     workdir: str | pathlib.Path,
     out_dir: str | pathlib.Path | None = None,
@@ -235,20 +271,7 @@ def evaluate_checkpoint(
     parallel.check_global_batch_size(batch_size, mesh)
 
     cohort = pipeline.prepare_cohort(config.data)
-    if subjects is None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        subjects = getattr(pipeline.subject_splits(cohort.subjects, config.data), split)
-        label = split
-    else:
-        label = "subjects"
-    subjects = tuple(subjects)
-    if not subjects:
-        raise ValueError(f"no subjects to evaluate (split {split!r} of {workdir} is empty)")
-    unknown = sorted(set(subjects) - set(cohort.subjects))
-    if unknown:
-        raise ValueError(f"subjects {unknown} are not in the cohort {list(cohort.subjects)}")
-
+    subjects, label = _chosen_subjects(cohort, config, split, subjects, workdir)
     out_dir = pathlib.Path(out_dir or workdir / "eval" / f"{label}-step{step}")
     logging.info("evaluating %s step %d (%s) on %s", workdir, step, checkpoint, list(subjects))
 
@@ -265,28 +288,16 @@ def evaluate_checkpoint(
     results: dict[str, Any] = {}
     for name, signal, group, params_key, stats_key in scored:
         model_cfg = config[group]
-        module = build_model(
-            model_cfg,
-            in_channels=n_channels[signal],
-            sampling_rate=cohort.sampling_rate,
-            epoch_seconds=config.data.epoch_seconds,
-        )
+        module = build_model(model_cfg, in_channels=n_channels[signal],
+                             sampling_rate=cohort.sampling_rate,
+                             epoch_seconds=config.data.epoch_seconds)
         saved = steps_lib.model_variables(state[params_key], state.get(stats_key))
         window = int(config.data.sequence_length) * cohort.epoch_samples
         check_variables_fit(workdir, step, config, group, module, saved,
                             (1, window, n_channels[signal]))
-        variables = parallel.replicate(saved, mesh)
-        collector = metrics_lib.NightCollector(
-            {s: cohort.num_epochs[s] for s in subjects}, subjects, source=f"{workdir} step {step}"
-        )
-        batches = pipeline.eval_batches(
-            cohort, subjects, config.data, global_batch_size=batch_size,
-            num_shards=mesh.devices.size, process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        predict_nights(
-            make_predict_fn(module, signal, mesh), variables, batches, signal, collector, mesh
-        )
+        collector = _predict_subjects(cohort, config, subjects, module, signal,
+                                      parallel.replicate(saved, mesh), mesh, batch_size,
+                                      f"{workdir} step {step}")
         metadata = {
             "workdir": str(workdir),
             "checkpoint": checkpoint,

@@ -245,7 +245,8 @@ def read_new_recording(
 
     if bids_files is not None:
         scored = bids_files.scoring_tsv.is_file()
-        recording = bids.read_recording(bids_files, epoch_seconds=epoch_seconds, require_scoring=False)
+        recording = bids.read_recording(bids_files, epoch_seconds=epoch_seconds,
+                                        require_scoring=False)
         start = bids.scoring_start(bids_files, scored=scored)
         return NewRecording(recording, bids_files.eeg_set, scored, start)
 

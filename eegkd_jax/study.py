@@ -622,48 +622,66 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
     end = end or Endpoint("ear_baseline", (), "")
     methods = [m for m in methods if any(m in r["methods"] for r in records)]
     summary = summarize(records, methods, end)
-    stages = list(STAGE_NAMES)
-    per_run_rows = []
+    texts = {"results.md": _results_md(records, summary, methods, end, note),
+             "results.csv": _results_csv(summary, methods),
+             "per_run.csv": _per_run_csv(records, methods),
+             "confusion.md": _confusion_md(summary, methods)}
+    written = {name: files.write_atomic(workdir / name, text, main_only=True)
+               for name, text in texts.items()}
+    if files.is_main():
+        written["results.png"] = plot_results(workdir / "results.png", summary, methods,
+                                              end.reference)
+    return written
+
+
+def _per_run_csv(records: Sequence[dict], methods: Sequence[str]) -> str:
+    rows = []
     for r in records:
         for method in methods:
             entry = r["methods"][method]
             test = entry["test"]
             true = test.get("true", {})
-            per_run_rows.append([
+            rows.append([
                 r["fold"], r["test"], r["seed"], method, " ".join(entry["validation_subjects"]),
                 " ".join(entry["train_subjects"]), test["step"], test["num_epochs"],
                 *(f"{test[m]:.6f}" for m in SCORES),
-                *(f"{test['f1'][st]:.6f}" if "f1" in test else "" for st in stages),
+                *(f"{test['f1'][st]:.6f}" if "f1" in test else "" for st in STAGE_NAMES),
                 f"{true['kappa']:.6f}" if true else ""])
-    per_run = files.write_atomic(workdir / "per_run.csv", _csv_text(
-        ["fold", "test_subject", "seed", "method", "validation_subjects", "train_subjects", "step",
-         "test_epochs", *SCORES, *(f"f1_{st}" for st in stages), "true_kappa"], per_run_rows),
-        main_only=True)
+    return _csv_text(["fold", "test_subject", "seed", "method", "validation_subjects",
+                      "train_subjects", "step", "test_epochs", *SCORES,
+                      *(f"f1_{st}" for st in STAGE_NAMES), "true_kappa"], rows)
 
+
+def _results_csv(summary: dict, methods: Sequence[str]) -> str:
     def cell(value):
         return "" if value is None else f"{value:.6f}"
 
     def paired_cells(paired, keys=("mean", "ci_low", "ci_high", "p_wilcoxon")):
         return [cell((paired or {}).get(k)) for k in keys]
 
-    result_rows = []
+    rows = []
     for method in methods:
         m = summary[method]
         row = [method, m["kappa"]["runs"]]
         for metric in SCORES:
             row += [cell(m[metric]["mean"]), cell(m[metric]["sd"])]
         row += [cell(m["true_kappa"]["mean"]), cell(m["true_kappa"]["sd"])]
-        row += [cell(m["f1"].get(st)) for st in stages]
+        row += [cell(m["f1"].get(st)) for st in STAGE_NAMES]
         row += paired_cells(m["paired"], ("mean", "ci_low", "ci_high", "p_wilcoxon", "p_holm"))
         row += paired_cells(m["paired_true"]) + paired_cells(m["vs_unpaired"])
-        result_rows.append(row)
-    results_csv = files.write_atomic(workdir / "results.csv", _csv_text(
+        rows.append(row)
+    return _csv_text(
         ["method", "runs", *(f"{m}_{k}" for m in SCORES for k in ("mean", "sd")),
-         "true_kappa_mean", "true_kappa_sd", *(f"f1_{st}" for st in stages),
+         "true_kappa_mean", "true_kappa_sd", *(f"f1_{st}" for st in STAGE_NAMES),
          "kappa_minus_reference", "ci_low", "ci_high", "p_wilcoxon", "p_holm",
          "true_kappa_minus_reference", "true_ci_low", "true_ci_high", "true_p_wilcoxon",
          "kappa_minus_unpaired", "unpaired_ci_low", "unpaired_ci_high", "unpaired_p_wilcoxon"],
-        result_rows), main_only=True)
+        rows)
+
+
+def _results_md(records: Sequence[dict], summary: dict, methods: Sequence[str], end: Endpoint,
+                note: str) -> str:
+    stages = list(STAGE_NAMES)
 
     def mean_sd(m):
         return _fmt(m["mean"]) + ("" if m["sd"] is None else f" ± {_fmt(m['sd'])}")
@@ -718,9 +736,11 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
         for method in methods:
             f1 = summary[method]["f1"]
             lines.append(f"| {method} | " + " | ".join(_fmt(f1.get(st)) for st in stages) + " |")
-    results_md = files.write_atomic(workdir / "results.md", "\n".join(lines) + "\n",
-                                    main_only=True)
+    return "\n".join(lines) + "\n"
 
+
+def _confusion_md(summary: dict, methods: Sequence[str]) -> str:
+    stages = list(STAGE_NAMES)
     confusion_lines = ["# Confusion matrices, pooled over each method's runs",
                        "", "Rows: scored stage; columns: predicted stage.", ""]
     for method in methods:
@@ -732,14 +752,7 @@ def write_tables(workdir: pathlib.Path, records: Sequence[dict], methods: Sequen
         confusion_lines += [f"| {st} | " + " | ".join(str(c) for c in row) + " |"
                             for st, row in zip(stages, counts)]
         confusion_lines.append("")
-    confusion_md = files.write_atomic(workdir / "confusion.md", "\n".join(confusion_lines),
-                                      main_only=True)
-    written = {"results.md": results_md, "results.csv": results_csv, "per_run.csv": per_run,
-               "confusion.md": confusion_md}
-    if files.is_main():
-        written["results.png"] = plot_results(workdir / "results.png", summary, methods,
-                                              end.reference)
-    return written
+    return "\n".join(confusion_lines)
 
 
 def plot_results(path: pathlib.Path, summary: dict, methods: Sequence[str],

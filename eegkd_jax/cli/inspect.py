@@ -58,7 +58,8 @@ def main(argv: Sequence[str]) -> None:
     for warning in summary.get("warnings", ()):  # on the screen too, not only in the JSON
         print(f"warning: {summary['path']}: {warning}", file=sys.stderr)
     try:
-        print(json.dumps(summary, indent=flag_values.indent, default=files.json_default), flush=True)
+        text = json.dumps(summary, indent=flag_values.indent, default=files.json_default)
+        print(text, flush=True)
     except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
         sys.stdout = open(os.devnull, "w")
 

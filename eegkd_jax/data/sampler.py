@@ -43,7 +43,8 @@ class Sampler:
         if seed is not None and num_windows < num_shards:
             raise ValueError(f"{num_windows} training windows cannot be shared by {num_shards} "
                              "devices; train on more subjects")
-        self.num_windows, self.batch_size, self.num_shards = num_windows, global_batch_size, num_shards
+        self.num_windows, self.num_shards = num_windows, num_shards
+        self.batch_size = global_batch_size
         self.seed = None if seed is None else int(seed)
         self.per_shard = global_batch_size // num_shards
         self.blocks = np.array_split(np.arange(num_windows), num_shards)

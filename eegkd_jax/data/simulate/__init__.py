@@ -68,7 +68,8 @@ def simulate_recording(
     """
     fs = float(sampling_rate)
     if fs <= 0 or fs != int(fs):
-        raise ValueError(f"sampling_rate must be a positive whole number of Hz, got {sampling_rate}")
+        raise ValueError(
+            f"sampling_rate must be a positive whole number of Hz, got {sampling_rate}")
     num_epochs = int(hours * 3600.0 // EPOCH_SECONDS)
     if num_epochs < 1:
         raise ValueError(f"hours={hours} is shorter than one 30-s epoch")

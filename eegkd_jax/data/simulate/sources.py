@@ -96,7 +96,8 @@ def envelopes(rng: np.random.Generator, stages: np.ndarray, traits: SubjectTrait
         # Epochs of one stage are not all alike: each rhythm's amplitude wanders from epoch to
         # epoch, which is what makes N1/N2 and N2/N3 boundaries ambiguous in real recordings.
         jitter = np.repeat(np.exp(rng.normal(0.0, 0.3, stages.shape[0])), int(epoch_seconds))
-        rhythm[kind] = per_second(np.asarray(table)[stage_sec] * jitter, np.arange(num_seconds)) * amp
+        seconds = np.arange(num_seconds)
+        rhythm[kind] = per_second(np.asarray(table)[stage_sec] * jitter, seconds) * amp
     rhythm["delta"] *= traits.delta_gain
     eyes_closed = _bouts_mask(rng, stage_sec == W, traits.eyes_closed_fraction, 20.0)
     closed = per_second(np.where(eyes_closed, 1.0, 0.0), np.arange(num_seconds), 3)
