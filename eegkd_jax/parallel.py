@@ -110,22 +110,6 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
     }
 
 
-def abstract_batch(global_batch_size: int, window: int, sequence_length: int, *, n_scalp: int,
-                   n_ear: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes, dtypes and sharding of the global training batch that :func:`host_batch_to_global`
-    makes from the pipeline's batches ("scalp", "ear" float32 (B, window, n), "labels" int32
-    (B, L)), for compiling a step before the first batch exists."""
-    sharding = batch_sharding(mesh)
-    return {
-        "scalp": jax.ShapeDtypeStruct((global_batch_size, window, n_scalp), np.float32,
-                                      sharding=sharding),
-        "ear": jax.ShapeDtypeStruct((global_batch_size, window, n_ear), np.float32,
-                                    sharding=sharding),
-        "labels": jax.ShapeDtypeStruct((global_batch_size, sequence_length), np.int32,
-                                       sharding=sharding),
-    }
-
-
 def host_batches_to_global(batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh
                            ) -> dict[str, jax.Array]:
     """k of this host's batch shares -> global arrays (k, B, ...) sharded on ``data`` along B: the
