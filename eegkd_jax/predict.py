@@ -164,11 +164,18 @@ def load_trained_model(
     module = build_model(model_cfg, in_channels=len(derivations),
                          sampling_rate=float(config.data.sampling_rate),
                          epoch_seconds=float(config.data.epoch_seconds))
-    return TrainedModel(
+    model = TrainedModel(
         workdir=workdir, config=config, step=int(step), which=which, network=network,
         input_key=input_key, derivations=derivations, model_config=model_cfg, module=module,
         variables=steps_lib.model_variables(params, stats),
     )
+    # A step whose config.json no longer describes its state (edited, manifest rehashed) is
+    # refused in one line, as eval refuses it, not deep inside flax's apply.
+    group = "teacher" if model_cfg is config.teacher else "model"
+    window = int(config.data.sequence_length) * model.epoch_samples
+    evaluate.check_variables_fit(workdir, int(step), config, group, module, model.variables,
+                                 (1, window, len(derivations)))
+    return model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -484,6 +484,12 @@ def test_eval_of_a_step_whose_config_no_longer_fits_its_state(reference, fake_pi
     assert (f"{step_dir}/config.json, the config saved with step 6, and "
             f"{checkpoint.checkpoint_dir(workdir)}/config.json differ (model.{field} {value} vs "
             f"{was})") in caplog.text
+    # predict and export restore through load_trained_model: the same one-line refusal
+    from eegkd_jax import predict
+
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"{step_dir}: the state saved at step 6 does not fit .*model.{field}"):
+        predict.load_trained_model(workdir, 6)
 
 
 def test_a_rerun_with_other_settings_refuses_before_writing(reference, fake_pipeline, tmp_path):
