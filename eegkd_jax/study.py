@@ -48,7 +48,7 @@ import json
 import math
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -204,16 +204,23 @@ def check_study_config(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     _write_json(path, wanted)
 
 
-def train_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict:
-    """Trains one run unless its ``done.json`` says it finished; returns the final validation."""
+def train_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
+              announce: Callable[[str], Any] | None = None) -> dict:
+    """Trains one run unless its ``done.json`` says it finished; returns the final validation.
+    ``announce`` gets one line per run, named by fold, seed and method: skipped, resumed from a
+    step, or started fresh."""
     from eegkd_jax.train import loop
 
+    name = "/".join(run_dir.parts[-3:])
+    say = (lambda line: announce(f"{name}: {line}")) if announce else None
     done = run_dir / DONE
     if done.is_file():
         logging.info("study: %s finished before, skipped", run_dir)
+        if say:
+            say("finished before, skipped")
         return json.loads(done.read_text())["validation"]
     started = time.time()
-    validation = loop.train_and_evaluate(cfg, run_dir)
+    validation = loop.train_and_evaluate(cfg, run_dir, announce=say)
     _write_json(done, {"validation": validation, "seconds": round(time.time() - started, 1)})
     return validation
 
@@ -287,12 +294,14 @@ def score_run(run_dir: pathlib.Path, fold: Fold, checkpoint: str, labels: np.nda
 # The study
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+              announce: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Runs (or resumes) the whole LOSO study in ``workdir`` and writes its tables.
 
     Args:
       config: a ``configs/loso.py`` config (the shared settings plus the ``study`` group).
       workdir: the study's directory.
+      announce: gets one line per run (see ``train_run``).
 
     Returns:
       {"folds": [fold records], "summary": {method: {metric: {"mean", "sd", "folds"}}},
@@ -345,7 +354,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
                     raise RuntimeError(f"{run_dir}: split {splits} leaks the test subject "
                                        f"{fold.test}")
                 logging.info("study: %s seed %d %s", fold.name, seed, method)
-                validation = train_run(cfg, run_dir)
+                validation = train_run(cfg, run_dir, announce)
                 scores = score_run(run_dir, fold, str(config.study.checkpoint), labels, truth)
                 record["methods"][method] = {
                     "test": scores, "validation": validation,

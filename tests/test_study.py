@@ -121,7 +121,7 @@ def fake_training(monkeypatch, calls):
     from eegkd_jax.data import pipeline
     from eegkd_jax.train import loop
 
-    def train(cfg, run_dir):
+    def train(cfg, run_dir, announce=None):
         calls.append(("train", run_dir.parent.parent.name, run_dir.name, cfg))
         ckpt_lib.save_config(cfg, run_dir)
         return {"step": 2, "kappa": 0.5}
@@ -374,9 +374,9 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(finished, monk
     calls = {"train": [], "eval": []}
     real_train, real_eval = loop.train_and_evaluate, evaluate.evaluate_checkpoint
 
-    def counting_train(cfg, run_dir):
+    def counting_train(cfg, run_dir, announce=None):
         calls["train"].append(run_dir)
-        return real_train(cfg, run_dir)
+        return real_train(cfg, run_dir, announce=announce)
 
     def counting_eval(run_dir, *args, **kwargs):
         calls["eval"].append(run_dir)
@@ -393,8 +393,14 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(finished, monk
     run = workdir / "fold-00-sim-01" / "seed-0" / "scalp_teacher"
     (run / study.DONE).unlink()
     (run / study.TEST_RESULT).unlink()
-    again = study.run_study(config, workdir)
+    lines = []
+    again = study.run_study(config, workdir, announce=lines.append)
     assert calls["train"] == [run] and calls["eval"] == [run]
+    # one line per run: the resumed one says from where, the others that they were done
+    resumed = [line for line in lines if line.startswith("fold-00-sim-01/seed-0/scalp_teacher: ")]
+    assert len(resumed) == 1 and "resumed from step" in resumed[0]
+    assert len(lines) == len(again["folds"]) * len(config.study.methods)
+    assert all(line.endswith(": finished before, skipped") for line in lines if line not in resumed)
     assert again["summary"] == result["summary"]
 
     changed = config.copy_and_resolve_references()

@@ -72,7 +72,9 @@ def main(argv: Sequence[str]) -> None:
     # cache only the first fold pays for compiling, which dominates short runs.
     compilation_cache.enable()
     started = time.time()
-    result = study.run_study(config, flags.FLAGS.workdir)
+    # One line per run (skipped, resumed from a step, or fresh) above its progress bar.
+    result = study.run_study(config, flags.FLAGS.workdir,
+                             announce=lambda line: print(line, flush=True))
     print(result["files"]["results.md"].read_text())
     print(f"study finished in {time.time() - started:.0f} s: {result['files']['results.md']}")
 
