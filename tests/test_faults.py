@@ -628,9 +628,9 @@ def test_user_mistakes_end_in_one_line(tmp_path, compilation_cache):
         (["train.py", f"--config={supervised}:scalp,bogus", f"--workdir={tmp_path}"],
          rf"error: --config={supervised}:scalp,bogus: unknown config variant\(s\) "
          r"\['bogus'\]"),
-        (["-m", "eegkd_jax.study", "--config.study.fold=1"],
+        (["-m", "eegkd_jax.cli", "study", "--config.study.fold=1"],
          r"error: --config.study.fold: the config has no field 'fold'; did you mean 'folds'\?"),
-        (["-m", "eegkd_jax.predict", f"--checkpoint={tmp_path / 'missing'}", "night.edf"],
+        (["-m", "eegkd_jax.cli", "predict", f"--checkpoint={tmp_path / 'missing'}", "night.edf"],
          r"error: .*missing/checkpoints: no such directory"),
     ]
     for args, expected in cases:

@@ -107,7 +107,7 @@ def test_command_line(tmp_path):
     shutil.copyfile(REAL_HYPNOGRAM, tmp_path / "ST7132JR-Hypnogram.edf")
     (tmp_path / "broken-PSG.edf").write_bytes(b"0       not an edf header")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "eegkd_jax.data.inspect"]
+    cmd = [sys.executable, "-m", "eegkd_jax.cli", "inspect"]
     good = subprocess.run(cmd + [str(tmp_path / "ST7132JR-Hypnogram.edf")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["epochs"] == 852

@@ -134,6 +134,14 @@ def quiet_orbax() -> None:
     logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
+def warnings_only() -> None:
+    """Unless ``--verbose``: absl logs warnings only, so that the libraries' INFO lines (orbax,
+    JAX) do not bury a command's answer."""
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO if verbose() else logging.WARNING)
+
+
 def log_to_file(workdir, name: str) -> pathlib.Path | None:
     """Unless ``--verbose``: every log record (the config, our INFO lines, TFDS's and orbax's) goes
     to ``<workdir>/<name>.log`` and the screen keeps the warnings, the progress bars and the

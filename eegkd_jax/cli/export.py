@@ -46,6 +46,7 @@ def main(argv: Sequence[str]) -> None:
     from eegkd_jax.data.recording import STAGES
 
     f = define_flags()
+    common.warnings_only()
     export.QUIET_NATIVE = not common.verbose()  # the converters' own log lines with --verbose
     result = export.export_model(
         f.checkpoint, f.format, f.out, which=common.checkpoint_choice(f.which, "which"),

@@ -45,6 +45,7 @@ def main(argv: Sequence[str]) -> None:
     from eegkd_jax.data import hypnogram_stats
 
     f = define_flags()
+    common.warnings_only()
     result = {"command": " ".join(["eegkd hypnogram-stats", *sys.argv[1:]]), "what": WHAT,
               **hypnogram_stats.report(f.sleep_edf, f.eesm17, f.subjects, f.seed, f.hours,
                                        f.cohort)}

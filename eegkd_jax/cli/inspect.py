@@ -33,6 +33,7 @@ def main(argv: Sequence[str]) -> None:
     from eegkd_jax.data.recording import DataError
 
     flag_values = define_flags()
+    common.warnings_only()
     path = argv[1]
     hypnogram = {"auto": "auto", "none": None}.get(flag_values.hypnogram.lower(),
                                                    flag_values.hypnogram)

@@ -43,17 +43,13 @@ def define_flags():
 
 def main(argv: Sequence[str]) -> None:
     """``argv[1]`` is the recording."""
-    from absl import logging
-
     from eegkd_jax import compilation_cache, metrics, model_card, predict
 
     flag_values = define_flags()
     which = common.checkpoint_choice(flag_values.which, "which")
     hypnogram = flag_values.hypnogram
     hypnogram = {"auto": "auto", "none": None}.get(hypnogram.lower(), hypnogram)
-    # Quiet unless --verbose: orbax's and JAX's INFO lines (backends, read throughput) would bury
-    # the answer.
-    logging.set_verbosity(logging.INFO if common.verbose() else logging.WARNING)
+    common.warnings_only()
     compilation_cache.enable()
     result = predict.predict_recording(
         flag_values.checkpoint, argv[1], flag_values.out, which=which,

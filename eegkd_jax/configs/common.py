@@ -29,9 +29,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.source = "simulated"
     d.path = ""  # directory of the cohort for "eesm17" / "edf"
     d.cache_dir = "data/tfds"  # where built TFDS shards live, reused across runs
-    d.sampling_rate = 50.0  # the model rate; recordings are resampled to it
+    d.sampling_rate = 200.0  # the model rate; recordings are resampled to it
     d.epoch_seconds = 30.0
-    d.sequence_length = 7  # L consecutive epochs per example (1 = single 30-s windows)
+    d.sequence_length = 1  # L consecutive epochs per example (1 = single 30-s windows)
     d.scalp_derivations = ("A1-A2", "C3-O1", "C4-O2")
     d.ear_derivations = ("L-R", "L_E", "R_E")
     # Per-subject electrodes to leave out of the ear averages, e.g. {"sub-003": ("ELK", "ERA")}.
@@ -104,7 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Supervised mode only: "scalp" trains the teacher network (config.teacher) on scalp EEG, "ear"
     # the ear baseline (config.model) on ear EEG.
     c.supervised_input = "ear"
-    c.data = data_config()
+    c.data = data_config()  # at the recordings' rate, single epochs; the CPU-sized run:
+    c.data.sampling_rate = 50.0
+    c.data.sequence_length = 7
     c.model = usleep_config()  # the ear model (student / baseline)
     c.teacher = usleep_config()  # the scalp model
     for m in (c.model, c.teacher):
