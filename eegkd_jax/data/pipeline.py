@@ -220,9 +220,9 @@ def training_windows(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.nd
 def steps_per_epoch(
     cohort: Cohort, subjects: Sequence[str], data_cfg, global_batch_size: int
 ) -> int:
-    """Global batches per pass over the training windows (at least 1; see the module docstring)."""
-    n = training_windows(cohort, subjects, data_cfg).shape[0]
-    return max(1, n // int(global_batch_size))
+    """Global batches per pass over the training windows (the sampler's pass; at least 1)."""
+    return Sampler(training_windows(cohort, subjects, data_cfg).shape[0],
+                   int(global_batch_size)).per_pass
 
 
 def _assemble(cohort: Cohort, subjects, rows: np.ndarray, seq_len: int):

@@ -448,7 +448,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     # ---- data and networks
     cohort = pipeline.prepare_cohort(config.data)
     splits = pipeline.subject_splits(cohort.subjects, config.data)
-    steps_per_epoch = pipeline.steps_per_epoch(cohort, splits.train, config.data, config.batch_size)
+    # One shard per device: which windows each device trains on, whichever path brings them.
+    sampler = Sampler(pipeline.training_windows(cohort, splits.train, config.data).shape[0],
+                      config.batch_size, mesh.devices.size, config.seed)
+    steps_per_epoch = sampler.per_pass
     total_steps = total_train_steps(config, steps_per_epoch)
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
     ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
@@ -484,9 +487,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     guard = LossGuard(config.get("divergence_factor", DEFAULT_DIVERGENCE_FACTOR),
                       logger.train_history[-RUNNING_WINDOWS:])
     finite_fields = jax.jit(_finite_fields)
-    # One shard per device: which windows each device trains on, whichever path brings them.
-    sampler = Sampler(pipeline.training_windows(cohort, splits.train, config.data).shape[0],
-                      config.batch_size, mesh.devices.size, config.seed)
     resident_data = _resident_data(config, cohort, splits.train, configs.batch_keys(config), mesh,
                                    sampler)
     if resident_data is None:
