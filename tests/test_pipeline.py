@@ -7,6 +7,7 @@ import pytest
 
 from eegkd_jax.data import pipeline
 from eegkd_jax.data.recording import UNSCORED, DataError
+from eegkd_jax.data.sampler import Sampler
 
 SUBJECTS = ("sim-01", "sim-02", "sim-03", "sim-04")
 
@@ -116,7 +117,7 @@ def test_training_order_is_deterministic_and_resumable(cohort, cfg):
     windows = pipeline.training_windows(cohort, train, cfg)
     scored = sum(int(np.sum(cohort.labels[s] != UNSCORED)) for s in train)
     assert windows.shape == (scored, 2)
-    per_pass = pipeline.steps_per_epoch(cohort, train, cfg, 8)
+    per_pass = Sampler(windows.shape[0], 8).per_pass
     assert per_pass == scored // 8
 
     run = take(

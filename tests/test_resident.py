@@ -42,7 +42,7 @@ def test_one_device_gives_the_streamed_batches(cohort, cfg3, dtype):
     c.resident_dtype = dtype
     mesh = parallel.make_mesh(jax.devices()[:1])
     data = on_devices(cohort, c, ("scalp", "ear"), mesh, 4, 3)
-    per_pass = pipeline.steps_per_epoch(cohort, TRAIN, c, 4)
+    per_pass = Sampler(pipeline.training_windows(cohort, TRAIN, c).shape[0], 4).per_pass
     assert data.per_pass == per_pass
     count = per_pass + 2  # across a pass boundary
     streamed = list(itertools.islice(

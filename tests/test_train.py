@@ -102,10 +102,6 @@ class FakePipeline:
                          cls._sequences(cohort, subjects, data_cfg.sequence_length)], np.int64)
 
     @classmethod
-    def steps_per_epoch(cls, cohort, subjects, data_cfg, global_batch_size):
-        return max(1, len(cls._sequences(cohort, subjects, data_cfg.sequence_length)) // global_batch_size)
-
-    @classmethod
     def train_batches(cls, cohort, subjects, data_cfg, *, global_batch_size, seed, start_step=0,
                       stop_step=None, num_shards=None, process_index=0, process_count=1):
         seq_len = data_cfg.sequence_length

@@ -217,14 +217,6 @@ def training_windows(cohort: Cohort, subjects: Sequence[str], data_cfg) -> np.nd
     return windows
 
 
-def steps_per_epoch(
-    cohort: Cohort, subjects: Sequence[str], data_cfg, global_batch_size: int
-) -> int:
-    """Global batches per pass over the training windows (the sampler's pass; at least 1)."""
-    return Sampler(training_windows(cohort, subjects, data_cfg).shape[0],
-                   int(global_batch_size)).per_pass
-
-
 def _assemble(cohort: Cohort, subjects, rows: np.ndarray, seq_len: int):
     """Reads (subject index, first epoch) rows into (b, L*S, C) float32 and (b, L) int32, padding
     epochs past a night's end with zeros and label -1."""
