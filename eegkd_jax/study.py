@@ -396,6 +396,7 @@ def combine_studies(workdirs: Sequence[str | pathlib.Path],
         differ, or one (test subject, seed) in two parts.
     """
     parts = [pathlib.Path(w).absolute() for w in workdirs]
+    named = dict(zip(parts, map(str, workdirs)))  # as given, so the record holds no machine's root
     out = pathlib.Path(out).absolute()
     if len(parts) < 2 or len(set(parts)) != len(parts) or out in parts:
         raise StudyConfigError(f"combine: give two or more distinct study workdirs and a new "
@@ -409,7 +410,7 @@ def combine_studies(workdirs: Sequence[str | pathlib.Path],
                          if k not in PART_FIELDS}
     not_everywhere = {}
     for key in sorted(set().union(*configs.values())):
-        values = {str(p): c[key] for p, c in configs.items() if key in c}
+        values = {named[p]: c[key] for p, c in configs.items() if key in c}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             raise StudyConfigError(f"combine: the studies differ in {key} ({values}); their runs "
                                    "are not one study")
@@ -436,7 +437,7 @@ def combine_studies(workdirs: Sequence[str | pathlib.Path],
         logging.warning("combine: fields not in every part's config (newer eegkd): %s",
                         sorted(not_everywhere))
     _write_json(out / COMBINED, {
-        "parts": [{"workdir": str(p),
+        "parts": [{"workdir": named[p],
                    "test_subjects": sorted({t for (t, _), q in source.items() if q == p}),
                    "seeds": sorted({s for (_, s), q in source.items() if q == p})}
                   for p in parts],
@@ -737,8 +738,9 @@ def _results_md(records: Sequence[dict], summary: dict, methods: Sequence[str], 
                   "|---|---|---|---|"]
         for method in methods:
             m = summary[method]
-            lines.append(f"| {method} | {mean_sd(m['true_kappa'])} | {diff(m['paired_true'])} | "
-                         f"{_fmt((m['paired_true'] or {}).get('p_wilcoxon'))} |")
+            paired = m["paired_true"]
+            lines.append(f"| {method} | {mean_sd(m['true_kappa'])} | {diff(paired)} | "
+                         f"{_fmt(paired.get('p_wilcoxon')) if paired else '–'} |")
     if any(summary[m]["f1"] for m in methods):
         lines += ["", "Secondary: per-stage F1 (mean over runs, against the scored labels).", "",
                   "| Method | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]

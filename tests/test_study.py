@@ -207,6 +207,8 @@ def test_every_method_every_fold_and_seed_in_order_with_clean_splits(tmp_path, m
     assert floor["runs"] == "6" and 0.0 <= float(floor["kappa_mean"]) <= 1.0
     md = (tmp_path / "loso" / "results.md").read_text()
     assert f"Δκ vs {reference}" in md and "Holm over transfer, offline_kd" in md
+    own_rows = [line for line in md.splitlines() if line.startswith(f"| {reference} |")]
+    assert len(own_rows) >= 2 and not any("n/a" in line for line in own_rows)  # "–": no pair
     assert "| N1 |" in (tmp_path / "loso" / "confusion.md").read_text()
     assert (tmp_path / "loso" / "results.png").stat().st_size > 1000
     assert result["summary"]["online_kd"]["kappa"]["runs"] == 6
@@ -295,6 +297,10 @@ def test_parts_run_apart_combine_into_the_one_study(tmp_path, monkeypatch, tfds_
         study.combine_studies(parts, parts[0])
     with pytest.raises(ValueError, match="not a study workdir"):
         study.combine_studies([parts[0], tmp_path], tmp_path / "all4")
+    monkeypatch.chdir(tmp_path)  # the record names the parts as given, not by this machine's root
+    study.combine_studies(["a", "b"], "relative")
+    combined = json.loads((tmp_path / "relative" / study.COMBINED).read_text())
+    assert [p["workdir"] for p in combined["parts"]] == ["a", "b"]
 
 
 def test_paired_difference_bootstraps_subjects_then_seeds():
