@@ -1,4 +1,4 @@
-"""The README's results table: every default run, per seed, beside the floors of its split.
+"""Every default run, per seed, beside the floors of its split (the table in benchmarks/README.md).
 
     python benchmarks/defaults.py --seeds 0,1,2 --out benchmarks/results/DATE-defaults.jsonl
     python benchmarks/defaults.py --runs online_kd --seeds 0     # the main command alone
